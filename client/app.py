@@ -1,0 +1,191 @@
+"""The hospital node: which message does what. The work is in `client.site`.
+
+Message types (server -> site):
+- `query.describe`: the site's name and split sizes (counts below k withheld);
+- `train`: one federated round from the global adapter; replies with arrays;
+- `train.personalize`: trains `local` (from the base) and `personalized`
+  (from the final global) and keeps both at the site; replies with losses only;
+- `evaluate`: scores every regime on the site's test splits; replies with
+  aggregate metrics only.
+Every reply passes `common.privacy.egress_guard`, installed on the app itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tomllib
+from pathlib import Path
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict, Error
+from flwr.clientapp import ClientApp
+
+from common import privacy
+from common.config import Policy, resolve
+from common.data import find_table, list_sites
+from common.training import set_threads
+from client.site import Site, get_model, model_key
+
+log = logging.getLogger("clinfed.client")
+
+app = ClientApp(mods=[privacy.egress_guard])
+
+
+def _quiet():
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def default_federation_dir(cfg: dict) -> Path:
+    """Simulation without data-dir: the default synthetic federation, generated once."""
+    from simulations.generate import ensure_federation
+
+    root = Path(os.environ.get("CLINFED_CACHE", Path.home() / ".cache" / "clinfed"))
+    return ensure_federation(root / f"federation-h{cfg['hospitals']}-s{cfg['seed']}",
+                             n_hospitals=int(cfg["hospitals"]), seed=int(cfg["seed"]))
+
+
+def _site_policy(node_config: dict) -> dict:
+    path = node_config.get("policy-path")
+    if not path:
+        return {}
+    with open(path, "rb") as fh:
+        return tomllib.load(fh)
+
+
+def open_site(context: Context, run_dir: str = "") -> tuple[Site, dict, Policy]:
+    """Find this node's hospital: `data-path` (deployment) or partition id (simulation)."""
+    _quiet()
+    cfg = resolve(dict(context.run_config))
+    nc = dict(context.node_config)
+    set_threads(int(cfg["client-threads"]) or None)
+    if "data-path" in nc:
+        data_path = Path(str(nc["data-path"]))
+        table = find_table(data_path)
+        folder = data_path if data_path.is_dir() else data_path.parent
+        name = str(nc.get("site") or folder.name)
+        out_dir = Path(str(nc.get("output-path") or folder / "clinfed-out"))
+    elif "partition-id" in nc:
+        data_dir = Path(cfg["data-dir"]) if cfg["data-dir"] else default_federation_dir(cfg)
+        sites = list_sites(data_dir)
+        pid, nparts = int(nc["partition-id"]), int(nc["num-partitions"])
+        if nparts != len(sites):
+            raise ValueError(
+                f"the federation has {nparts} simulated nodes but {data_dir} holds {len(sites)} "
+                f"hospitals: run with --federation-config \"num-supernodes={len(sites)}\" "
+                "(clinfed simulate sets it for you)"
+            )
+        name, folder = sites[pid]
+        table = find_table(folder)
+        run_dir = run_dir or cfg["out-dir"]
+        if not run_dir:
+            raise ValueError("simulation needs the run folder (sent by the server as 'run-dir')")
+        # In simulation a site's private folder lives inside RUN_DIR/sites/<name>.
+        out_dir = Path(run_dir) / "sites" / name
+    else:
+        raise ValueError("node config has neither 'data-path' (deployment) nor 'partition-id' (simulation)")
+    policy = Policy.effective(cfg, _site_policy(nc))
+    site = Site.get(name, table, out_dir, cfg)
+    return site, cfg, policy
+
+
+def _prepare(msg: Message, context: Context):
+    run_dir = ""
+    if "config" in msg.content.config_records:
+        run_dir = str(msg.content["config"].get("run-dir", ""))
+    site, cfg, policy = open_site(context, run_dir)
+    lm = get_model(model_key(cfg))
+    privacy.declare(site.name, lm.shapes, policy.allow_adapters, policy.min_cell_size)
+    return site, cfg, policy, lm
+
+
+def _guarded(phase: str):
+    """Turn any exception into an error reply whose reason carries no data."""
+
+    def wrap(fn):
+        def handler(msg: Message, context: Context) -> Message:
+            try:
+                return fn(msg, context)
+            except Exception as exc:  # noqa: BLE001 - a site must answer, not crash the node
+                log.exception("site failed during %s", phase)
+                return Message(Error(code=901, reason=privacy.public_reason(exc, phase)), reply_to=msg)
+
+        handler.__name__ = fn.__name__
+        handler.__doc__ = fn.__doc__
+        return handler
+
+    return wrap
+
+
+def _arrays_to_state(rec: ArrayRecord) -> dict:
+    return {k: v.numpy() for k, v in rec.items()}
+
+
+def _state_to_arrays(state: dict) -> ArrayRecord:
+    from flwr.app import Array
+
+    return ArrayRecord({k: Array(v) for k, v in state.items()})
+
+
+@app.query("describe")
+@_guarded("describe")
+def describe(msg: Message, context: Context) -> Message:
+    """Name the site and its split sizes; sizes below k are withheld."""
+    site, cfg, policy, lm = _prepare(msg, context)
+    counts = {f"site-n-{s}": int(n) for s, n in site.counts().items() if n >= policy.min_cell_size}
+    content = RecordDict({"site": ConfigRecord({"name": site.name}), "metrics": MetricRecord(counts)})
+    return Message(content, reply_to=msg)
+
+
+@app.train()
+@_guarded("federated round")
+def train(msg: Message, context: Context) -> Message:
+    """One federated round: start from the server's adapter, train, send it back."""
+    site, cfg, policy, lm = _prepare(msg, context)
+    rnd = int(msg.content["config"].get("server-round", 1))
+    start = _arrays_to_state(msg.content["arrays"])
+    state, info = site.train(lm, start, int(cfg["local-steps"]), seed_offset=rnd, label=f"round {rnd}")
+    metrics = MetricRecord({
+        "num-examples": len(site.splits["train"]),
+        "train-loss": info["train_loss"],
+        "train-steps": info["steps"],
+        "train-seconds": info["seconds"],
+        "train-tokens": info["tokens"],
+    })
+    return Message(RecordDict({"arrays": _state_to_arrays(state), "metrics": metrics}), reply_to=msg)
+
+
+@app.train("personalize")
+@_guarded("local and personalized training")
+def personalize(msg: Message, context: Context) -> Message:
+    """Train `local` from the base and `personalized` from the global adapter; keep both here."""
+    site, cfg, policy, lm = _prepare(msg, context)
+    global_state = _arrays_to_state(msg.content["arrays"])
+    local_steps = int(cfg["local-regime-steps"]) or int(cfg["num-server-rounds"]) * int(cfg["local-steps"])
+    local_state, local_info = site.train(lm, lm.init_state, local_steps, seed_offset=10_000, label="local")
+    site.save_private(lm, "local", local_state)
+    metrics = {"num-examples": len(site.splits["train"]), "local-train-loss": local_info["train_loss"],
+               "local-train-seconds": local_info["seconds"]}
+    if int(cfg["personalize-steps"]) > 0:
+        pers_state, pers_info = site.train(lm, global_state, int(cfg["personalize-steps"]),
+                                           seed_offset=20_000, label="personalized")
+        site.save_private(lm, "personalized", pers_state)
+        metrics.update({"personalized-train-loss": pers_info["train_loss"],
+                        "personalized-train-seconds": pers_info["seconds"]})
+    return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+
+
+@app.evaluate()
+@_guarded("evaluation")
+def evaluate(msg: Message, context: Context) -> Message:
+    """Score base, global, local and personalized on the same test items."""
+    site, cfg, policy, lm = _prepare(msg, context)
+    states = {"base": lm.init_state, "global": _arrays_to_state(msg.content["arrays"])}
+    for regime in ("local", "personalized"):
+        state = site.load_private(lm, regime)
+        if state is not None:
+            states[regime] = state
+    metrics = site.evaluate(lm, states, k=policy.min_cell_size)
+    return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

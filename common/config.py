@@ -1,0 +1,137 @@
+"""The study's run configuration: one table of keys, defaults, ranges and meaning.
+
+`pyproject.toml`'s `[tool.flwr.app.config]` holds the same defaults (a test
+keeps them in step) because `flwr run` only accepts overrides of keys declared
+there; `clinfed simulate --run-config` goes through the same parser.
+"""
+
+from __future__ import annotations
+
+import shlex
+import tomllib
+from dataclasses import dataclass
+from typing import Any
+
+# key: (default, kind, (min, max) or allowed values or None, meaning)
+KEYS: dict[str, tuple[Any, type, Any, str]] = {
+    "model": ("minilm", str, None,
+              "base model: 'minilm' (offline all-MiniLM-L6-v2), a Hugging Face id, a local path, or 'tiny-bert'/'tiny-llama' (random, for tests)"),
+    "data-dir": ("", str, None,
+                 "simulation: folder of hospital folders; empty = generate the default synthetic federation"),
+    "out-dir": ("", str, None, "where the server writes RUN_DIR; empty = ./runs/<timestamp>"),
+    "hospitals": (6, int, (2, 500), "hospitals in the generated federation when data-dir is empty"),
+    "seed": (0, int, (0, 2**31 - 1), "seed of splits, initial adapter, batches and bootstrap"),
+    "num-server-rounds": (4, int, (1, 1000), "federated rounds of the global adapter"),
+    "local-steps": (25, int, (1, 100000), "optimizer steps per site per federated round"),
+    "local-regime-steps": (0, int, (0, 1000000), "steps of the `local` regime; 0 = num-server-rounds x local-steps"),
+    "personalize-steps": (25, int, (0, 100000), "steps fine-tuning the global adapter at a site (`personalized`)"),
+    "batch-size": (16, int, (1, 4096), "training batch size"),
+    "eval-batch-size": (64, int, (1, 4096), "scoring batch size"),
+    "learning-rate": (5e-4, float, (1e-7, 1.0), "peak learning rate (warm-up, cosine decay)"),
+    "max-length": (128, int, (8, 8192), "tokens kept per note"),
+    "lora-rank": (8, int, (1, 1024), "LoRA rank"),
+    "lora-alpha": (16, int, (1, 4096), "LoRA alpha"),
+    "lora-dropout": (0.0, float, (0.0, 0.9), "LoRA dropout"),
+    "lora-targets": ("", str, None, "comma-separated module names; empty = per architecture (query,value / q_proj,v_proj)"),
+    "precision": ("auto", str, ("auto", "fp32", "bf16"), "auto = bf16 autocast where the hardware supports it"),
+    "client-threads": (1, int, (0, 256), "torch threads per simulated site (0 = all cores)"),
+    "temporal-frac": (0.2, float, (0.0, 0.9), "most recent share of each site's encounters held out as the temporal test"),
+    "test-frac": (0.25, float, (0.05, 0.9), "share of the remaining encounters in the random test split"),
+    "val-frac": (0.1, float, (0.0, 0.5), "share of the remaining encounters in validation (F1 threshold)"),
+    "min-cell-size": (10, int, (1, 100000), "k: a cell with fewer patients or positives is suppressed"),
+    "bootstrap": (500, int, (0, 100000), "bootstrap resamples for AUC intervals"),
+    "min-sites": (2, int, (1, 10000), "fewest answering sites for a round to count"),
+    "node-wait-timeout": (300.0, float, (1.0, 1e7), "seconds to wait for sites to connect"),
+    "round-timeout": (3600.0, float, (1.0, 1e7), "seconds to wait for replies in one round"),
+    "report": (True, bool, None, "build report.html at the end"),
+}
+
+
+class ConfigError(ValueError):
+    """A run-config key or value a user gave that cannot be used."""
+
+
+def defaults() -> dict[str, Any]:
+    return {k: v[0] for k, v in KEYS.items()}
+
+
+def _coerce(key: str, value: Any) -> Any:
+    default, kind, rng, _ = KEYS[key]
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        raise ConfigError(f"run config '{key}': expected true or false, got {value!r}")
+    if kind is int:
+        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
+            raise ConfigError(f"run config '{key}': expected an integer, got {value!r}")
+        value = int(value)
+    elif kind is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"run config '{key}': expected a number, got {value!r}")
+        value = float(value)
+    elif kind is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"run config '{key}': expected a string, got {value!r}")
+    if isinstance(rng, tuple) and len(rng) == 2 and kind in (int, float):
+        lo, hi = rng
+        if not lo <= value <= hi:
+            raise ConfigError(f"run config '{key}': {value} is outside the allowed range [{lo}, {hi}]")
+    elif isinstance(rng, tuple) and kind is str and value not in rng:
+        raise ConfigError(f"run config '{key}': expected one of {', '.join(rng)}, got {value!r}")
+    return value
+
+
+def resolve(overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Defaults updated with checked overrides; unknown keys are refused by name."""
+    cfg = defaults()
+    for key, value in (overrides or {}).items():
+        if key not in KEYS:
+            close = [k for k in KEYS if k.split("-")[0] == key.split("-")[0]]
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            raise ConfigError(f"unknown run-config key '{key}'{hint}; see the README for the list")
+        cfg[key] = _coerce(key, value)
+    return cfg
+
+
+def parse_overrides(text: str) -> dict[str, Any]:
+    """Parse `k1=v1 k2=v2` as `flwr run --run-config` does (values are TOML)."""
+    out: dict[str, Any] = {}
+    for token in shlex.split(text or ""):
+        if "=" not in token:
+            raise ConfigError(f"run-config item '{token}' is not of the form key=value")
+        key, raw = token.split("=", 1)
+        try:
+            out[key.strip()] = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            out[key.strip()] = raw  # bare words are strings, as a user would expect
+    return out
+
+
+def to_toml_overrides(cfg: dict[str, Any]) -> str:
+    """Render overrides for `flwr run --run-config` (strings quoted as TOML)."""
+    parts = []
+    for key, value in cfg.items():
+        if isinstance(value, bool):
+            parts.append(f"{key}={'true' if value else 'false'}")
+        elif isinstance(value, str):
+            parts.append(f'{key}="{value}"')
+        else:
+            parts.append(f"{key}={value!r}")
+    return " ".join(parts)
+
+
+@dataclass(frozen=True)
+class Policy:
+    """What may leave a site. The stricter of the study's and the site's own policy wins."""
+
+    allow_adapters: bool = True
+    min_cell_size: int = 10
+
+    @classmethod
+    def effective(cls, run_cfg: dict[str, Any], site_policy: dict[str, Any] | None = None) -> "Policy":
+        site_policy = site_policy or {}
+        k = max(int(run_cfg.get("min-cell-size", 10)), int(site_policy.get("min-cell-size", 1)))
+        allow = bool(site_policy.get("allow-adapters", True))
+        return cls(allow_adapters=allow, min_cell_size=k)

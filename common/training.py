@@ -1,0 +1,195 @@
+"""Local training and scoring of a LoRA classifier at one site.
+
+A plain PyTorch loop rather than HF `Trainer`: notes vary several-fold in
+length, so batches are grouped by length and padded only to their own longest
+note, tokenization is done once per site, and evaluation runs without
+gradients in larger batches. One place picks device, dtype and threads.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+
+# --------------------------------------------------------------------------
+# device, dtype, threads
+# --------------------------------------------------------------------------
+def pick_device(prefer: str = "auto") -> str:
+    import torch
+
+    if prefer in ("cpu", "cuda"):
+        if prefer == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device 'cuda' was requested but no CUDA device is available")
+        return prefer
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def autocast_dtype(device: str, mode: str = "auto"):
+    """bf16 autocast where the hardware does it natively, else None (fp32).
+
+    On CPU bf16 only pays with AVX512-BF16/AMX; elsewhere it is slower than fp32.
+    """
+    import torch
+
+    if mode in ("no", "fp32", "false", False):
+        return None
+    if device == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    fn = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
+    if mode in ("bf16", "yes", True) or (fn is not None and fn()):
+        return torch.bfloat16
+    return None
+
+
+def set_threads(n: int | None) -> int:
+    """Cap intra-op threads: several simulated sites with 2 threads each collapse."""
+    import torch
+
+    n = int(n) if n else (os.cpu_count() or 1)
+    n = max(1, n)
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+    return n
+
+
+# --------------------------------------------------------------------------
+# tokenization and batching
+# --------------------------------------------------------------------------
+def encode_texts(tokenizer, texts, max_length: int) -> list[np.ndarray]:
+    """Token ids per note, truncated, unpadded (padding happens per batch)."""
+    out = tokenizer(list(texts), truncation=True, max_length=max_length, padding=False)
+    return [np.asarray(ids, dtype=np.int64) for ids in out["input_ids"]]
+
+
+def length_grouped_batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generator,
+                           group: int = 50) -> list[np.ndarray]:
+    """Shuffle, sort within mega-batches of `group` batches by length, shuffle batches.
+
+    Keeps randomness of SGD while padding each batch only to similar lengths.
+    """
+    idx = rng.permutation(len(lengths))
+    mega = batch_size * group
+    batches = []
+    for start in range(0, len(idx), mega):
+        chunk = idx[start:start + mega]
+        chunk = chunk[np.argsort(-lengths[chunk], kind="stable")]
+        batches.extend(chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size))
+    order = rng.permutation(len(batches))
+    return [batches[i] for i in order]
+
+
+def collate(encoded: list[np.ndarray], idx: np.ndarray, pad_id: int, device: str):
+    import torch
+
+    seqs = [encoded[i] for i in idx]
+    width = max(len(s) for s in seqs)
+    ids = np.full((len(seqs), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(seqs), width), dtype=np.int64)
+    for row, s in enumerate(seqs):
+        ids[row, : len(s)] = s
+        mask[row, : len(s)] = 1
+    return torch.from_numpy(ids).to(device), torch.from_numpy(mask).to(device)
+
+
+# --------------------------------------------------------------------------
+# training
+# --------------------------------------------------------------------------
+@dataclass
+class TrainSettings:
+    steps: int = 30
+    batch_size: int = 16
+    lr: float = 5e-4
+    weight_decay: float = 0.0
+    warmup_frac: float = 0.1
+    grad_clip: float = 1.0
+    seed: int = 0
+    precision: str = "auto"
+    device: str = "auto"
+
+
+def train_classifier(model, encoded: list[np.ndarray], labels: np.ndarray, settings: TrainSettings,
+                     pad_id: int, progress=None) -> dict:
+    """Run `settings.steps` optimizer steps of cross-entropy on the trainable weights.
+
+    Steps, not epochs: a site's compute is bounded whatever its size, and
+    sites of different sizes contribute the same number of updates per round.
+    """
+    import torch
+
+    if len(encoded) == 0:
+        raise ValueError("no training examples")
+    device = pick_device(settings.device)
+    model.to(device)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    warm = max(1, int(settings.steps * settings.warmup_frac))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warm) * (0.5 * (1 + math.cos(math.pi * min(1.0, s / max(1, settings.steps)))) * 0.9 + 0.1)
+    )
+    amp = autocast_dtype(device, settings.precision)
+    rng = np.random.default_rng(settings.seed)
+    lengths = np.array([len(e) for e in encoded])
+    y_all = torch.as_tensor(np.array(labels, dtype=np.int64))
+    batches: list[np.ndarray] = []
+    losses, tokens, padded = [], 0, 0
+    t0 = time.perf_counter()
+    for step in range(settings.steps):
+        if not batches:
+            batches = length_grouped_batches(lengths, settings.batch_size, rng)
+        idx = batches.pop()
+        ids, mask = collate(encoded, idx, pad_id, device)
+        y = y_all[idx].to(device)
+        with torch.autocast(device_type=device, dtype=amp, enabled=amp is not None):
+            logits = model(input_ids=ids, attention_mask=mask).logits
+        loss = torch.nn.functional.cross_entropy(logits.float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if settings.grad_clip:
+            torch.nn.utils.clip_grad_norm_(params, settings.grad_clip)
+        opt.step()
+        sched.step()
+        losses.append(float(loss.detach()))
+        tokens += int(mask.sum())
+        padded += int(mask.numel())
+        if progress is not None:
+            progress(step + 1, settings.steps, losses[-1])
+    seconds = time.perf_counter() - t0
+    model.eval()
+    tail = losses[-max(1, len(losses) // 4):]
+    return {
+        "train_loss": float(np.mean(tail)),
+        "steps": settings.steps,
+        "seconds": seconds,
+        "tokens": tokens,
+        "padded_tokens": padded,
+    }
+
+
+def predict_proba(model, encoded: list[np.ndarray], pad_id: int, batch_size: int = 64,
+                  device: str = "auto", precision: str = "auto") -> np.ndarray:
+    """P(readmitted) per item, in input order; no gradients, length-sorted batches."""
+    import torch
+
+    if len(encoded) == 0:
+        return np.zeros(0)
+    device = pick_device(device)
+    model.to(device)
+    model.eval()
+    amp = autocast_dtype(device, precision)
+    lengths = np.array([len(e) for e in encoded])
+    order = np.argsort(-lengths, kind="stable")
+    out = np.empty(len(encoded), dtype=np.float64)
+    with torch.inference_mode():
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            ids, mask = collate(encoded, idx, pad_id, device)
+            with torch.autocast(device_type=device, dtype=amp, enabled=amp is not None):
+                logits = model(input_ids=ids, attention_mask=mask).logits
+            out[idx] = torch.softmax(logits.float(), dim=-1)[:, 1].cpu().numpy()
+    return out

@@ -1,0 +1,132 @@
+"""Run a study on one machine through Flower's Simulation Engine (`flwr run`).
+
+`flwr run` exits 0 even when the run failed and leaves a detached SuperLink
+behind, and offline it must not try to install the app's dependencies. This
+module owns all of that: an isolated FLWR_HOME inside RUN_DIR, free ports, the
+runtime-install switch, the log streamed to the terminal and to
+RUN_DIR/flwr.log, the verdict read from RUN_DIR/run.json, and the SuperLink
+stopped afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from common.config import resolve, to_toml_overrides
+
+PACKAGES = ("server", "client", "common", "simulations")
+_NOISE = ("FutureWarning", "warnings.warn(", "is_gradient_checkpointing", "RAY_ACCEL_ENV_VAR",
+          "UserWarning: The given NumPy", "Since flwr 1.32", "To change federation size",
+          "flwr federation simulation-config", "tensor_numpy.cpp")
+
+
+class SimulationError(RuntimeError):
+    """The study did not complete; the message says where to look."""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def app_dir() -> Path:
+    """The Flower app to run: the source tree, or a copy built from the installed packages."""
+    root = Path(__file__).resolve().parent.parent
+    pyproject = root / "pyproject.toml"
+    if pyproject.exists() and "[tool.flwr.app]" in pyproject.read_text():
+        return root
+    # Installed without the source tree: assemble a minimal app folder.
+    out = Path(tempfile.mkdtemp(prefix="clinfed-app-"))
+    for pkg in PACKAGES:
+        shutil.copytree(root / pkg, out / pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    from common.config import KEYS
+
+    lines = ['[build-system]', 'requires = ["setuptools"]', 'build-backend = "setuptools.build_meta"',
+             '[project]', 'name = "clinfed"', 'version = "0.1.0"', 'dependencies = []',
+             '[tool.flwr.app]', 'publisher = "clinfed"', '[tool.flwr.app.components]',
+             'serverapp = "server.app:app"', 'clientapp = "client.app:app"', '[tool.flwr.app.config]']
+    lines += [line for line in to_toml_overrides({k: v[0] for k, v in KEYS.items()}).split(" ")]
+    (out / "pyproject.toml").write_text("\n".join(lines) + "\n")
+    return out
+
+
+def _stop_superlink(control_port: int):
+    import psutil
+
+    for proc in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(proc.info.get("cmdline") or [])
+        if "flower-superlink" in cmd and f":{control_port}" in cmd:
+            for child in proc.children(recursive=True):
+                child.kill()
+            proc.kill()
+
+
+def simulate(run_dir: str | Path, overrides: dict, n_sites: int, cpus_per_site: float = 1.0,
+             echo=True, timeout: float | None = None) -> dict:
+    """Run the ServerApp and one simulated node per site; return run.json or raise."""
+    run_dir = Path(run_dir).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg = resolve({**overrides, "out-dir": str(run_dir)})
+    flwr_home = run_dir / ".flwr"
+    flwr_home.mkdir(exist_ok=True)
+    http_port, control_port = _free_port(), _free_port()
+    env = {
+        **os.environ,
+        "FLWR_HOME": str(flwr_home),
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(http_port),
+        "FLWR_LOCAL_CONTROL_API_PORT": str(control_port),
+        "PYTHONWARNINGS": "ignore",
+        "TOKENIZERS_PARALLELISM": "false",
+        "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
+        "RAY_DEDUP_LOGS": "1",
+        "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+    }
+    run_json = run_dir / "run.json"
+    if run_json.exists():
+        run_json.unlink()  # the verdict must come from this run
+    cmd = [
+        sys.executable, "-m", "flwr.cli.app", "run", str(app_dir()),
+        "--run-config", to_toml_overrides({k: v for k, v in cfg.items()
+                                           if k in overrides or k == "out-dir"}),
+        "--federation-config", f"num-supernodes={n_sites} client-resources-num-cpus={cpus_per_site}",
+        "--stream",
+    ]
+    flwr_bin = shutil.which("flwr")
+    if flwr_bin:
+        cmd[:3] = [flwr_bin]
+    t0 = time.time()
+    log_path = run_dir / "flwr.log"
+    try:
+        with open(log_path, "w") as logf:
+            proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                    text=True, bufsize=1)
+            for line in proc.stdout:
+                logf.write(line)
+                if echo and not any(n in line for n in _NOISE):
+                    sys.stdout.write(line)
+                    sys.stdout.flush()
+                if timeout and time.time() - t0 > timeout:
+                    proc.kill()
+                    raise SimulationError(f"the simulation exceeded {timeout:.0f}s and was stopped")
+            proc.wait()
+    finally:
+        _stop_superlink(control_port)
+    if not run_json.exists():
+        raise SimulationError(
+            f"the study did not start or crashed before writing {run_json}; see {log_path}")
+    run = json.loads(run_json.read_text())
+    if run.get("status") != "completed":
+        errs = "; ".join(run.get("errors") or []) or "unknown error"
+        raise SimulationError(f"the study {run.get('status', 'failed')}: {errs} (log: {log_path})")
+    return run

@@ -1,0 +1,107 @@
+"""Adapters: deterministic init, exact round trip over the wire, real PEFT folders."""
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord
+from flwr.common.serde import array_record_from_proto, array_record_to_proto
+
+from common.models import (
+    AdapterMismatch,
+    LoraSettings,
+    adapter_state,
+    check_adapter_state,
+    load_adapter_state,
+    lora_targets,
+    make_lora_model,
+    read_adapter,
+    resolve_model,
+    ModelError,
+    save_adapter,
+)
+
+
+@pytest.mark.parametrize("name", ["tiny-bert", "tiny-llama"])
+def test_adapter_round_trips_exactly_through_flower_arrays(name):
+    model, _ = make_lora_model(name, 3, LoraSettings(rank=4))
+    state = adapter_state(model)
+    # make B non-zero so the check is not trivially about zeros
+    state = {k: v + np.random.default_rng(0).normal(size=v.shape).astype(np.float32) for k, v in state.items()}
+    rec = ArrayRecord({k: Array(v) for k, v in state.items()})
+    back = array_record_from_proto(array_record_to_proto(rec))
+    got = {k: v.numpy() for k, v in back.items()}
+    assert set(got) == set(state)
+    for k in state:
+        assert got[k].dtype == np.float32
+        np.testing.assert_array_equal(got[k], state[k])
+    load_adapter_state(model, got)
+    again = adapter_state(model)
+    for k in state:
+        np.testing.assert_array_equal(again[k], state[k])
+
+
+def test_lora_targets_per_architecture():
+    bert, _ = make_lora_model("tiny-bert", 0, LoraSettings())
+    llama, _ = make_lora_model("tiny-llama", 0, LoraSettings())
+    assert lora_targets(bert.base_model.model) == ["query", "value"]
+    assert lora_targets(llama.base_model.model) == ["q_proj", "v_proj"]
+    keys = adapter_state(bert)
+    assert any("classifier" in k for k in keys), "the head must travel with the adapter"
+    assert any("score" in k for k in adapter_state(llama))
+
+
+def test_same_seed_same_initial_adapter_and_head():
+    a, _ = make_lora_model("tiny-bert", 5, LoraSettings())
+    b, _ = make_lora_model("tiny-bert", 5, LoraSettings())
+    c, _ = make_lora_model("tiny-bert", 6, LoraSettings())
+    sa, sb, sc = adapter_state(a), adapter_state(b), adapter_state(c)
+    assert all(np.array_equal(sa[k], sb[k]) for k in sa)
+    assert not all(np.array_equal(sa[k], sc[k]) for k in sa)
+
+
+def test_saved_adapter_loads_with_plain_peft_and_changes_outputs(tmp_path):
+    from peft import PeftModel
+
+    from common.models import load_classifier
+
+    model, tok = make_lora_model("tiny-bert", 1, LoraSettings(rank=4))
+    state = {k: v + 0.5 for k, v in adapter_state(model).items()}
+    save_adapter(model, state, tmp_path / "ad")
+    assert (tmp_path / "ad" / "adapter_config.json").exists()
+    base, _ = load_classifier("tiny-bert", 1)
+    ids = tok(["the patient was admitted with chf"], return_tensors="pt")
+    with torch.no_grad():
+        base_logits = base(**ids).logits.clone()
+    loaded = PeftModel.from_pretrained(base, str(tmp_path / "ad"))
+    with torch.no_grad():
+        ad_logits = loaded(**ids).logits
+        model.eval()
+        ours = model(**ids).logits
+    assert not torch.allclose(base_logits, ad_logits), "adapter loaded as a no-op"
+    torch.testing.assert_close(ad_logits, ours)
+    back = read_adapter(model, tmp_path / "ad")
+    for k in state:
+        np.testing.assert_array_equal(back[k], state[k])
+
+
+def test_adapter_checks_refuse_bad_states():
+    model, _ = make_lora_model("tiny-bert", 0, LoraSettings())
+    ref = adapter_state(model)
+    key = next(iter(ref))
+    with pytest.raises(AdapterMismatch, match="keys"):
+        check_adapter_state(ref, {**ref, "foreign.weight": np.zeros(3, np.float32)})
+    with pytest.raises(AdapterMismatch, match="missing"):
+        check_adapter_state(ref, {k: v for k, v in ref.items() if k != key})
+    with pytest.raises(AdapterMismatch, match="shape"):
+        check_adapter_state(ref, {**ref, key: np.zeros((1, 1), np.float32)})
+    with pytest.raises(AdapterMismatch, match="non-finite"):
+        check_adapter_state(ref, {**ref, key: np.full(ref[key].shape, np.nan, np.float32)})
+
+
+def test_model_resolution(tmp_path):
+    assert resolve_model("minilm").endswith("model")
+    with pytest.raises(ModelError, match="does not exist"):
+        resolve_model("./no/such/model")
+    (tmp_path / "m").mkdir()
+    with pytest.raises(ModelError, match="config.json"):
+        resolve_model(str(tmp_path / "m"))
