@@ -27,7 +27,7 @@ KEYS: dict[str, tuple[Any, type, Any, str]] = {
     "personalize-steps": (25, int, (0, 100000), "steps fine-tuning the global adapter at a site (`personalized`)"),
     "batch-size": (16, int, (1, 4096), "training batch size"),
     "eval-batch-size": (64, int, (1, 4096), "scoring batch size"),
-    "learning-rate": (5e-4, float, (1e-7, 1.0), "peak learning rate (warm-up, cosine decay)"),
+    "learning-rate": (1e-3, float, (1e-7, 1.0), "peak learning rate (warm-up, cosine decay)"),
     "max-length": (128, int, (8, 8192), "tokens kept per note"),
     "lora-rank": (8, int, (1, 1024), "LoRA rank"),
     "lora-alpha": (16, int, (1, 4096), "LoRA alpha"),

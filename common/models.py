@@ -204,6 +204,17 @@ def lora_targets(model) -> list[str]:
     )
 
 
+def head_modules(model) -> list[str] | None:
+    """Modules trained in full and federated with the adapter: the head, and for
+    BERT-like encoders the pooler, whose pretrained weights (absent or unused in
+    sentence-embedding checkpoints) otherwise bottleneck the new head."""
+    names = {n.split(".")[-1] for n, _ in model.named_modules()}
+    mods = [m for m in ("classifier", "score") if m in names]
+    if getattr(model.config, "model_type", "") in ("bert", "roberta", "xlm-roberta", "electra") and "pooler" in names:
+        mods.append("pooler")
+    return mods or None
+
+
 @dataclass(frozen=True)
 class LoraSettings:
     rank: int = 8
@@ -221,6 +232,7 @@ def make_lora_model(name: str, seed: int, lora: LoraSettings):
     cfg = LoraConfig(
         task_type=TaskType.SEQ_CLS, r=lora.rank, lora_alpha=lora.alpha,
         lora_dropout=lora.dropout, target_modules=targets,
+        modules_to_save=head_modules(model),
     )
     with _LOCK:
         _seeded(seed + 1)

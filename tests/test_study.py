@@ -1,0 +1,133 @@
+"""End to end with a tiny model, in process: every site x regime row, and an audit
+of every message the sites sent (adapter arrays and aggregate metrics only)."""
+
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+from flwr.common.serde import message_to_proto
+
+from client.app import app as client_app
+from common.config import resolve
+from common.data import list_sites, read_site_table
+from common.metrics import PREFIX
+from inprocess_grid import LocalGrid
+from server.study import Study
+
+REGIMES = {"base", "global", "local", "personalized"}
+
+
+def _canary_federation(src, dst):
+    """Copy a federation and plant a unique canary string in every note."""
+    shutil.copytree(src, dst)
+    for name, folder in list_sites(dst):
+        path = folder / "encounters.csv"
+        df = pd.read_csv(path, dtype=str, keep_default_na=False)
+        df["note_text"] = [f"{t} CANARY{name}x{i:05d}Q" for i, t in enumerate(df["note_text"])]
+        df.to_csv(path, index=False)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def study(small_federation, tmp_path_factory):
+    data = _canary_federation(small_federation, tmp_path_factory.mktemp("canary") / "fed")
+    run_dir = tmp_path_factory.mktemp("run")
+    cfg = resolve({"model": "tiny-bert", "data-dir": str(data), "num-server-rounds": 2, "local-steps": 4,
+                   "personalize-steps": 2, "bootstrap": 30, "min-cell-size": 5, "batch-size": 8})
+    sites = list_sites(data)
+    grid = LocalGrid(client_app, [{"partition-id": i, "num-partitions": len(sites)} for i in range(len(sites))], cfg)
+    Study(grid, cfg, run_dir).execute()
+    return {"grid": grid, "run_dir": run_dir, "data": data, "sites": [s for s, _ in sites], "cfg": cfg}
+
+
+def test_every_site_and_regime_has_rows(study):
+    df = pd.read_csv(study["run_dir"] / "metrics.csv")
+    assert set(df["site"]) == set(study["sites"])
+    for site in study["sites"]:
+        for split in ("test", "temporal"):
+            got = set(df[(df.site == site) & (df.split == split) & (df.metric == "auc")]["regime"])
+            assert got == REGIMES, (site, split, got)
+    ok = df[(df.status == "ok") & (df.metric == "auc")]
+    assert len(ok) > 0 and ok["value"].between(0, 1).all()
+    assert (df[df.status == "suppressed"]["value"].isna()).all()
+    assert (df[df.status == "suppressed"]["n"].isna()).all()
+
+
+def test_outputs_written(study):
+    run_dir = study["run_dir"]
+    run = json.loads((run_dir / "run.json").read_text())
+    assert run["status"] == "completed"
+    assert len(run["rounds"]) == 2 and all(r["bytes_sent"] > 0 and r["bytes_received"] > 0 for r in run["rounds"])
+    assert (run_dir / "report.html").exists() and (run_dir / "sites.csv").exists()
+    for rnd in (1, 2):
+        assert (run_dir / "adapters" / "global" / f"round-{rnd:03d}" / "adapter_model.safetensors").exists()
+    for site in study["sites"]:  # local adapters stay in the site's own folder
+        for regime in ("local", "personalized"):
+            assert (run_dir / "sites" / site / "adapters" / regime / "adapter_config.json").exists()
+
+
+def test_sites_sent_adapter_arrays_and_aggregates_only(study):
+    grid = study["grid"]
+    replies = grid.replies
+    assert len(replies) == len(study["sites"]) * (1 + 2 + 1 + 1)  # describe, 2 rounds, personalize, evaluate
+    ids, dates = set(), set()
+    for _, folder in list_sites(study["data"]):
+        df = read_site_table(folder, warn=False)
+        ids.update(df["encounter_id"])
+        dates.update(df["discharge_date"].dt.strftime("%Y-%m-%d"))
+    from common.models import LoraSettings, adapter_state, make_lora_model
+
+    adapter_keys = set(adapter_state(make_lora_model("tiny-bert", 0, LoraSettings())[0]))
+    for rep in replies:
+        assert not rep.has_error(), rep.error.reason
+        raw = message_to_proto(rep).SerializeToString()
+        assert b"CANARY" not in raw, "note text left a site"
+        for ident in list(ids)[:200]:
+            assert ident.encode() not in raw, f"encounter id {ident} left a site"
+        for d in list(dates)[:100]:
+            assert d.encode() not in raw, "a discharge date left a site"
+        content = rep.content
+        mtype = rep.metadata.message_type
+        assert set(content.array_records) <= {"arrays"}
+        if content.array_records:
+            assert mtype == "train"
+            assert set(content["arrays"].keys()) == adapter_keys, "only the adapter + head may leave"
+        assert set(content.metric_records) <= {"metrics"}
+        for key, val in content["metrics"].items() if "metrics" in content.metric_records else []:
+            assert isinstance(val, (int, float)), f"{key} is not a scalar"
+        assert set(content.config_records) <= ({"site"} if mtype == "query.describe" else set())
+
+
+def test_suppressed_cells_release_nothing(study):
+    k = study["cfg"]["min-cell-size"]
+    for rep in study["grid"].replies:
+        if rep.metadata.message_type != "evaluate":
+            continue
+        m = dict(rep.content["metrics"])
+        cells = {}
+        for key, v in m.items():
+            if key.startswith(PREFIX):
+                cell, metric = key.rsplit("/", 1)
+                cells.setdefault(cell, {})[metric] = v
+        for cell, vals in cells.items():
+            if "suppressed" in vals:
+                assert vals == {"suppressed": 1}
+            else:
+                assert vals["n"] >= k and vals.get("positives", k) >= k
+
+
+def test_a_failing_site_does_not_stop_the_study(small_federation, tmp_path):
+    sites = list_sites(small_federation)
+    cfg = resolve({"model": "tiny-bert", "data-dir": str(small_federation), "num-server-rounds": 2,
+                   "local-steps": 2, "personalize-steps": 1, "bootstrap": 10, "min-cell-size": 5})
+    drop = lambda node, msg: node == 1002 and msg.metadata.message_type == "train"  # noqa: E731
+    grid = LocalGrid(client_app, [{"partition-id": i, "num-partitions": len(sites)} for i in range(len(sites))],
+                     cfg, fail=drop)
+    Study(grid, cfg, tmp_path).execute()
+    run = json.loads((tmp_path / "run.json").read_text())
+    assert run["status"] == "completed"
+    missing = sites[2][0]
+    assert all(missing in r["failures"] and missing not in r["sites"] for r in run["rounds"])
+    assert any(missing in e for e in run["errors"])
