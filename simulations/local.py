@@ -99,7 +99,8 @@ def simulate(run_dir: str | Path, overrides: dict, n_sites: int, cpus_per_site: 
         sys.executable, "-m", "flwr.cli.app", "run", str(app_dir()),
         "--run-config", to_toml_overrides({k: v for k, v in cfg.items()
                                            if k in overrides or k == "out-dir"}),
-        "--federation-config", f"num-supernodes={n_sites} client-resources-num-cpus={cpus_per_site}",
+        "--federation-config", f"num-supernodes={n_sites} client-resources-num-cpus="
+                               f"{int(cpus_per_site) if float(cpus_per_site).is_integer() else cpus_per_site}",
         "--stream",
     ]
     flwr_bin = shutil.which("flwr")

@@ -1,0 +1,41 @@
+"""The real Flower Simulation Engine, through `clinfed simulate` (slow; runs in CI)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.slow
+def test_clinfed_simulate_runs_a_study_with_flower(small_federation, tmp_path):
+    out = tmp_path / "run"
+    res = subprocess.run(
+        [sys.executable, "-m", "common.cli", "simulate", "--data", str(small_federation), "--out", str(out),
+         "--run-config", 'model="tiny-bert" num-server-rounds=2 local-steps=3 personalize-steps=2 '
+                         "bootstrap=20 min-cell-size=5"],
+        capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    run = json.loads((out / "run.json").read_text())
+    assert run["status"] == "completed" and len(run["rounds"]) == 2
+    df = pd.read_csv(out / "metrics.csv")
+    assert set(df["regime"]) == {"base", "global", "local", "personalized"}
+    assert df["site"].nunique() == 3
+    assert (out / "report.html").exists()
+
+
+@pytest.mark.slow
+def test_clinfed_simulate_exits_non_zero_when_the_study_fails(small_federation, tmp_path):
+    # min-sites above the number of hospitals: the ServerApp fails, flwr run exits 0, we must not.
+    out = tmp_path / "run"
+    res = subprocess.run(
+        [sys.executable, "-m", "common.cli", "simulate", "--data", str(small_federation), "--out", str(out),
+         "--run-config", 'model="tiny-bert" min-sites=5 node-wait-timeout=3'],
+        capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert res.returncode != 0
+    assert "min-sites=5" in res.stderr, res.stderr[-2000:]
+    assert json.loads((out / "run.json").read_text())["status"] == "failed"
