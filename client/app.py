@@ -21,9 +21,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from common import privacy
-from common.config import Policy, resolve
+from common.config import Policy, regimes, resolve
 from common.data import find_table, list_sites
-from common.training import set_threads
+from common.training import encode_texts, set_threads
 from client.site import Site, get_model, model_key
 
 log = logging.getLogger("clinfed.client")
@@ -53,6 +53,10 @@ def _site_policy(node_config: dict) -> dict:
         return {}
     with open(path, "rb") as fh:
         return tomllib.load(fh)
+
+
+def in_simulation(context: Context) -> bool:
+    return "data-path" not in context.node_config and "partition-id" in context.node_config
 
 
 def open_site(context: Context, run_dir: str = "") -> tuple[Site, dict, Policy]:
@@ -135,6 +139,7 @@ def describe(msg: Message, context: Context) -> Message:
     """Name the site and its split sizes; sizes below k are withheld."""
     site, cfg, policy, lm = _prepare(msg, context)
     counts = {f"site-n-{s}": int(n) for s, n in site.counts().items() if n >= policy.min_cell_size}
+    counts.update({f"desc/{k}": v for k, v in site.descriptors(policy.min_cell_size).items()})
     content = RecordDict({"site": ConfigRecord({"name": site.name}), "metrics": MetricRecord(counts)})
     return Message(content, reply_to=msg)
 
@@ -160,32 +165,65 @@ def train(msg: Message, context: Context) -> Message:
 @app.train("personalize")
 @_guarded("local and personalized training")
 def personalize(msg: Message, context: Context) -> Message:
-    """Train `local` from the base and `personalized` from the global adapter; keep both here."""
+    """Train the site-held regimes: `local` (from the base), `personalized` (from the
+    global adapter), `similarity-weighted` (from the server's similarity-weighted
+    mix of other sites' adapters) and, in simulation only, `augmented`. All stay here;
+    the local adapter leaves only when the study shares local adapters."""
     site, cfg, policy, lm = _prepare(msg, context)
-    global_state = _arrays_to_state(msg.content["arrays"])
+    regs = regimes(cfg)
     local_steps = int(cfg["local-regime-steps"]) or int(cfg["num-server-rounds"]) * int(cfg["local-steps"])
-    local_state, local_info = site.train(lm, lm.init_state, local_steps, seed_offset=10_000, label="local")
-    site.save_private(lm, "local", local_state)
-    metrics = {"num-examples": len(site.splits["train"]), "local-train-loss": local_info["train_loss"],
-               "local-train-seconds": local_info["seconds"]}
-    if int(cfg["personalize-steps"]) > 0:
-        pers_state, pers_info = site.train(lm, global_state, int(cfg["personalize-steps"]),
-                                           seed_offset=20_000, label="personalized")
-        site.save_private(lm, "personalized", pers_state)
-        metrics.update({"personalized-train-loss": pers_info["train_loss"],
-                        "personalized-train-seconds": pers_info["seconds"]})
-    return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+    pers_steps = int(cfg["personalize-steps"])
+    metrics = {"num-examples": len(site.splits["train"])}
+    content = RecordDict()
+
+    def run(regime, start, steps, offset, extra=None):
+        state, info = site.train(lm, start, steps, seed_offset=offset, label=regime, extra=extra)
+        site.save_private(lm, regime, state)
+        metrics[f"{regime}-train-loss"] = info["train_loss"]
+        metrics[f"{regime}-train-seconds"] = info["seconds"]
+        return state
+
+    if "local" in regs or cfg["share-local-adapters"]:
+        local_state = run("local", lm.init_state, local_steps, 10_000)
+        if cfg["share-local-adapters"]:
+            content["arrays"] = _state_to_arrays(local_state)
+    if "personalized" in regs and pers_steps > 0:
+        run("personalized", _arrays_to_state(msg.content["global"]), pers_steps, 20_000)
+    if "similarity-weighted" in regs and "simw" in msg.content.array_records and pers_steps > 0:
+        run("similarity-weighted", _arrays_to_state(msg.content["simw"]), pers_steps, 30_000)
+    if "augmented" in regs:
+        if not in_simulation(context):
+            log.warning("regime 'augmented' moves patient records between sites: refused outside simulation")
+        else:
+            from simulations.augment import borrow
+
+            data_dir = Path(cfg["data-dir"]) if cfg["data-dir"] else default_federation_dir(cfg)
+            extra = borrow(site, data_dir, lm, int(cfg["augment-k"]), cfg["augment-space"], int(cfg["seed"]))
+            enc = encode_texts(lm.tokenizer, extra["note_text"], int(cfg["max-length"]))
+            run("augmented", lm.init_state, local_steps, 40_000,
+                extra=(enc, extra["readmitted_30d"].to_numpy(dtype="int64")))
+    content["metrics"] = MetricRecord(metrics)
+    return Message(content, reply_to=msg)
+
+
+SITE_HELD = ("local", "personalized", "similarity-weighted", "augmented")
 
 
 @app.evaluate()
 @_guarded("evaluation")
 def evaluate(msg: Message, context: Context) -> Message:
-    """Score base, global, local and personalized on the same test items."""
+    """Score every regime on the same test items; adapters from other sites or
+    clusters (records named `x.<regime>`) are scored for the cross-site matrix."""
     site, cfg, policy, lm = _prepare(msg, context)
-    states = {"base": lm.init_state, "global": _arrays_to_state(msg.content["arrays"])}
-    for regime in ("local", "personalized"):
-        state = site.load_private(lm, regime)
+    regs = regimes(cfg)
+    states = {"base": lm.init_state, "global": _arrays_to_state(msg.content["global"])}
+    if "cluster" in regs and "cluster" in msg.content.array_records:
+        states["cluster"] = _arrays_to_state(msg.content["cluster"])
+    for regime in SITE_HELD:
+        state = site.load_private(lm, regime) if regime in regs else None
         if state is not None:
             states[regime] = state
-    metrics = site.evaluate(lm, states, k=policy.min_cell_size)
+    cross = {name[2:]: _arrays_to_state(rec) for name, rec in msg.content.array_records.items()
+             if name.startswith("x.")}
+    metrics = site.evaluate(lm, states, k=policy.min_cell_size, subgroups=bool(cfg["subgroups"]), cross=cross)
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

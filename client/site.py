@@ -20,7 +20,15 @@ from pathlib import Path
 import numpy as np
 
 from common.data import read_site_table, split_site
-from common.metrics import best_f1_threshold, cell_metrics, flatten_cell
+from common.metrics import (
+    best_f1_threshold,
+    cell_metrics,
+    error_driver_importance,
+    flatten_cell,
+    parse_edges,
+    site_descriptors,
+    subgroup_labels,
+)
 from common.models import (
     LoraSettings,
     adapter_state,
@@ -118,9 +126,13 @@ class Site:
 
     # -------------------------------------------------------------- training
     def train(self, lm: LoadedModel, start: dict[str, np.ndarray], steps: int, seed_offset: int,
-              label: str) -> tuple[dict[str, np.ndarray], dict]:
-        """Train `steps` steps from `start`; return the new adapter state and stats."""
+              label: str, extra: tuple[list[np.ndarray], np.ndarray] | None = None
+              ) -> tuple[dict[str, np.ndarray], dict]:
+        """Train `steps` steps from `start` (on `extra` examples too, if given)."""
         cfg = self.cfg
+        encoded, labels = self.encoded("train", lm.tokenizer), self.labels("train")
+        if extra is not None:
+            encoded, labels = encoded + list(extra[0]), np.concatenate([labels, extra[1]])
         model = lm.use(start)
         settings = TrainSettings(
             steps=int(steps), batch_size=int(cfg["batch-size"]), lr=float(cfg["learning-rate"]),
@@ -130,10 +142,13 @@ class Site:
 
         def progress(step, total, loss):
             if step in marks:
-                log.info("site %s %s: step %d/%d loss %.3f", self.name, label, step, total, loss)
+                from flwr.supercore import log as flwr_log
 
-        info = train_classifier(model, self.encoded("train", lm.tokenizer), self.labels("train"),
-                                settings, pad_id=lm.tokenizer.pad_token_id, progress=progress)
+                flwr_log(logging.INFO, "[clinfed] site %s %s: step %d/%d loss %.3f",
+                         self.name, label, step, total, loss)
+
+        info = train_classifier(model, encoded, labels, settings, pad_id=lm.tokenizer.pad_token_id,
+                                progress=progress)
         return adapter_state(model), info
 
     def save_private(self, lm: LoadedModel, regime: str, state: dict[str, np.ndarray]) -> Path:
@@ -148,27 +163,64 @@ class Site:
         return read_adapter(lm.model, folder)
 
     # ------------------------------------------------------------ evaluation
-    def evaluate(self, lm: LoadedModel, states: dict[str, dict[str, np.ndarray]], k: int) -> dict[str, float]:
-        """Aggregate metrics per regime and split; F1 threshold chosen on validation."""
+    def descriptors(self, k: int) -> dict[str, float]:
+        """Aggregate site descriptors over all of the site's encounters (suppressed below k)."""
+        import pandas as pd
+
+        df = pd.concat([self.splits[s] for s in ("train", "val", "test", "temporal")])
+        return site_descriptors(df, k, parse_edges(self.cfg["word-bands"]))
+
+    def evaluate(self, lm: LoadedModel, states: dict[str, dict[str, np.ndarray]], k: int,
+                 subgroups: bool = True, cross: dict[str, dict[str, np.ndarray]] | None = None
+                 ) -> dict[str, float]:
+        """Aggregate metrics per regime, split and subgroup; F1 threshold chosen on validation.
+
+        Cross-site regimes (another site's or cluster's adapter) are scored on the
+        whole splits only. The error-driver model runs on the global adapter's
+        predictions; only its per-feature importances and n are returned.
+        """
+        import pandas as pd
+
         cfg = self.cfg
         out: dict[str, float] = {}
-        pad = lm.tokenizer.pad_token_id
-        for regime, state in states.items():
-            model = lm.use(state)
-            preds = {}
-            for split in ("val",) + EVAL_SPLITS:
-                enc = self.encoded(split, lm.tokenizer)
-                preds[split] = predict_proba(model, enc, pad, batch_size=int(cfg["eval-batch-size"]),
-                                             precision=cfg["precision"])
+        edges = parse_edges(cfg["word-bands"])
+        labels = {s: subgroup_labels(self.splits[s], edges) for s in EVAL_SPLITS} if subgroups else {}
+        global_preds = {}
+        for regime, state in list(states.items()) + list((cross or {}).items()):
+            preds = self._predict(lm, state)
             thr = best_f1_threshold(self.labels("val"), preds["val"])
             for i, split in enumerate(EVAL_SPLITS):
                 y = self.labels(split)
                 if len(y) == 0:
                     continue
-                cell = cell_metrics(y, preds[split], thr, k, seed=self.site_seed + i,
-                                    n_boot=int(cfg["bootstrap"]))
-                out.update(flatten_cell(regime, split, "all", cell))
+                seed = self.site_seed + i
+                nb = int(cfg["bootstrap"])
+                out.update(flatten_cell(regime, split, "all", cell_metrics(y, preds[split], thr, k, seed, nb)))
+                if regime in states and subgroups:
+                    for group, lab in labels[split].items():
+                        for value in sorted({v for v in lab if v is not None}):
+                            mask = lab == value
+                            cell = cell_metrics(y[mask], preds[split][mask], thr, k, seed, nb)
+                            out.update(flatten_cell(regime, split, f"{group}={value}", cell))
+            if regime == "global":
+                global_preds = preds
+        if global_preds:
+            df = pd.concat([self.splits[s] for s in EVAL_SPLITS])
+            y = np.concatenate([self.labels(s) for s in EVAL_SPLITS])
+            p = np.concatenate([global_preds[s] for s in EVAL_SPLITS])
+            imp, n = error_driver_importance(df, y, p, seed=self.site_seed, k=k, word_edges=edges)
+            if imp:
+                out["drv-n"] = int(n)
+                out.update({f"drv/{name}": float(v) for name, v in imp.items()})
         return out
+
+    def _predict(self, lm: LoadedModel, state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        model = lm.use(state)
+        return {
+            split: predict_proba(model, self.encoded(split, lm.tokenizer), lm.tokenizer.pad_token_id,
+                                 batch_size=int(self.cfg["eval-batch-size"]), precision=self.cfg["precision"])
+            for split in ("val",) + EVAL_SPLITS
+        }
 
     def write_status(self, payload: dict):
         self.out_dir.mkdir(parents=True, exist_ok=True)

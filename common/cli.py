@@ -81,6 +81,9 @@ def cmd_simulate(args) -> int:
     if len(sites) < 2:
         raise CliError(f"{data} holds {len(sites)} hospital folder(s); a federation needs at least 2")
     overrides = {"data-dir": str(data), **overrides}
+    if not args.data:
+        # Generated data is synthetic: let local adapters travel for the full cross-site matrix.
+        overrides.setdefault("share-local-adapters", True)
     overrides.setdefault("seed", args.seed)
     print(f"clinfed: simulating {len(sites)} sites -> {out}")
     run = simulate(out, overrides, n_sites=len(sites), cpus_per_site=args.cpus_per_site)

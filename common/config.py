@@ -21,14 +21,14 @@ KEYS: dict[str, tuple[Any, type, Any, str]] = {
     "out-dir": ("", str, None, "where the server writes RUN_DIR; empty = ./runs/<timestamp>"),
     "hospitals": (6, int, (2, 500), "hospitals in the generated federation when data-dir is empty"),
     "seed": (0, int, (0, 2**31 - 1), "seed of splits, initial adapter, batches and bootstrap"),
-    "num-server-rounds": (4, int, (1, 1000), "federated rounds of the global adapter"),
-    "local-steps": (25, int, (1, 100000), "optimizer steps per site per federated round"),
+    "num-server-rounds": (3, int, (1, 1000), "federated rounds of the global adapter"),
+    "local-steps": (20, int, (1, 100000), "optimizer steps per site per federated round"),
     "local-regime-steps": (0, int, (0, 1000000), "steps of the `local` regime; 0 = num-server-rounds x local-steps"),
-    "personalize-steps": (25, int, (0, 100000), "steps fine-tuning the global adapter at a site (`personalized`)"),
+    "personalize-steps": (20, int, (0, 100000), "steps fine-tuning the global adapter at a site (`personalized`)"),
     "batch-size": (16, int, (1, 4096), "training batch size"),
     "eval-batch-size": (64, int, (1, 4096), "scoring batch size"),
     "learning-rate": (1e-3, float, (1e-7, 1.0), "peak learning rate (warm-up, cosine decay)"),
-    "max-length": (128, int, (8, 8192), "tokens kept per note"),
+    "max-length": (96, int, (8, 8192), "tokens kept per note"),
     "lora-rank": (8, int, (1, 1024), "LoRA rank"),
     "lora-alpha": (16, int, (1, 4096), "LoRA alpha"),
     "lora-dropout": (0.0, float, (0.0, 0.9), "LoRA dropout"),
@@ -43,12 +43,34 @@ KEYS: dict[str, tuple[Any, type, Any, str]] = {
     "min-sites": (2, int, (1, 10000), "fewest answering sites for a round to count"),
     "node-wait-timeout": (300.0, float, (1.0, 1e7), "seconds to wait for sites to connect"),
     "round-timeout": (3600.0, float, (1.0, 1e7), "seconds to wait for replies in one round"),
+    "regimes": ("base,global,local,personalized,cluster,similarity-weighted,augmented", str, None,
+                "regimes to train and score (base and global always run)"),
+    "share-local-adapters": (False, bool, None,
+                             "let local adapters leave their site to be scored at every other site (cross-site matrix)"),
+    "clusters": (2, int, (1, 100), "k of the `cluster` regime: sites grouped by their descriptors (k-means)"),
+    "augment-k": (200, int, (1, 1000000), "`augmented`: instances borrowed from other sites (simulation only)"),
+    "augment-space": ("features", str, ("features", "embedding"),
+                      "`augmented`: similarity in patient-feature space or the base model's embedding space"),
+    "word-bands": ("117,163,197", str, None, "words-per-note band edges, the same at every site (q1..q4)"),
+    "subgroups": (True, bool, None, "score every regime per subgroup (age, comorbidity, insurance, region, words)"),
     "report": (True, bool, None, "build report.html at the end"),
 }
 
 
 class ConfigError(ValueError):
     """A run-config key or value a user gave that cannot be used."""
+
+
+REGIMES = ("base", "global", "local", "personalized", "cluster", "similarity-weighted", "augmented")
+
+
+def regimes(cfg: dict[str, Any]) -> list[str]:
+    """The study's regimes, in canonical order; base and global always run."""
+    asked = {r.strip() for r in str(cfg.get("regimes", "")).split(",") if r.strip()}
+    unknown = asked - set(REGIMES)
+    if unknown:
+        raise ConfigError(f"run config 'regimes': unknown regime(s) {sorted(unknown)}; known: {', '.join(REGIMES)}")
+    return [r for r in REGIMES if r in asked or r in ("base", "global")]
 
 
 def defaults() -> dict[str, Any]:
@@ -92,6 +114,13 @@ def resolve(overrides: dict[str, Any] | None = None) -> dict[str, Any]:
             hint = f" (did you mean {', '.join(close)}?)" if close else ""
             raise ConfigError(f"unknown run-config key '{key}'{hint}; see the README for the list")
         cfg[key] = _coerce(key, value)
+    regimes(cfg)
+    from common.metrics import parse_edges
+
+    try:
+        parse_edges(cfg["word-bands"])
+    except ValueError as err:
+        raise ConfigError(f"run config 'word-bands': {err}") from None
     return cfg
 
 

@@ -161,3 +161,149 @@ def cell_rows(site: str, metrics: dict[str, float]) -> list[dict]:
                 rows.append({**base, "metric": m, "value": None, "n": n,
                              "status": "not_computable", "note": note})
     return rows
+
+
+# --------------------------------------------------------------------------
+# subgroups, site descriptors, drivers of per-instance error (all at the site)
+# --------------------------------------------------------------------------
+AGE_BANDS = (("<45", 0, 45), ("45-64", 45, 65), ("65-79", 65, 80), ("80+", 80, 1000))
+COMORBIDITY_BANDS = (("0", 0, 1), ("1-2", 1, 3), ("3-4", 3, 5), ("5+", 5, 10**6))
+DRIVERS = ("age", "n_comorbidities", "insurance", "region", "words_per_note")
+
+
+def word_counts(texts) -> np.ndarray:
+    return np.array([len(str(t).split()) for t in texts], dtype=float)
+
+
+def parse_edges(text: str) -> list[float]:
+    edges = [float(x) for x in str(text).split(",") if x.strip()]
+    if edges != sorted(edges):
+        raise ValueError(f"word-band edges must increase: {text!r}")
+    return edges
+
+
+def _band(values: np.ndarray, bands) -> np.ndarray:
+    out = np.full(len(values), None, dtype=object)
+    for name, lo, hi in bands:
+        out[(values >= lo) & (values < hi)] = name
+    return out
+
+
+def subgroup_labels(df, word_edges: list[float]) -> dict[str, np.ndarray]:
+    """For each subgrouping, a band label per row (None where the feature is missing)."""
+    out: dict[str, np.ndarray] = {}
+    if "age" in df:
+        out["age"] = _band(df["age"].to_numpy(dtype=float), AGE_BANDS)
+    if "n_comorbidities" in df:
+        out["comorbidity"] = _band(df["n_comorbidities"].to_numpy(dtype=float), COMORBIDITY_BANDS)
+    for col in ("insurance", "region"):
+        if col in df:
+            vals = df[col].to_numpy(dtype=object)
+            out[col] = np.array([None if (v is None or (isinstance(v, float) and math.isnan(v))) else
+                                 str(v).replace(SEP, "_") for v in vals], dtype=object)
+    words = word_counts(df["note_text"])
+    edges = [-np.inf] + list(word_edges) + [np.inf]
+    out["words"] = np.array([f"q{int(np.searchsorted(edges, w, side='right'))}" for w in words], dtype=object)
+    return out
+
+
+def site_descriptors(df, k: int, word_edges: list[float]) -> dict[str, float]:
+    """Aggregate descriptors of a site; any share or rate resting on fewer than k is withheld."""
+    n = len(df)
+    out: dict[str, float] = {}
+    if n < k:
+        return out
+    out["n"] = n
+    pos = int(df["readmitted_30d"].sum())
+    if min(pos, n - pos) >= k:
+        out["readmission_rate"] = pos / n
+    if "died" in df and df["died"].notna().sum() >= k:
+        died = df["died"].dropna()
+        if min(int(died.sum()), len(died) - int(died.sum())) >= k:
+            out["mortality_rate"] = float(died.mean())
+    words = word_counts(df["note_text"])
+    out["words_mean"] = float(words.mean())
+    out["words_q1"], out["words_median"], out["words_q3"] = (float(q) for q in np.quantile(words, [.25, .5, .75]))
+    for group, labels in subgroup_labels(df, word_edges).items():
+        if group == "words":
+            continue
+        known = np.array([lab is not None for lab in labels])
+        total = int(known.sum())
+        if total < k:
+            continue
+        for lab in sorted({lab for lab in labels if lab is not None}):
+            count = int((labels == lab).sum())
+            if count >= k:
+                out[f"{group}={lab}"] = count / total
+    return out
+
+
+def _error_features(df, word_edges):
+    """One-hot patient feature bands, grouped so importance is per driver.
+
+    Bands rather than raw values: hardness is planted (and found in the
+    literature) at thresholds such as age 80+ or 5+ comorbidities, and equal
+    encodings keep the groups' importances comparable.
+    """
+    labels = subgroup_labels(df, word_edges)
+    names = {"age": "age", "comorbidity": "n_comorbidities", "insurance": "insurance",
+             "region": "region", "words": "words_per_note"}
+    cols, groups = [], {}
+    for key, driver in names.items():
+        lab = labels.get(key)
+        if lab is None or any(v is None for v in lab):
+            continue
+        levels = sorted(set(lab))
+        if len(levels) < 2:
+            continue
+        start = sum(c.shape[1] for c in cols)
+        cols.append(np.stack([(lab == lv).astype(float) for lv in levels], axis=1))
+        groups[driver] = list(range(start, start + len(levels)))
+    if not cols:
+        return np.zeros((len(df), 0)), {}
+    return np.concatenate(cols, axis=1), groups
+
+
+def instance_errors(y: np.ndarray, p: np.ndarray) -> np.ndarray:
+    """1 where an instance is misranked: a positive scored below the negatives' median
+    score, or a negative above the positives' median (per-instance ranking error)."""
+    y = np.asarray(y).astype(int)
+    med_neg = np.median(p[y == 0]) if (y == 0).any() else 0.5
+    med_pos = np.median(p[y == 1]) if (y == 1).any() else 0.5
+    return np.where(y == 1, p < med_neg, p > med_pos).astype(int)
+
+
+def error_driver_importance(df, y: np.ndarray, p: np.ndarray, seed: int, k: int,
+                            word_edges: list[float], repeats: int = 10) -> tuple[dict[str, float], int]:
+    """Which patient features predict this site's per-instance errors?
+
+    A logistic classifier of the error indicator on patient feature bands,
+    scored out of sample (2-fold cross-fitting, repeated) so that features with
+    more levels do not win by overfitting; the importance of a feature group is
+    the mean drop of the held-out ROC AUC when that group is permuted. Only the
+    importances and n leave the site.
+    """
+    from sklearn.linear_model import LogisticRegression
+
+    err = instance_errors(y, p)
+    n = len(err)
+    if n < 2 * k or min(int(err.sum()), n - int(err.sum())) < k:
+        return {}, n
+    X, groups = _error_features(df, word_edges)
+    if not groups:
+        return {}, n
+    rng = np.random.default_rng(seed)
+    drops: dict[str, list[float]] = {g: [] for g in groups}
+    for rep in range(repeats):
+        fold = rng.permutation(n) % 2
+        for f in (0, 1):
+            tr, te = fold != f, fold == f
+            if len(set(err[tr])) < 2 or len(set(err[te])) < 2:
+                continue
+            clf = LogisticRegression(max_iter=1000, C=0.5).fit(X[tr], err[tr])
+            base = auc_roc(err[te], clf.predict_proba(X[te])[:, 1])
+            for group, idx in groups.items():
+                Xp = X[te].copy()
+                Xp[:, idx] = Xp[rng.permutation(len(Xp))][:, idx]
+                drops[group].append(base - auc_roc(err[te], clf.predict_proba(Xp)[:, 1]))
+    return {g: float(np.mean(v)) for g, v in drops.items() if v}, n

@@ -37,14 +37,18 @@ ALLOWED_METRIC_KEYS = [
         r"train-steps",
         r"train-seconds",
         r"train-tokens",
-        r"(local|personalized)-train-loss",
-        r"(local|personalized)-train-seconds",
+        r"(local|personalized|similarity-weighted|augmented)-train-(loss|seconds)",
         r"site-n-(train|val|test|temporal)",
+        rf"desc{SEP}(n|readmission_rate|mortality_rate|words_mean|words_q1|words_median|words_q3)",
+        rf"desc{SEP}(age|comorbidity|insurance|region)={_NAME}",
+        rf"drv{SEP}(age|n_comorbidities|insurance|region|words_per_note)",
+        r"drv-n",
         rf"{PREFIX}{SEP}{_NAME}{SEP}(test|temporal|val){SEP}{_NAME}{SEP}"
         r"(n|positives|auc|auc_lo|auc_hi|pr_auc|f1|brier|suppressed|not_computable)",
     )
 ]
-COUNT_KEYS = ("num-examples", "site-n-train", "site-n-val", "site-n-test", "site-n-temporal")
+COUNT_KEYS = ("num-examples", "site-n-train", "site-n-val", "site-n-test", "site-n-temporal",
+              f"desc{SEP}n", "drv-n")
 
 
 PUBLIC_REASON_PREFIX = "clinfed site error:"

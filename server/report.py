@@ -1,10 +1,13 @@
 """HTML report of a clinfed study, rebuilt from the files in RUN_DIR alone.
 
 Inputs: ``metrics.csv`` (tidy per-site metrics, with suppression status),
-``sites.csv`` (per-site sample sizes) and ``run.json`` (config, rounds,
-timings, errors). Nothing is rerun, so the report can be rebuilt and tested
-on fixture files. Output: ``report.html`` (self-contained, figures embedded
-as base64 PNG, no JS), ``figures/*.png`` and ``tables/*.csv``.
+``sites.csv`` (per-site sample sizes), ``run.json`` (config, rounds,
+timings, errors, clusters) and, through ``server.analysis.analyze`` (called
+here, so one command rebuilds everything), ``descriptors.csv`` and
+``driver_importances.csv``. Nothing is rerun, so the report can be rebuilt
+and tested on fixture files. Output: ``report.html`` (self-contained, figures
+embedded as base64 PNG, no JS), ``figures/*.png``, ``tables/*.csv``, and the
+analysis' ``drivers.csv`` and ``site_analysis.csv``.
 
 Privacy rule enforced here, not trusted upstream: a cell whose status is
 ``suppressed`` never shows a value or an n, even if the file carries one.
@@ -29,9 +32,11 @@ import numpy as np  # noqa: E402
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: E402
 import pandas as pd  # noqa: E402
 
-KNOWN_REGIMES = ["base", "global", "local", "personalized"]
-KNOWN_SPLITS = ["test", "temporal"]
-METRIC_COLUMNS = ["site", "regime", "split", "subgroup", "metric", "value", "n", "status", "note"]
+from server.analysis import (  # noqa: E402
+    GROUPINGS, KNOWN_REGIMES, KNOWN_SPLITS, METRIC_COLUMNS, analyze, gain_regimes, ordered, read_metrics,
+    read_run, read_sites, split_subgroup, subgroup_sort_key,
+)
+
 DEFAULT_MIN_CELL = 10
 
 REGIME_TEXT = {
@@ -53,8 +58,11 @@ REGIME_COLORS = {
     "global": "#1f77b4",
     "local": "#ff7f0e",
     "personalized": "#2ca02c",
+    "cluster": "#9467bd",
+    "similarity-weighted": "#8c564b",
+    "augmented": "#d62728",
 }
-EXTRA_COLORS = ["#d62728", "#9467bd", "#8c564b", "#e377c2", "#bcbd22", "#17becf", "#7f7f7f"]
+EXTRA_COLORS = ["#e377c2", "#bcbd22", "#17becf", "#7f7f7f"]
 
 CSS = """
 body{font-family:Helvetica,Arial,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222;line-height:1.45}
@@ -70,70 +78,19 @@ table.data th{background:#eef1f5} table.data td.l,table.data th.l{text-align:lef
 .supp{color:#8a6d00;font-style:italic} .nc{color:#b00;font-style:italic} .na{color:#999}
 .foot{font-size:.85em;color:#444} img{max-width:100%} .caption{font-size:.9em;color:#444}
 details{margin:.6em 0} summary{cursor:pointer;font-weight:bold}
+.wrapnote table.data td:last-child{white-space:normal;text-align:left;min-width:16em}
 """
 
 
 # --------------------------------------------------------------------------- inputs
 
-
-def _read_metrics(run_dir: Path) -> pd.DataFrame:
-    """Read metrics.csv as strings first so empty cells stay empty, then coerce numbers."""
-    path = run_dir / "metrics.csv"
-    if path.exists() and path.stat().st_size > 0:
-        df = pd.read_csv(path, dtype=str, keep_default_na=False)
-    else:
-        df = pd.DataFrame(columns=METRIC_COLUMNS)
-    for col in METRIC_COLUMNS:
-        if col not in df.columns:
-            df[col] = ""
-    for col in ["site", "regime", "split", "subgroup", "metric", "status", "note"]:
-        df[col] = df[col].astype(str).str.strip()
-    df["subgroup"] = df["subgroup"].replace("", "all")
-    df["status"] = df["status"].str.lower()
-    df["value"] = pd.to_numeric(df["value"], errors="coerce")
-    df["n"] = pd.to_numeric(df["n"], errors="coerce")
-    # Missing status: a number means ok, no number means nothing to show.
-    df.loc[(df["status"] == "") & df["value"].notna(), "status"] = "ok"
-    # Never carry a suppressed number past this point.
-    supp = df["status"] == "suppressed"
-    df.loc[supp, "value"] = np.nan
-    df.loc[supp, "n"] = np.nan
-    return df[df["site"] != ""].reset_index(drop=True)
+# One reader per file, shared with the analysis so both enforce suppression the same way.
+_read_metrics = read_metrics
+_read_run = read_run
 
 
 def _read_sites(run_dir: Path, metrics: pd.DataFrame) -> pd.DataFrame:
-    """Sites from sites.csv plus any site seen only in metrics.csv (size unknown)."""
-    path = run_dir / "sites.csv"
-    cols = ["site", "n_train", "n_val", "n_test", "n_temporal"]
-    if path.exists() and path.stat().st_size > 0:
-        df = pd.read_csv(path, dtype=str, keep_default_na=False)
-    else:
-        df = pd.DataFrame(columns=cols)
-    for col in cols:
-        if col not in df.columns:
-            df[col] = ""
-    df["site"] = df["site"].astype(str).str.strip()
-    for col in cols[1:]:
-        df[col] = pd.to_numeric(df[col], errors="coerce")
-    extra = sorted(set(metrics["site"]) - set(df["site"]))
-    if extra:
-        df = pd.concat([df, pd.DataFrame({"site": extra})], ignore_index=True)
-    df = df[df["site"] != ""].drop_duplicates("site")
-    df = df.assign(_missing=df["n_train"].isna()).sort_values(
-        ["_missing", "n_train", "site"], ascending=[True, False, True]
-    )
-    return df.drop(columns="_missing").reset_index(drop=True)
-
-
-def _read_run(run_dir: Path) -> dict:
-    path = run_dir / "run.json"
-    if not path.exists():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        return {"status": "unknown", "errors": [f"run.json could not be read: {exc}"]}
-    return data if isinstance(data, dict) else {}
+    return read_sites(run_dir, metrics)
 
 
 def _as_dict(x: Any) -> dict:
@@ -147,10 +104,7 @@ def _errors(run: dict) -> list[str]:
     return [str(e) for e in errs]
 
 
-def _ordered(values, known: list[str]) -> list[str]:
-    """Known names first in their canonical order, then the rest alphabetically."""
-    present = [v for v in dict.fromkeys(values) if v != ""]
-    return [k for k in known if k in present] + sorted(v for v in present if v not in known)
+_ordered = ordered
 
 
 # --------------------------------------------------------------------------- cells
@@ -309,9 +263,7 @@ def _human_seconds(s: Any) -> str:
     return f"{h} h {m:02d} min"
 
 
-def _gain_regimes(regimes: list[str]) -> list[str]:
-    """Regimes compared against global: all but base/global and cross-site (`x@site`) ones."""
-    return [r for r in regimes if r not in ("base", "global") and "@" not in r]
+_gain_regimes = gain_regimes
 
 
 # --------------------------------------------------------------------------- figures
@@ -597,6 +549,397 @@ def _findings(cells: Cells, sites_df, regimes, splits, gains: pd.DataFrame, run:
     return sections, pd.DataFrame(mean_rows, columns=["split", "regime", "mean AUC", "sites with AUC"])
 
 
+# --------------------------------------------------------------------------- analysis sections
+
+
+def _auc_text(v: float) -> str:
+    return _f3(v) if v is not None and np.isfinite(v) else ""
+
+
+def _pooled_cell(row) -> tuple[str, str, str]:
+    """(CSV AUC text, CSV sites text, HTML) for one pooled subgroup cell; suppressed never shows a number."""
+    if row is None:
+        return "", "", '<span class="na">—</span>'
+    n_sites, n_supp = int(row["n_sites"]), int(row["n_suppressed"])
+    if n_sites == 0 or not np.isfinite(row["auc"]):
+        if n_supp:
+            return "suppressed", "0", '<span class="supp">suppressed</span>'
+        return "", "0", '<span class="na">—</span>'
+    text = _f3(row["auc"])
+    extra = f"{n_sites} site{'s' if n_sites != 1 else ''}" + (f", {n_supp} suppressed" if n_supp else "")
+    return text, str(n_sites), f'{text} <span class="foot">({extra})</span>'
+
+
+def _subgroup_section(pooled: pd.DataFrame, by_site: pd.DataFrame, main_regimes, splits,
+                      tab_dir: Path, fig_dir: Path) -> str:
+    """Pooled AUC per subgroup × regime × split (tables per grouping) and the global-AUC figure."""
+    regimes = [r for r in main_regimes if r != "base" and r in set(pooled["regime"])]
+    sp_list = [s for s in splits if s in set(pooled["split"])]
+    cols = ["grouping", "subgroup"] + [f"{r} {sp} {x}" for r in regimes for sp in sp_list for x in ("AUC", "sites")]
+    lookup = {(r.subgroup, r.regime, r.split): r._asdict() for r in pooled.itertuples(index=False)}
+    csv_rows, blocks = [], []
+    groupings = ordered(pooled["grouping"], GROUPINGS)
+    for grouping in groupings:
+        subs = sorted(set(pooled.loc[pooled["grouping"] == grouping, "subgroup"]), key=subgroup_sort_key)
+        body = []
+        for sub in subs:
+            crow, hrow = [grouping, sub], [html.escape(split_subgroup(sub)[1] or sub)]
+            for r in regimes:
+                for sp in sp_list:
+                    a, n, h = _pooled_cell(lookup.get((sub, r, sp)))
+                    crow += [a, n]
+                    hrow.append(h)
+            csv_rows.append(crow)
+            body.append(hrow)
+        h1 = (f'<tr><th class="l" rowspan="2">{html.escape(grouping)}</th>'
+              + "".join(f'<th colspan="{len(sp_list)}">{html.escape(r)}</th>' for r in regimes) + "</tr>")
+        h2 = "<tr>" + "".join(f"<th>{html.escape(sp)}</th>" for _ in regimes for sp in sp_list) + "</tr>"
+        blocks.append(f"<h3>By {html.escape(grouping)}</h3>" + _html_table([h1, h2], body))
+    pd.DataFrame(csv_rows, columns=cols).to_csv(tab_dir / "subgroups.csv", index=False)
+    detail = by_site.copy()
+    detail["auc"] = [("suppressed" if st == "suppressed" else _auc_text(v))
+                     for v, st in zip(detail["auc"], detail["status"])]
+    detail["n"] = [("suppressed" if st == "suppressed" else (str(int(v)) if pd.notna(v) else ""))
+                   for v, st in zip(detail["n"], detail["status"])]
+    detail.to_csv(tab_dir / "subgroups_by_site.csv", index=False)
+    if pooled.empty:
+        return ("<h2>AUC by patient subgroup</h2><p>No subgroup results in metrics.csv.</p>")
+    f_sub = fig_dir / "subgroups.png"
+    _fig_subgroups(pooled, groupings, sp_list, f_sub)
+    return ("<h2>AUC by patient subgroup</h2>"
+            + _img(f_sub, "Global model AUC by patient subgroup")
+            + '<p class="caption">Global model, AUC pooled over sites (n-weighted mean of the sites\' released '
+            "cells) per subgroup band, random test vs temporal split. supp. = every site's cell was suppressed.</p>"
+            + '<p class="caption">Each cell: AUC pooled over sites as the n-weighted mean of the non-suppressed '
+            "site cells, with the number of sites contributing (and of sites whose cell was suppressed). "
+            "Per-site cells: tables/subgroups_by_site.csv.</p>" + "".join(blocks))
+
+
+def _fig_subgroups(pooled: pd.DataFrame, groupings, splits, path: Path) -> None:
+    g = pooled[pooled["regime"] == "global"]
+    n = max(1, len(groupings))
+    fig, axes = plt.subplots(1, n, figsize=(max(8.0, 3.0 * n), 3.8), squeeze=False, sharey=True)
+    split_colors = {"test": "#1f77b4", "temporal": "#ff7f0e"}
+    for ax, grouping in zip(axes[0, :], groupings):
+        subs = sorted(set(g.loc[g["grouping"] == grouping, "subgroup"]), key=subgroup_sort_key)
+        x = np.arange(len(subs))
+        w = 0.8 / max(1, len(splits))
+        for j, sp in enumerate(splits):
+            for i, sub in enumerate(subs):
+                d = g[(g["subgroup"] == sub) & (g["split"] == sp)]
+                pos = x[i] - 0.4 + w * (j + 0.5)
+                if len(d) and np.isfinite(d["auc"].iloc[0]):
+                    ax.bar(pos, d["auc"].iloc[0], w, color=split_colors.get(sp, "#777"))
+                elif len(d) and d["n_suppressed"].iloc[0] > 0:
+                    ax.text(pos, 0.03, "supp.", rotation=90, ha="center", va="bottom", fontsize=7, color="#8a6d00")
+            ax.bar([np.nan], [np.nan], color=split_colors.get(sp, "#777"), label=SPLIT_SHORT.get(sp, sp))
+        ax.axhline(0.5, ls="--", color="#555", lw=1)
+        ax.set_xticks(x)
+        ax.set_xticklabels([split_subgroup(s)[1] or s for s in subs], rotation=45, ha="right", fontsize=8)
+        ax.set_title(grouping, fontsize=10)
+        ax.set_ylim(0, 1.05)
+    axes[0, 0].set_ylabel("global model ROC AUC (pooled)")
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=8, loc="upper right", ncol=len(labels), frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 0.93))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _origin_key(r: str, site_order: list[str]) -> tuple:
+    if "@" not in r:
+        fixed = ["global", "cluster", "similarity-weighted"]
+        return (0, fixed.index(r) if r in fixed else len(fixed), r)
+    model, where = r.split("@", 1)
+    return (1, model, site_order.index(where) if where in site_order else len(site_order), where)
+
+
+def _cross_site(metrics: pd.DataFrame, sites: list[str], splits, fig_dir: Path, tab_dir: Path,
+                config: dict) -> str:
+    """Adapter origin × evaluation site AUC matrix (one panel per split), CSV + heatmap."""
+    cells = Cells(metrics)
+    present = set(metrics["regime"])
+    origins = [r for r in present if r in ("global", "cluster") or "@" in r]
+    origins = sorted(origins, key=lambda r: _origin_key(r, sites))
+    sp_list = [s for s in splits if s in ("test", "temporal")] or ["test"]
+    rows = []
+    for sp in sp_list:
+        for o in origins:
+            rows.append([sp, o] + [_fmt_cell(cells, Notes(), s, o, sp, "auc")[0] for s in sites])
+    pd.DataFrame(rows, columns=["split", "adapter"] + sites).to_csv(tab_dir / "cross_site.csv", index=False)
+    shared = any("@" in o for o in origins)
+    if shared:
+        note = ("Rows: where the adapter comes from (<em>local@hXX</em> = site hXX's local adapter, shared under "
+                "the study's policy); columns: the site whose patients it was evaluated on. The cell at its own "
+                "site is the local regime there.")
+    else:
+        flag = str(config.get("share-local-adapters", "")).lower()
+        why = ("sharing was enabled but no cross-site results were returned" if flag in ("true", "1", "yes")
+               else "local adapters were not shared by policy, so only adapters every site already holds appear")
+        note = f"No cross-site evaluations: {html.escape(why)}."
+    if not origins:
+        return f"<h2>Cross-site matrix</h2><p>{note}</p>"
+    f_cs = fig_dir / "cross_site.png"
+    _fig_cross_site(cells, origins, sites, sp_list, f_cs)
+    return ("<h2>Cross-site matrix</h2>" + _img(f_cs, "AUC of each adapter at each site")
+            + f'<p class="caption">{note} Hatched: suppressed (fewer than k patients or positives); blank: not '
+            "evaluated or not computable. Table: tables/cross_site.csv.</p>")
+
+
+def _fig_cross_site(cells: Cells, origins, sites, splits, path: Path) -> None:
+    fig, axes = plt.subplots(1, len(splits), figsize=(max(5.0, 0.8 * len(sites) + 2.5) * len(splits),
+                                                      max(2.5, 0.45 * len(origins) + 1.5)), squeeze=False)
+    vals = [cells.value(s, o, sp, "auc") for sp in splits for o in origins for s in sites]
+    vals = [v for v in vals if np.isfinite(v)]
+    lo, hi = (min(min(vals), 0.5), max(max(vals), 0.5)) if vals else (0.4, 0.9)
+    im = None
+    for ax, sp in zip(axes[0, :], splits):
+        mat = np.array([[cells.value(s, o, sp, "auc") for s in sites] for o in origins], float)
+        im = ax.imshow(np.ma.masked_invalid(mat), cmap="RdYlGn", vmin=lo, vmax=hi, aspect="auto")
+        for i, o in enumerate(origins):
+            for j, s in enumerate(sites):
+                st = cells.state(s, o, sp, "auc")
+                if st == "ok":
+                    ax.text(j, i, f"{mat[i, j]:.2f}", ha="center", va="center", fontsize=7)
+                elif st == "suppressed":
+                    ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, hatch="///",
+                                               edgecolor="#8a6d00", lw=0))
+                    ax.text(j, i, "supp.", ha="center", va="center", fontsize=6, color="#8a6d00")
+                elif st == "not_computable":
+                    ax.text(j, i, "n/c", ha="center", va="center", fontsize=6, color="#b00")
+        ax.set_xticks(range(len(sites)))
+        ax.set_xticklabels(sites, rotation=45, ha="right", fontsize=8)
+        ax.set_yticks(range(len(origins)))
+        ax.set_yticklabels(origins, fontsize=8)
+        ax.set_xlabel("evaluated at site")
+        ax.set_title(f"AUC — {SPLIT_SHORT.get(sp, sp)}", fontsize=10)
+    axes[0, 0].set_ylabel("adapter (origin)")
+    if im is not None:
+        fig.colorbar(im, ax=axes[0, :].tolist(), shrink=0.8, label="ROC AUC")
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def _fig_drivers(patient: pd.DataFrame, per_site: pd.DataFrame, path: Path) -> None:
+    d = patient[patient["importance"].notna()].sort_values("importance")
+    fig, ax = plt.subplots(figsize=(7.0, max(2.2, 0.45 * len(d) + 1.2)))
+    y = np.arange(len(d))
+    ax.barh(y, d["importance"], color="#1f77b4", label="n-weighted mean over sites")
+    if len(per_site):
+        for i, drv in enumerate(d["driver"]):
+            ps = per_site[(per_site["driver"] == drv) & per_site["importance"].notna()]
+            if len(ps):
+                sizes = 12 + 60 * ps["n"].fillna(0) / max(1.0, float(per_site["n"].max()))
+                ax.scatter(ps["importance"], np.full(len(ps), i), s=sizes, color="#ff7f0e", zorder=3,
+                           label="one site (size ∝ n)" if i == 0 else None)
+    ax.axvline(0, color="#555", lw=1)
+    ax.set_yticks(y)
+    ax.set_yticklabels(d["driver"])
+    ax.set_xlabel("drop in ROC AUC of the error classifier when the feature is permuted")
+    ax.set_title("Patient features driving the global model's errors", fontsize=10)
+    if len(d):
+        ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _drivers_section(summary: dict, run_dir: Path, fig_dir: Path, tab_dir: Path) -> str:
+    """Patient-level ranking (+figure), site-level Spearman table and the regression table."""
+    from server.analysis import read_driver_importances
+
+    drivers = summary["tables"]["drivers"]
+    reg = summary["tables"]["site_analysis"]
+    patient = drivers[drivers["level"] == "patient"]
+    site = drivers[drivers["level"] == "site"]
+    out = ["<h2>Drivers</h2>"]
+
+    pt = pd.DataFrame({
+        "rank": [str(int(v)) if pd.notna(v) else "" for v in patient["rank"]],
+        "patient feature": patient["driver"],
+        "importance (n-weighted)": [_sig(v) for v in patient["importance"]],
+        "unweighted mean": [_sig(v) for v in patient["importance_unweighted"]],
+        "instances": [str(int(v)) if pd.notna(v) else "" for v in patient["n"]],
+        "sites": patient["n_sites"].astype(str),
+    })
+    pt.to_csv(tab_dir / "drivers_patient.csv", index=False)
+    out.append("<h3>Patient level</h3>")
+    if len(patient):
+        f_drv = fig_dir / "drivers.png"
+        _fig_drivers(patient, read_driver_importances(run_dir), f_drv)
+        out.append(_simple_table(pt) + _img(f_drv, "Patient-level drivers")
+                   + '<p class="caption">At each site, a classifier learns to predict where the global model is '
+                   "wrong (per instance, on the site's test split); each feature group is permuted and the drop in "
+                   "that classifier's ROC AUC is its importance (can be slightly negative: no signal). Only the "
+                   "importances leave the site; they are combined here as a mean weighted by the instances each "
+                   "site used. Rank 1 = most important.</p>")
+    else:
+        out.append("<p>No site returned driver importances (driver_importances.csv absent or empty).</p>")
+
+    out.append("<h3>Site level</h3>")
+    wanted = [t for t in ("gain:local", "global_gap") if t in set(site["target"])]
+    if wanted:
+        cols = [(t, sp) for t in wanted for sp in ordered(site.loc[site["target"] == t, "split"], KNOWN_SPLITS)]
+        lookup = {(r.target, r.split, r.driver): r for r in site.itertuples(index=False)}
+        descs = list(dict.fromkeys(site["driver"]))
+        first = cols[0]
+        descs.sort(key=lambda d: -abs(lookup[(*first, d)].importance) if (*first, d) in lookup
+                   and np.isfinite(lookup[(*first, d)].importance) else 0.0)
+        rows = []
+        for d in descs:
+            row = [d]
+            for t, sp in cols:
+                r = lookup.get((t, sp, d))
+                row.append("" if r is None or not np.isfinite(r.importance)
+                           else f"{r.importance:+.2f} (n={int(r.n_sites)})")
+            rows.append(row)
+        st = pd.DataFrame(rows, columns=["descriptor"] + [f"rho {t} {sp}" for t, sp in cols])
+        st.to_csv(tab_dir / "drivers_site.csv", index=False)
+        skipped = sorted({r.note for r in site.itertuples(index=False) if r.note})
+        out.append(_simple_table(st)
+                   + '<p class="caption">Spearman ρ across sites between a site descriptor (computed at the '
+                   "site; n_train from sites.csv) and: <em>gain:local</em> = AUC(local) − AUC(global) at the site; "
+                   "<em>global_gap</em> = AUC(global at the site) − the n-weighted mean of the sites' global AUC "
+                   "(a proxy for the pooled AUC, which would need patient-level scores). Sorted by |ρ| in the first "
+                   "column; empty = not computed"
+                   + (": " + html.escape("; ".join(skipped)) if skipped else "")
+                   + ". Descriptive: few sites, no test.</p>")
+    else:
+        pd.DataFrame(columns=["descriptor"]).to_csv(tab_dir / "drivers_site.csv", index=False)
+        out.append("<p>No site-level gains to relate to site descriptors.</p>")
+
+    rt = reg.copy()
+    rt["coef"] = [_sig(v) for v in rt["coef"]]
+    rt["r2"] = [f"{v:.2f}" if pd.notna(v) else "" for v in rt["r2"]]
+    rt.to_csv(tab_dir / "site_regression.csv", index=False)
+    if len(rt):
+        # One row per target × split: the long form (one row per term) is in the CSV.
+        compact = pd.DataFrame([{
+            "target": t, "split": sp, "sites": str(d["n_sites"].iloc[0]), "R²": d["r2"].iloc[0],
+            "standardized coefficients": "; ".join(f"{a} {b}" for a, b in zip(d["term"], d["coef"]) if a),
+            "note": d["note"].iloc[0]} for (t, sp), d in rt.groupby(["target", "split"], sort=False)])
+        out.append("<h4>Regression of the gain on site descriptors</h4>"
+                   + f'<div class="wrapnote">{_simple_table(compact, left_cols=2)}</div>'
+                   + '<p class="caption">Ordinary least squares per target and split: intercept + standardized '
+                   "(z) log10 n_train and the two descriptors with the largest |ρ| for that target (skipping "
+                   "near-copies, |r| > 0.95, of a term already chosen), fewer when "
+                   "there are too few sites (at least one residual degree of freedom is kept). With this few "
+                   "sites R² is near 1 by construction: read the signs, not the fit.</p>")
+    return "".join(out)
+
+
+def _sig(v) -> str:
+    return f"{v:.4f}" if v is not None and pd.notna(v) and np.isfinite(v) else ""
+
+
+def _clusters_section(summary: dict, tab_dir: Path) -> str:
+    cl = summary.get("clusters")
+    if not cl:
+        return ""
+    assign = _as_dict(cl.get("assignment"))
+    df = pd.DataFrame([{"site": str(s), "cluster": str(c)} for s, c in assign.items()], columns=["site", "cluster"])
+    df.to_csv(tab_dir / "clusters.csv", index=False)
+    groups = df.groupby("cluster", sort=True)["site"].apply(lambda x: ", ".join(x)).reset_index()
+    groups.columns = ["cluster", "sites"]
+    feats = cl.get("features") or []
+    feats = [str(f) for f in feats] if isinstance(feats, list) else [str(feats)]
+    return ("<h2>Clusters</h2>"
+            f"<p>Sites were grouped into k = {html.escape(str(cl.get('k', '?')))} clusters by "
+            f"<strong>{html.escape(str(cl.get('method', '?')))}</strong>, using: "
+            f"{html.escape(', '.join(feats)) or 'not recorded'}. The <em>cluster</em> regime aggregates only "
+            "within a site's cluster.</p>" + _simple_table(groups))
+
+
+def _analysis_findings(summary: dict, main_regimes, config: dict) -> list[tuple[str, list[str]]]:
+    """Findings from the analysis summary; every sentence is filled from computed numbers."""
+    esc = html.escape
+    sections = []
+    worst_items = []
+    for split in [s for s in ("temporal", "test") if s in summary["worst"]] + \
+            [s for s in summary["worst"] if s not in ("temporal", "test")]:
+        w = summary["worst"][split]
+        where = SPLIT_SHORT.get(split, split).capitalize()
+        ws = w.get("site")
+        if ws:
+            msg = f"{where}: the global model serves site <strong>{esc(ws['site'])}</strong> worst (AUC {_f3(ws['auc'])})"
+            msg += _helps_text(ws["best_regime"], ws["gain"], None) + "."
+            worst_items.append(msg)
+        wg = w.get("subgroup")
+        if wg:
+            msg = (f"{where}: pooled over sites, the subgroup served worst is <strong>{esc(wg['subgroup'])}</strong> "
+                   f"(AUC {_f3(wg['auc'])}, n-weighted over {wg['n_sites']} site{'s' if wg['n_sites'] != 1 else ''})")
+            msg += _helps_text(wg["best_regime"], wg["gain"], wg["gain_n_sites"]) + "."
+            others = [f"{esc(v['subgroup'])} {_f3(v['auc'])}" for v in w["by_grouping"].values()]
+            if len(others) > 1:
+                msg += " Lowest band in each grouping: " + "; ".join(others) + "."
+            worst_items.append(msg)
+    if worst_items:
+        sections.append(("Who the global model serves worst", worst_items))
+
+    flip_items = []
+    for f in summary["sign_flips"]:
+        r = esc(f["regime"])
+        if f["mean_flips"]:
+            verb = ("helps on the random test but hurts on the temporal test"
+                    if f["mean_gain_test"] > 0 else "hurts on the random test but helps on the temporal test")
+            flip_items.append(f"<strong>{r}</strong> {verb}: mean gain over global {f['mean_gain_test']:+.3f} "
+                              f"({f['n_sites_test']} sites) vs {f['mean_gain_temporal']:+.3f} "
+                              f"({f['n_sites_temporal']} sites).")
+        if f["sites_helps_test_hurts_temporal"]:
+            flip_items.append(f"{r} helps on the random test but hurts on the temporal test at "
+                              f"{esc(', '.join(f['sites_helps_test_hurts_temporal']))}.")
+    if any(r in main_regimes for r in gain_regimes(main_regimes)) and summary["splits"] and \
+            {"test", "temporal"} <= set(summary["splits"]):
+        if not flip_items:
+            flip_items.append("No regime's gain over global changes sign between the random and the temporal test.")
+        sections.append(("Random vs temporal test", flip_items))
+
+    drv = []
+    top = summary["top_drivers"]
+    if top:
+        n_sites = max(t["n_sites"] for t in top)
+        drv.append("Patient features that most drive the global model's errors (permutation importance of a "
+                   f"per-instance error classifier, n-weighted over {n_sites} site{'s' if n_sites != 1 else ''}): "
+                   + ", ".join(f"{t['rank']}. <strong>{esc(t['driver'])}</strong> ({t['importance']:.3f})"
+                               for t in top[:3]) + ".")
+    loc = [g for g in summary["gain_vs_n_train"] if g["regime"] == "local"]
+    ok = [g for g in loc if np.isfinite(g["rho"])]
+    if ok:
+        parts = [f"ρ = <strong>{g['rho']:+.2f}</strong> on the {SPLIT_SHORT.get(g['split'], g['split'])} "
+                 f"({g['n_sites']} sites)" for g in ok]
+        if all(g["rho"] < 0 for g in ok):
+            verdict = "local gains are largest at the smallest sites"
+        elif all(g["rho"] > 0 for g in ok):
+            verdict = "local gains are largest at the largest sites, not the smallest"
+        else:
+            verdict = "no consistent relation between local gain and site size"
+        drv.append(f"Local − global gain vs training size (Spearman): {'; '.join(parts)}: {verdict}.")
+    elif loc:
+        drv.append("Local gain vs site size: " + esc(loc[0]["note"] or "not computable") + ".")
+    if drv:
+        sections.append(("Drivers", drv))
+
+    if "augmented" in main_regimes:
+        k = config.get("augment-k")
+        space = config.get("augment-space")
+        how = ""
+        if k not in (None, "") or space not in (None, ""):
+            how = f" (augment-k = {esc(str(k))}, augment-space = {esc(str(space))})"
+        sections.append(("Simulation-only regime", [
+            f"<strong>augmented</strong> moved training instances between sites{how}: possible only in simulation, "
+            "where all data are synthetic. A deployment would not allow records to leave a site."]))
+    return sections
+
+
+def _helps_text(best, gain, n_sites) -> str:
+    if not best or not np.isfinite(gain):
+        return ""
+    over = f", n-weighted over {n_sites} site{'s' if n_sites != 1 else ''}" if n_sites else ""
+    if gain > 0:
+        return f"; <strong>{html.escape(best)}</strong> helps most there ({gain:+.3f} AUC{over})"
+    return f"; no regime beats global there (best: {html.escape(best)}, {gain:+.3f}{over})"
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -631,12 +974,15 @@ def build_report(run_dir) -> Path:
     except (TypeError, ValueError):
         k = DEFAULT_MIN_CELL
 
-    regimes = _ordered(metrics["regime"], KNOWN_REGIMES)
+    all_regimes = _ordered(metrics["regime"], KNOWN_REGIMES)
+    # Cross-site (`x@site`) evaluations live in their own matrix, not in per-site comparisons.
+    regimes = [r for r in all_regimes if "@" not in r]
     splits = _ordered(metrics["split"], KNOWN_SPLITS)
     sites = list(sites_df["site"])
     cells = Cells(metrics)
     notes = Notes()
     gains = _gains(cells, sites_df, regimes, splits)
+    summary = analyze(run_dir)  # writes drivers.csv and site_analysis.csv: the report rebuilds everything
 
     # Figures.
     f_auc, f_gain = fig_dir / "auc_by_regime.png", fig_dir / "gain_vs_size.png"
@@ -645,7 +991,15 @@ def build_report(run_dir) -> Path:
 
     # Tables.
     findings, mean_auc = _findings(cells, sites_df, regimes, splits, gains, run, k, metrics)
+    extra = _analysis_findings(summary, regimes, config)
+    cut = next((i for i, (head, _) in enumerate(findings) if head == "Completeness"), len(findings))
+    findings = findings[:cut] + extra + findings[cut:]
     overview_df, overview_html = _overview(cells, notes, sites_df, regimes, splits)
+    subgroup_html = _subgroup_section(summary["tables"]["subgroups"], summary["tables"]["subgroups_by_site"],
+                                      regimes, splits, tab_dir, fig_dir)
+    cross_html = _cross_site(metrics, sites, splits, fig_dir, tab_dir, config)
+    drivers_html = _drivers_section(summary, run_dir, fig_dir, tab_dir)
+    clusters_html = _clusters_section(summary, tab_dir)
     training_df = _training(run)
     timings_df = pd.DataFrame([{"phase": str(p), "wall time": _human_seconds(s), "seconds": s}
                                for p, s in timings.items()], columns=["phase", "wall time", "seconds"])
@@ -695,7 +1049,7 @@ def build_report(run_dir) -> Path:
 
     regime_items = "".join(
         f"<li><strong>{esc(r)}</strong>: {esc(REGIME_TEXT.get(r, _unknown_regime_text(r)))}</li>"
-        for r in list(dict.fromkeys(KNOWN_REGIMES + regimes)))
+        for r in list(dict.fromkeys(KNOWN_REGIMES + all_regimes)))
     parts.append(
         '<h2>How to read this</h2><div class="howto">'
         "<p>Each hospital (site) evaluates every model on its own held-out patients; only aggregate numbers leave "
@@ -723,18 +1077,19 @@ def build_report(run_dir) -> Path:
                  + '<p class="caption">Bars: AUC; whiskers: 95 % bootstrap CI; dashed line: chance (0.5). Sites '
                  "sorted by training size, largest first. Suppressed (supp.) and not-computable (n/c) cells have "
                  "no bar.</p>")
-    parts.append("<h2>Gain over global vs site size</h2>" + _img(f_gain, "Gain over global vs site size")
-                 + '<p class="caption">Each point is one site: AUC of the regime minus AUC of the global model on '
-                 "the same patients. Above 0: the regime beats the global model there. Sites without both AUCs or "
-                 "without a known training size are not shown.</p>")
-
     parts.append("<h2>Results by site</h2>" + (overview_html if len(overview_df) else "<p>No results.</p>"))
     if notes.items:
         parts.append('<ol class="foot">' + "".join(f"<li>n/c: {esc(n)}</li>" for n in notes.items) + "</ol>")
-    other_sub = sorted(set(metrics["subgroup"]) - {"all"})
-    if other_sub:
-        parts.append(f'<p class="foot">Subgroup results present in metrics.csv but not shown here: '
-                     f"{esc(', '.join(other_sub))}.</p>")
+    parts.append(subgroup_html)
+    parts.append(cross_html)
+    parts.append("<h2>Gain over global vs site size</h2>" + _img(f_gain, "Gain over global vs site size")
+                 + '<p class="caption">Each point is one site: AUC of the regime minus AUC of the global model on '
+                 "the same patients, for every regime other than base. Above 0: the regime beats the global model "
+                 "there. Sites without both AUCs or without a known training size are not shown.</p>")
+    parts.append(drivers_html)
+    parts.append(clusters_html)
+    if summary["notes"]:
+        parts.append('<p class="foot">Analysis inputs: ' + esc(" ".join(summary["notes"])) + "</p>")
 
     parts.append("<h2>Training</h2>" + (_simple_table(training_df) if len(training_df)
                                          else "<p>No federated rounds were recorded.</p>"))
@@ -754,7 +1109,7 @@ def build_report(run_dir) -> Path:
 def _unknown_regime_text(r: str) -> str:
     if "@" in r:
         model, where = r.split("@", 1)
-        return f"the {model} adapter of site {where}, evaluated at this site (cross-site check)"
+        return f"the {model} adapter of {where}, evaluated at this site (cross-site check)"
     return "a regime without a built-in description (see the run configuration)"
 
 

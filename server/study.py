@@ -28,11 +28,13 @@ import pandas as pd
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp.strategy import FedAvg
 
+from common.config import regimes
 from common.metrics import cell_rows
 from common.models import save_adapter, state_hash, state_nbytes
 
 log = logging.getLogger("clinfed.server")
 
+SITE_HELD = ("local", "personalized", "similarity-weighted", "augmented")
 METRIC_COLUMNS = ["site", "regime", "split", "subgroup", "metric", "value", "n", "status", "note"]
 
 
@@ -87,6 +89,11 @@ class Study:
             "status": "running", "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "config": cfg, "model": cfg["model"], "seed": cfg["seed"], "versions": versions(),
         }
+        self.regimes = regimes(cfg)
+        self.descriptors: dict[str, dict[str, float]] = {}
+        self.last_states: dict[str, dict[str, dict]] = {"global": {}, "cluster": {}}
+        self.shared_local: dict[str, ArrayRecord] = {}
+        self.driver_rows: list[dict] = []
         self.steps_total = cfg["num-server-rounds"] + 2
         self.steps_done = 0
 
@@ -154,6 +161,7 @@ class Study:
             by_node[rep.metadata.src_node_id] = name
             counts = dict(rep.content["metrics"])
             self.site_counts[name] = {s: counts.get(f"site-n-{s}") for s in ("train", "val", "test", "temporal")}
+            self.descriptors[name] = {k[5:]: float(v) for k, v in counts.items() if k.startswith("desc/")}
         names = list(by_node.values())
         dup = {n for n in names if names.count(n) > 1}
         if dup:
@@ -165,59 +173,171 @@ class Study:
         _say(f"{len(self.sites)} sites: " + ", ".join(
             f"{n} (train {self.site_counts[n]['train'] or '<k'})" for n in self.sites.values()))
 
-    def federated_rounds(self, lm, strategy) -> ArrayRecord:
-        arrays = ArrayRecord({k: Array(v) for k, v in lm.init_state.items()})
-        nodes = list(self.sites)
+    def federated_rounds(self, lm, groups: dict[str, list[int]], phase: str) -> dict[str, ArrayRecord]:
+        """R rounds of FedAvg within each group of sites (one group = the global adapter).
+
+        Groups train side by side in the same rounds; each has its own Flower
+        FedAvg instance. Each round's adapter is saved in PEFT format.
+        """
+        init = ArrayRecord({k: Array(v) for k, v in lm.init_state.items()})
+        arrays = {g: init for g in groups}
+        strategies = {g: FedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=len(n),
+                                min_available_nodes=len(n), min_evaluate_nodes=0) for g, n in groups.items()}
+        group_of = {node: g for g, nodes in groups.items() for node in nodes}
         R = int(self.cfg["num-server-rounds"])
         for rnd in range(1, R + 1):
             t = time.time()
-            msgs = list(strategy.configure_train(rnd, arrays, self._config(), self.grid))
-            msgs = [m for m in msgs if m.metadata.dst_node_id in self.sites]
-            sent = _arrays_bytes(arrays) * len(msgs)
+            msgs = [Message(RecordDict({"arrays": arrays[group_of[node]], "config": self._config(**{"server-round": rnd})}),
+                            dst_node_id=node, message_type="train") for node in sorted(group_of)]
+            sent = sum(_arrays_bytes(arrays[group_of[n]]) for n in group_of)
             replies = list(self.grid.send_and_receive(msgs, timeout=float(self.cfg["round-timeout"])))
-            ok = self._collect([m.metadata.dst_node_id for m in msgs], replies, f"round {rnd}")
-            if len(ok) < int(self.cfg["min-sites"]):
-                raise StudyError(f"round {rnd}: {len(ok)} site(s) answered, fewer than min-sites="
-                                 f"{self.cfg['min-sites']}")
-            new_arrays, _ = strategy.aggregate_train(rnd, list(ok.values()))
-            if new_arrays is None:
-                raise StudyError(f"round {rnd}: aggregation produced no adapter")
-            arrays = new_arrays
-            state = {k: v.numpy() for k, v in arrays.items()}
-            folder = save_adapter(lm.model, state, self.run_dir / "adapters" / "global" / f"round-{rnd:03d}",
-                                  meta={"regime": "global", "round": rnd, "base_model": lm.identity,
-                                        "sites": list(ok)})
+            label = f"{phase} round {rnd}"
+            ok = self._collect(sorted(group_of), replies, label)
+            if len(ok) < min(int(self.cfg["min-sites"]), len(group_of)):
+                raise StudyError(f"{label}: {len(ok)} site(s) answered, fewer than min-sites={self.cfg['min-sites']}")
+            for g, nodes in groups.items():
+                names = [self.sites[n] for n in nodes]
+                g_ok = [rep for site, rep in ok.items() if site in names]
+                if not g_ok:
+                    continue  # nobody in this group answered: its adapter stays as it was
+                new, _ = strategies[g].aggregate_train(rnd, g_ok)
+                if new is None:
+                    raise StudyError(f"{label}: aggregation of group {g} produced no adapter")
+                arrays[g] = new
+                folder = self.run_dir / "adapters" / g / f"round-{rnd:03d}"
+                save_adapter(lm.model, {k: v.numpy() for k, v in new.items()}, folder,
+                             meta={"regime": phase, "group": g, "round": rnd, "base_model": lm.identity,
+                                   "sites": [s for s in names if s in ok]})
+            for site, rep in ok.items():
+                self.last_states[phase][site] = {k: v.numpy() for k, v in rep.content["arrays"].items()}
             received = sum(_arrays_bytes(r.content["arrays"]) for r in ok.values())
             losses = {s: float(r.content["metrics"]["train-loss"]) for s, r in ok.items()}
             self.rounds.append({
-                "round": rnd, "sites": list(ok), "failures": self.phase_failures[f"round {rnd}"],
+                "phase": phase, "round": rnd, "sites": list(ok), "failures": self.phase_failures[label],
                 "bytes_sent": sent, "bytes_received": received, "train_loss": losses,
-                "seconds": round(time.time() - t, 2), "adapter": str(folder.relative_to(self.run_dir)),
-                "adapter_hash": state_hash(state),
+                "seconds": round(time.time() - t, 2),
+                "adapter_hash": {g: state_hash({k: v.numpy() for k, v in a.items()}) for g, a in arrays.items()},
             })
             self.steps_done += 1
-            _say(f"round {rnd}/{R} {_bar(self.steps_done, self.steps_total)} {len(ok)} sites, "
+            _say(f"{label}/{R} {_bar(self.steps_done, self.steps_total)} {len(ok)} sites, "
                  f"mean loss {np.mean(list(losses.values())):.3f}, {time.time() - t:.0f}s")
             self.write_run()
-        final = self.run_dir / "adapters" / "global" / "final"
-        save_adapter(lm.model, {k: v.numpy() for k, v in arrays.items()}, final,
-                     meta={"regime": "global", "round": R, "base_model": lm.identity})
+        for g, a in arrays.items():
+            save_adapter(lm.model, {k: v.numpy() for k, v in a.items()}, self.run_dir / "adapters" / g / "final",
+                         meta={"regime": phase, "group": g, "round": R, "base_model": lm.identity})
         return arrays
 
-    def personalize(self, arrays: ArrayRecord):
-        replies = self._send(list(self.sites), "train.personalize", arrays, "personalize")
-        self.steps_done += 1
-        _say(f"local and personalized adapters trained at {len(replies)} sites "
-             f"{_bar(self.steps_done, self.steps_total)}")
-        return replies
+    # ------------------------------------------------------- site similarity
+    def descriptor_matrix(self) -> tuple[list[str], np.ndarray, list[str]]:
+        """Standardized site descriptors (size excluded: similarity is about case mix)."""
+        names = list(self.sites.values())
+        feats = sorted({k for s in names for k in self.descriptors.get(s, {}) if k != "n"})
+        X = np.array([[self.descriptors.get(s, {}).get(f, np.nan) for f in feats] for s in names], dtype=float)
+        if X.size == 0:
+            return names, np.zeros((len(names), 0)), []
+        col_mean = np.nanmean(np.where(np.isnan(X), np.nan, X), axis=0)
+        X = np.where(np.isnan(X), np.nan_to_num(col_mean), X)
+        sd = X.std(axis=0)
+        keep = sd > 1e-12
+        X = (X[:, keep] - X[:, keep].mean(axis=0)) / sd[keep]
+        return names, X, [f for f, k in zip(feats, keep) if k]
 
-    def evaluate(self, arrays: ArrayRecord):
-        replies = self._send(list(self.sites), "evaluate", arrays, "evaluate")
-        for site, rep in replies.items():
-            self.rows.extend(cell_rows(site, dict(rep.content["metrics"])))
+    def make_clusters(self) -> dict[str, list[int]] | None:
+        from sklearn.cluster import KMeans
+
+        names, X, feats = self.descriptor_matrix()
+        k = int(self.cfg["clusters"])
+        if not 2 <= k < len(names) or X.shape[1] == 0:
+            self.errors.append(f"cluster regime skipped: needs 2 <= clusters < sites (clusters={k}, sites={len(names)})")
+            return None
+        labels = KMeans(n_clusters=k, n_init=10, random_state=int(self.cfg["seed"])).fit_predict(X)
+        assignment = {s: f"c{int(c)}" for s, c in zip(names, labels)}
+        self.run["clusters"] = {"method": "kmeans on standardized site descriptors", "k": k,
+                                "features": feats, "assignment": assignment}
+        node_of = {v: n for n, v in self.sites.items()}
+        groups: dict[str, list[int]] = {}
+        for s, c in assignment.items():
+            groups.setdefault(f"cluster-{c}", []).append(node_of[s])
+        _say("clusters: " + "; ".join(f"{g}: {', '.join(self.sites[n] for n in ns)}" for g, ns in sorted(groups.items())))
+        return groups
+
+    def similarity_starts(self) -> dict[str, dict[str, np.ndarray]]:
+        """Per site, the other sites' last-round adapters averaged with weights that
+        fall with descriptor distance (exp(-d / median d)). Moves no record: it reuses
+        adapters the sites already sent in the global rounds."""
+        names, X, _ = self.descriptor_matrix()
+        states = self.last_states["global"]
+        starts, weights = {}, {}
+        D = np.sqrt(((X[:, None, :] - X[None, :, :]) ** 2).sum(-1)) if X.size else np.zeros((len(names),) * 2)
+        off = D[~np.eye(len(names), dtype=bool)]
+        tau = float(np.median(off)) if off.size and np.median(off) > 0 else 1.0
+        for i, s in enumerate(names):
+            others = [(j, o) for j, o in enumerate(names) if o != s and o in states]
+            if not others:
+                continue
+            w = np.array([np.exp(-D[i, j] / tau) for j, _ in others])
+            w = w / w.sum()
+            weights[s] = {o: round(float(x), 4) for (_, o), x in zip(others, w)}
+            keys = states[others[0][1]].keys()
+            starts[s] = {k: sum(wi * states[o][k] for wi, (_, o) in zip(w, others)).astype(np.float32) for k in keys}
+        self.run["similarity_weights"] = weights
+        return starts
+
+    # --------------------------------------------------------------- phases
+    def personalize(self, global_arrays: ArrayRecord):
+        starts = self.similarity_starts() if "similarity-weighted" in self.regimes else {}
+        msgs = []
+        for node, site in self.sites.items():
+            content = RecordDict({"global": global_arrays, "config": self._config()})
+            if site in starts:
+                content["simw"] = ArrayRecord({k: Array(v) for k, v in starts[site].items()})
+            msgs.append(Message(content, dst_node_id=node, message_type="train.personalize"))
+        replies = list(self.grid.send_and_receive(msgs, timeout=float(self.cfg["round-timeout"])))
+        ok = self._collect(list(self.sites), replies, "personalize")
+        for site, rep in ok.items():
+            if "arrays" in rep.content.array_records:
+                self.shared_local[site] = rep.content["arrays"]
         self.steps_done += 1
-        _say(f"evaluation: {len(replies)} sites reported {_bar(self.steps_done, self.steps_total)}")
-        if not replies:
+        _say(f"site-held adapters ({', '.join(r for r in self.regimes if r in SITE_HELD)}) trained at "
+             f"{len(ok)} sites {_bar(self.steps_done, self.steps_total)}")
+
+    def evaluate(self, global_arrays: ArrayRecord, clusters: dict[str, ArrayRecord]):
+        assignment = (self.run.get("clusters") or {}).get("assignment", {})
+        msgs = []
+        for node, site in self.sites.items():
+            content = RecordDict({"global": global_arrays, "config": self._config()})
+            if assignment.get(site) and f"cluster-{assignment[site]}" in clusters:
+                content["cluster"] = clusters[f"cluster-{assignment[site]}"]
+            # the site's own cluster and local adapters are already scored as `cluster` and `local`
+            for g, arr in clusters.items():
+                if g != f"cluster-{assignment.get(site)}":
+                    content[f"x.cluster@{g.removeprefix('cluster-')}"] = arr
+            for origin, arr in self.shared_local.items():
+                if origin != site:
+                    content[f"x.local@{origin}"] = arr
+            msgs.append(Message(content, dst_node_id=node, message_type="evaluate"))
+        replies = list(self.grid.send_and_receive(msgs, timeout=float(self.cfg["round-timeout"])))
+        ok = self._collect(list(self.sites), replies, "evaluate")
+        for site, rep in ok.items():
+            m = dict(rep.content["metrics"])
+            rows = cell_rows(site, m)
+            self.rows.extend(rows)
+            # diagonal of the cross-site matrix: the site's own local / cluster adapter
+            alias = {}
+            if site in self.shared_local:
+                alias["local"] = f"local@{site}"
+            if assignment.get(site) and clusters:
+                alias["cluster"] = f"cluster@{assignment[site]}"
+            self.rows.extend({**r, "regime": alias[r["regime"]]} for r in rows
+                             if r["regime"] in alias and r["subgroup"] == "all")
+            if "drv-n" in m:
+                for key, val in m.items():
+                    if key.startswith("drv/"):
+                        self.driver_rows.append({"site": site, "driver": key[4:], "importance": val,
+                                                 "n": int(m["drv-n"])})
+        self.steps_done += 1
+        _say(f"evaluation: {len(ok)} sites reported {_bar(self.steps_done, self.steps_total)}")
+        if not ok:
             raise StudyError("no site returned evaluation metrics")
 
     # -------------------------------------------------------------- outputs
@@ -228,6 +348,12 @@ class Study:
                               for s, c in sorted(self.site_counts.items())],
                              columns=["site", "n_train", "n_val", "n_test", "n_temporal"])
         sites.to_csv(self.run_dir / "sites.csv", index=False)
+        desc = [{"site": s, "descriptor": k, "value": v, "status": "ok"}
+                for s, d in sorted(self.descriptors.items()) for k, v in sorted(d.items())]
+        pd.DataFrame(desc, columns=["site", "descriptor", "value", "status"]).to_csv(
+            self.run_dir / "descriptors.csv", index=False)
+        pd.DataFrame(self.driver_rows, columns=["site", "driver", "importance", "n"]).to_csv(
+            self.run_dir / "driver_importances.csv", index=False)
 
     def write_run(self):
         self.run.update({
@@ -258,12 +384,14 @@ class Study:
             self.run["adapter"] = {"keys": len(lm.init_state), "bytes": state_nbytes(lm.init_state),
                                    "parameters": int(sum(v.size for v in lm.init_state.values())),
                                    "base_model": lm.identity}
-            n = len(self.sites)
-            strategy = FedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=n,
-                              min_available_nodes=n, min_evaluate_nodes=0)
-            arrays = self._timed("federated", self.federated_rounds, lm, strategy)
+            groups = {"global": list(self.sites)}
+            clusters = self.make_clusters() if "cluster" in self.regimes else None
+            if clusters:
+                self.steps_total += int(self.cfg["num-server-rounds"])
+            arrays = self._timed("federated", self.federated_rounds, lm, groups, "global")["global"]
+            cluster_arrays = self._timed("cluster", self.federated_rounds, lm, clusters, "cluster") if clusters else {}
             self._timed("personalize", self.personalize, arrays)
-            self._timed("evaluate", self.evaluate, arrays)
+            self._timed("evaluate", self.evaluate, arrays, cluster_arrays)
             self.run["status"] = "completed"
         except Exception as exc:
             self.run["status"] = "failed"

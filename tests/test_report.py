@@ -81,6 +81,11 @@ def _write_run(run_dir, status="completed", errors=None, extra_regime=None, roun
     return run_dir
 
 
+def _visible(html_text):
+    """The HTML without embedded PNG payloads (base64 can spell any short digit string)."""
+    return re.sub(r"data:image/png;base64,[A-Za-z0-9+/=]+", "data:image/png;base64,", html_text)
+
+
 def _findings(html_text):
     m = re.search(r'<section id="findings">(.*?)</section>', html_text, re.S)
     assert m, "findings section missing"
@@ -102,7 +107,10 @@ def test_outputs_exist_and_are_self_contained(built):
         assert png.exists() and png.read_bytes()[:4] == b"\x89PNG"
     for name in ("overview.csv", "training.csv", "timings.csv", "config.csv", "versions.csv", "mean_auc.csv"):
         assert (run_dir / "tables" / name).exists()
-    assert text.count("data:image/png;base64,") == 2
+    # Every figure written is embedded once (auc, gain, subgroups, cross-site; no drivers without importances).
+    pngs = sorted(p.name for p in (run_dir / "figures").glob("*.png"))
+    assert pngs == ["auc_by_regime.png", "cross_site.png", "gain_vs_size.png", "subgroups.png"]
+    assert text.count("data:image/png;base64,") == len(pngs)
     assert "<script" not in text.lower() and "http://" not in text and "https://" not in text
     for site in SITES:
         assert site in text
@@ -115,6 +123,7 @@ def test_outputs_exist_and_are_self_contained(built):
 
 def test_suppressed_cells_never_print_numbers(built):
     run_dir, _, text = built
+    text = _visible(text)
     assert "suppressed" in text
     overview = (run_dir / "tables" / "overview.csv").read_text()
     for leak in (LEAK_VALUE, LEAK_N, "0.988", "0.98765"):
@@ -186,14 +195,35 @@ def test_completed_run_has_no_failure_banner(built):
 
 
 def test_unknown_regime_handled(tmp_path):
-    run_dir = _write_run(tmp_path / "run", extra_regime="local@h03")
+    run_dir = _write_run(tmp_path / "run", extra_regime="zeta")
     text = build_report(run_dir).read_text()
-    assert "local@h03" in text
+    assert "zeta" in text
     header = (run_dir / "tables" / "overview.csv").read_text().splitlines()[0]
     cols = header.split(",")
     # Known regimes first in canonical order, unknown after.
-    firsts = [next(i for i, c in enumerate(cols) if c.startswith(r + " ")) for r in REGIMES + ["local@h03"]]
+    firsts = [next(i for i, c in enumerate(cols) if c.startswith(r + " ")) for r in REGIMES + ["zeta"]]
     assert firsts == sorted(firsts)
+
+
+def test_cross_site_regime_goes_to_matrix_not_overview(tmp_path):
+    run_dir = _write_run(tmp_path / "run", extra_regime="local@h03")
+    text = build_report(run_dir).read_text()
+    assert "local@h03" in text
+    assert "local@h03" not in (run_dir / "tables" / "overview.csv").read_text().splitlines()[0]
+    rows = list(csv.DictReader((run_dir / "tables" / "cross_site.csv").read_text().splitlines()))
+    assert [(r["split"], r["adapter"]) for r in rows] == [("test", "global"), ("test", "local@h03"),
+                                                         ("temporal", "global"), ("temporal", "local@h03")]
+    assert rows[1]["h01"] == "0.700" and rows[1]["h03"] == "suppressed"
+
+
+def test_global_only_cross_site_says_why(built):
+    run_dir, _, text = built
+    rows = list(csv.DictReader((run_dir / "tables" / "cross_site.csv").read_text().splitlines()))
+    assert [r["adapter"] for r in rows] == ["global", "global"]
+    assert list(rows[0]) == ["split", "adapter", "h01", "h02", "h03"]
+    assert rows[0]["h01"] == "0.781" and rows[0]["h03"] == "suppressed"
+    assert "local adapters were not shared by policy" in text
+    assert "augmented" not in _findings(text)  # no simulation-only note without that regime
 
 
 def test_minimal_run_dir_does_not_crash(tmp_path):
@@ -220,3 +250,104 @@ def test_missing_regime_and_empty_values(tmp_path):
     h01 = next(r for r in overview if r["site"] == "h01" and r["split"] == "test")
     assert h01["global F1"] == "" and h01["global AUC [95% CI]"].startswith("0.781")
     assert next(r for r in overview if r["site"] == "h02")["personalized AUC [95% CI]"] == ""
+
+
+# --------------------------------------------------------------------------- analysis sections (rich run)
+
+from test_analysis import LEAK_AUC, LEAK_DESC, LEAK_N, SITES as RICH_SITES, metrics_rows, write_rich_run  # noqa: E402
+
+ALL_SUPP_LEAK = "0.864209"  # a subgroup suppressed at every site, with a planted number
+
+
+@pytest.fixture(scope="module")
+def rich(tmp_path_factory):
+    """Built once per module: the tests below only read it."""
+    run_dir = write_rich_run(tmp_path_factory.mktemp("rich") / "run")
+    rows = metrics_rows()
+    for site in RICH_SITES:
+        for split in ("test", "temporal"):
+            for regime in ("global", "local"):
+                rows.append([site, regime, split, "comorbidity=5+", "auc", ALL_SUPP_LEAK, "3", "suppressed", ""])
+    with open(run_dir / "metrics.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(FIELDS)
+        w.writerows(rows)
+    path = build_report(run_dir)
+    return run_dir, path.read_text(encoding="utf-8")
+
+
+def test_rich_sections_and_files(rich):
+    run_dir, text = rich
+    for name in ("subgroups.png", "cross_site.png", "drivers.png", "auc_by_regime.png", "gain_vs_size.png"):
+        assert (run_dir / "figures" / name).read_bytes()[:4] == b"\x89PNG"
+    for name in ("subgroups.csv", "subgroups_by_site.csv", "cross_site.csv", "drivers_patient.csv",
+                 "drivers_site.csv", "site_regression.csv", "clusters.csv", "overview.csv"):
+        assert (run_dir / "tables" / name).exists(), name
+    assert (run_dir / "drivers.csv").exists() and (run_dir / "site_analysis.csv").exists()
+    for heading in ("AUC by patient subgroup", "Cross-site matrix", "Drivers", "Clusters",
+                    "Gain over global vs site size"):
+        assert f"<h2>{heading}</h2>" in text
+    assert text.count("data:image/png;base64,") == 5
+    # Overview: every non-cross-site regime, both splits; no `@` columns.
+    header = (run_dir / "tables" / "overview.csv").read_text().splitlines()[0]
+    for r in ("base", "global", "local", "personalized", "cluster", "augmented"):
+        assert f"{r} AUC [95% CI]" in header
+    assert "@" not in header
+    # Gain vs size covers every non-base regime.
+    gains = list(csv.DictReader((run_dir / "tables" / "gains.csv").read_text().splitlines()))
+    assert {g["regime"] for g in gains} == {"local", "personalized", "cluster", "augmented"}
+    # Clusters: assignment and features from run.json.
+    clusters = list(csv.DictReader((run_dir / "tables" / "clusters.csv").read_text().splitlines()))
+    assert {c["site"]: c["cluster"] for c in clusters} == {"h01": "0", "h02": "0", "h03": "1", "h04": "1", "h05": "1"}
+    assert "kmeans" in text and "readmission_rate" in text and "h03, h04, h05" in text
+
+
+def test_cross_site_heatmap_shape(rich):
+    run_dir, _ = rich
+    rows = list(csv.DictReader((run_dir / "tables" / "cross_site.csv").read_text().splitlines()))
+    origins = ["global", "cluster"] + [f"local@{s}" for s in RICH_SITES]
+    assert [(r["split"], r["adapter"]) for r in rows] == [(sp, o) for sp in ("test", "temporal") for o in origins]
+    assert list(rows[0]) == ["split", "adapter"] + RICH_SITES  # sites ordered by n_train, largest first
+    supp = next(r for r in rows if r["split"] == "temporal" and r["adapter"] == "local@h05")
+    assert supp["h01"] == "suppressed"
+    own = next(r for r in rows if r["split"] == "test" and r["adapter"] == "local@h05")
+    assert own["h05"] == "0.700"  # 0.60 global + 0.10 local gain at its own site
+
+
+def test_subgroup_table_pools_and_suppresses(rich):
+    run_dir, text = rich
+    sub = list(csv.DictReader((run_dir / "tables" / "subgroups.csv").read_text().splitlines()))
+    age = [r for r in sub if r["grouping"] == "age"]
+    assert [r["subgroup"] for r in age] == ["age=<45", "age=45-64", "age=65-79", "age=80+"]
+    young = age[0]
+    assert young["global test sites"] == "4"  # h05 suppressed
+    assert float(young["global test AUC"]) > 0.7
+    all_supp = next(r for r in sub if r["subgroup"] == "comorbidity=5+")
+    assert all_supp["global test AUC"] == "suppressed" and all_supp["local temporal AUC"] == "suppressed"
+    detail = list(csv.DictReader((run_dir / "tables" / "subgroups_by_site.csv").read_text().splitlines()))
+    cell = next(r for r in detail if r["site"] == "h05" and r["subgroup"] == "age=<45" and r["regime"] == "global")
+    assert cell["auc"] == "suppressed" and cell["n"] == "suppressed"
+    assert "By comorbidity" in text and '<span class="supp">suppressed</span>' in text
+
+
+def test_rich_never_prints_suppressed_numbers(rich):
+    run_dir, text = rich
+    outputs = [_visible(text)] + [p.read_text() for p in (run_dir / "tables").glob("*.csv")] + \
+        [(run_dir / n).read_text() for n in ("drivers.csv", "site_analysis.csv")]
+    for leak in (LEAK_AUC, LEAK_N, LEAK_DESC, ALL_SUPP_LEAK, "0.914", "0.864", "0.247"):
+        for out in outputs:
+            assert leak not in out
+
+
+def test_rich_findings(rich):
+    _, text = rich
+    f = _findings(text)
+    assert "the subgroup served worst is <strong>age=80+</strong>" in f
+    assert "<strong>personalized</strong> helps most there (+0.060 AUC" in f
+    assert "serves site <strong>h05</strong> worst (AUC 0.550); <strong>local</strong> helps most there (+0.080" in f
+    assert "<strong>augmented</strong> helps on the random test but hurts on the temporal test" in f
+    assert "local gains are largest at the smallest sites" in f and "ρ = <strong>-1.00</strong>" in f
+    assert "1. <strong>n_comorbidities</strong>" in f and "2. <strong>age</strong>" in f
+    assert "simulation" in f and "augment-k = 5" in f
+    # Drivers tables in the body.
+    assert "rho gain:local test" in text and "z:log10_n_train" in text

@@ -16,7 +16,7 @@ from common.metrics import PREFIX
 from inprocess_grid import LocalGrid
 from server.study import Study
 
-REGIMES = {"base", "global", "local", "personalized"}
+REGIMES = {"base", "global", "local", "personalized", "cluster", "similarity-weighted", "augmented"}
 
 
 def _canary_federation(src, dst):
@@ -35,7 +35,8 @@ def study(small_federation, tmp_path_factory):
     data = _canary_federation(small_federation, tmp_path_factory.mktemp("canary") / "fed")
     run_dir = tmp_path_factory.mktemp("run")
     cfg = resolve({"model": "tiny-bert", "data-dir": str(data), "num-server-rounds": 2, "local-steps": 4,
-                   "personalize-steps": 2, "bootstrap": 30, "min-cell-size": 5, "batch-size": 8})
+                   "personalize-steps": 2, "bootstrap": 30, "min-cell-size": 5, "batch-size": 8,
+                   "share-local-adapters": True, "augment-k": 30})
     sites = list_sites(data)
     grid = LocalGrid(client_app, [{"partition-id": i, "num-partitions": len(sites)} for i in range(len(sites))], cfg)
     Study(grid, cfg, run_dir).execute()
@@ -48,7 +49,12 @@ def test_every_site_and_regime_has_rows(study):
     for site in study["sites"]:
         for split in ("test", "temporal"):
             got = set(df[(df.site == site) & (df.split == split) & (df.metric == "auc")]["regime"])
-            assert got == REGIMES, (site, split, got)
+            cross = {f"local@{s}" for s in study["sites"]} | {"cluster@c0", "cluster@c1"}
+            assert got == REGIMES | cross, (site, split, got)
+    # subgroup cells exist for the main regimes, not for cross-site ones
+    sub = df[df.subgroup != "all"]
+    assert {"age=80+", "comorbidity=5+", "insurance=government", "words=q2"} <= set(sub["subgroup"])
+    assert not sub["regime"].str.contains("@").any()
     ok = df[(df.status == "ok") & (df.metric == "auc")]
     assert len(ok) > 0 and ok["value"].between(0, 1).all()
     assert (df[df.status == "suppressed"]["value"].isna()).all()
@@ -59,7 +65,9 @@ def test_outputs_written(study):
     run_dir = study["run_dir"]
     run = json.loads((run_dir / "run.json").read_text())
     assert run["status"] == "completed"
-    assert len(run["rounds"]) == 2 and all(r["bytes_sent"] > 0 and r["bytes_received"] > 0 for r in run["rounds"])
+    assert [r["phase"] for r in run["rounds"]] == ["global", "global", "cluster", "cluster"]
+    assert set(run["clusters"]["assignment"]) == set(study["sites"])
+    assert all(r["bytes_sent"] > 0 and r["bytes_received"] > 0 for r in run["rounds"])
     assert (run_dir / "report.html").exists() and (run_dir / "sites.csv").exists()
     for rnd in (1, 2):
         assert (run_dir / "adapters" / "global" / f"round-{rnd:03d}" / "adapter_model.safetensors").exists()
@@ -71,7 +79,8 @@ def test_outputs_written(study):
 def test_sites_sent_adapter_arrays_and_aggregates_only(study):
     grid = study["grid"]
     replies = grid.replies
-    assert len(replies) == len(study["sites"]) * (1 + 2 + 1 + 1)  # describe, 2 rounds, personalize, evaluate
+    # describe, 2 global rounds, 2 cluster rounds, personalize, evaluate
+    assert len(replies) == len(study["sites"]) * (1 + 2 + 2 + 1 + 1)
     ids, dates = set(), set()
     for _, folder in list_sites(study["data"]):
         df = read_site_table(folder, warn=False)
@@ -92,7 +101,7 @@ def test_sites_sent_adapter_arrays_and_aggregates_only(study):
         mtype = rep.metadata.message_type
         assert set(content.array_records) <= {"arrays"}
         if content.array_records:
-            assert mtype == "train"
+            assert mtype in ("train", "train.personalize")
             assert set(content["arrays"].keys()) == adapter_keys, "only the adapter + head may leave"
         assert set(content.metric_records) <= {"metrics"}
         for key, val in content["metrics"].items() if "metrics" in content.metric_records else []:
