@@ -33,12 +33,11 @@ def cmd_generate(args) -> int:
     if out.exists() and any(out.iterdir()) and not args.force:
         raise CliError(f"{out} exists and is not empty (use --force to write into it)")
     truth = generate_federation(out, n_hospitals=args.hospitals, seed=args.seed, sizes=sizes)
-    sites = truth.get("sites", {})
-    items = sites.items() if isinstance(sites, dict) else ((s.get("name"), s) for s in sites)
+    sites = truth["sites"]
     print(f"wrote {len(sites)} hospitals to {out} (truth: {out / 'truth.json'})")
-    for name, info in items:
-        print(f"  {name}: {info.get('size', '?')} encounters, readmission rate "
-              f"{info.get('base_rate_realized', info.get('readmission_rate', float('nan'))):.2f}")
+    for info in sites:
+        print(f"  {info['name']}: {info['size']} encounters, readmission rate {info['base_rate']:.2f}, "
+              f"{info['mean_words_per_note']:.0f} words per note")
     return 0
 
 

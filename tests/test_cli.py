@@ -72,6 +72,7 @@ def test_bad_input_gives_a_clear_error_and_no_traceback(args, expect):
 def test_generate_writes_hospitals_and_truth(tmp_path):
     res = run_cli("generate", "--out", str(tmp_path / "fed"), "--hospitals", "3", "--sizes", "60,40,30")
     assert res.returncode == 0, res.stderr
+    assert "h03: 30 encounters" in res.stdout and "nan" not in res.stdout
     assert (tmp_path / "fed" / "truth.json").exists()
     assert sorted(p.name for p in (tmp_path / "fed").iterdir() if p.is_dir()) == ["h01", "h02", "h03"]
     again = run_cli("generate", "--out", str(tmp_path / "fed"), "--hospitals", "3")
