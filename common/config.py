@@ -41,6 +41,8 @@ KEYS: dict[str, tuple[Any, type, Any, str]] = {
     "min-cell-size": (10, int, (1, 100000), "k: a cell with fewer patients or positives is suppressed"),
     "bootstrap": (500, int, (0, 100000), "bootstrap resamples for AUC intervals"),
     "min-sites": (2, int, (1, 10000), "fewest answering sites for a round to count"),
+    "expected-sites": (0, int, (0, 10000),
+                       "sites to wait for before starting (up to node-wait-timeout); 0 = start once min-sites are connected and no more arrive for a second"),
     "node-wait-timeout": (300.0, float, (1.0, 1e7), "seconds to wait for sites to connect"),
     "round-timeout": (3600.0, float, (1.0, 1e7), "seconds to wait for replies in one round"),
     "regimes": ("base,global,local,personalized,cluster,similarity-weighted,augmented", str, None,

@@ -135,20 +135,46 @@ class Study:
         self.phase_failures[phase] = failures
         return dict(sorted(ok.items()))
 
+    def _checked(self, ok: dict[str, Message], reference: dict, phase: str) -> dict[str, Message]:
+        """Drop updates whose keys, shapes or values do not fit the adapter, naming the site."""
+        from common.models import AdapterMismatch, check_adapter_state
+
+        kept = {}
+        for site, rep in ok.items():
+            try:
+                if "arrays" not in rep.content.array_records:
+                    raise AdapterMismatch(f"site {site} sent no adapter")
+                check_adapter_state(reference, {k: v.numpy() for k, v in rep.content["arrays"].items()},
+                                    who=f"update from site {site}")
+                kept[site] = rep
+            except AdapterMismatch as err:
+                self.phase_failures.setdefault(phase, {})[site] = f"rejected: {err}"
+                self.errors.append(f"{phase}: {err}")
+                _say(f"{phase}: {err}")
+        return kept
+
     def wait_for_nodes(self) -> list[int]:
+        """Bounded wait for sites: never forever, and a clear message when too few came."""
         need = int(self.cfg["min-sites"])
+        want = int(self.cfg["expected-sites"])
         deadline = time.time() + float(self.cfg["node-wait-timeout"])
         last = -1
         while True:
             nodes = sorted(self.grid.get_node_ids())
-            if len(nodes) >= need and (len(nodes) == last or time.time() > deadline):
+            if want and len(nodes) >= want:
+                return nodes
+            if not want and len(nodes) >= need and len(nodes) == last:
                 return nodes
             if time.time() > deadline:
+                if len(nodes) >= need:
+                    _say(f"node-wait-timeout: starting with {len(nodes)} of {want} expected sites")
+                    self.errors.append(f"only {len(nodes)} of {want} expected sites connected")
+                    return nodes
                 raise StudyError(
                     f"only {len(nodes)} site(s) connected within node-wait-timeout="
                     f"{self.cfg['node-wait-timeout']:.0f}s; the study needs min-sites={need}")
             if len(nodes) != last:
-                _say(f"waiting for sites: {len(nodes)} connected (need {need})")
+                _say(f"waiting for sites: {len(nodes)} connected (need {max(need, want)})")
             last = len(nodes)
             time.sleep(1.0 if nodes else 0.5)
 
@@ -192,7 +218,7 @@ class Study:
             sent = sum(_arrays_bytes(arrays[group_of[n]]) for n in group_of)
             replies = list(self.grid.send_and_receive(msgs, timeout=float(self.cfg["round-timeout"])))
             label = f"{phase} round {rnd}"
-            ok = self._collect(sorted(group_of), replies, label)
+            ok = self._checked(self._collect(sorted(group_of), replies, label), lm.init_state, label)
             if len(ok) < min(int(self.cfg["min-sites"]), len(group_of)):
                 raise StudyError(f"{label}: {len(ok)} site(s) answered, fewer than min-sites={self.cfg['min-sites']}")
             for g, nodes in groups.items():

@@ -173,10 +173,10 @@ INSURANCE_EFFECT = {"commercial": 0.0, "government": 0.30, "self_pay": 0.15, "un
 NOISE_MODEL = {
     "base_sd": 0.30,
     "per_comorbidity_above_2": 0.25,
-    "comorbidities_5plus": 1.00,
+    "comorbidities_5plus": 2.00,
     "per_decade_above_60": 0.15,
-    "age_80plus": 0.80,
-    "insurance_government_or_unspecified": 0.80,
+    "age_80plus": 1.60,
+    "insurance_government_or_unspecified": 1.20,
 }
 PLANTED_ERROR_DRIVERS = ["n_comorbidities", "age", "insurance"]
 

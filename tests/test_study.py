@@ -140,3 +140,56 @@ def test_a_failing_site_does_not_stop_the_study(small_federation, tmp_path):
     missing = sites[2][0]
     assert all(missing in r["failures"] and missing not in r["sites"] for r in run["rounds"])
     assert any(missing in e for e in run["errors"])
+
+
+def test_a_tampered_update_is_rejected_and_the_site_named(small_federation, tmp_path):
+    """A site whose update has a NaN is left out of aggregation, and the run says which."""
+    import numpy as np
+    from flwr.app import Array, ArrayRecord, Message, RecordDict
+
+    sites = list_sites(small_federation)
+    cfg = resolve({"model": "tiny-bert", "data-dir": str(small_federation), "num-server-rounds": 1,
+                   "local-steps": 2, "personalize-steps": 1, "bootstrap": 10, "min-cell-size": 5,
+                   "regimes": "base,global,local"})
+
+    def tamper(msg, ctx, call_next):
+        reply = call_next(msg, ctx)
+        if msg.metadata.message_type == "train" and ctx.node_config["partition-id"] == 1:
+            arrays = {k: v.numpy().copy() for k, v in reply.content["arrays"].items()}
+            key = next(iter(arrays))
+            arrays[key][...] = np.nan
+            content = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
+                                  "metrics": reply.content["metrics"]})
+            return Message(content, reply_to=msg)
+        return reply
+
+
+    class Tampered:
+        def __call__(self, msg, ctx):
+            return tamper(msg, ctx, client_app)
+
+    grid = LocalGrid(Tampered(), [{"partition-id": i, "num-partitions": len(sites)} for i in range(len(sites))], cfg)
+    Study(grid, cfg, tmp_path).execute()
+    run = json.loads((tmp_path / "run.json").read_text())
+    bad = sites[1][0]
+    assert bad not in run["rounds"][0]["sites"]
+    assert "non-finite" in run["rounds"][0]["failures"][bad]
+    assert run["status"] == "completed"
+
+
+def test_deployment_nodes_read_data_path_and_refuse_augmented(small_federation, tmp_path):
+    """A node configured like a hospital's SuperNode (data-path, site, output-path) keeps its
+    adapters in its own folder and never runs the record-moving `augmented` regime."""
+    sites = list_sites(small_federation)
+    cfg = resolve({"model": "tiny-bert", "num-server-rounds": 1, "local-steps": 2, "personalize-steps": 1,
+                   "bootstrap": 10, "min-cell-size": 5, "regimes": "base,global,local,augmented"})
+    nodes = [{"data-path": str(folder), "site": name, "output-path": str(tmp_path / "hosp" / name)}
+             for name, folder in sites]
+    grid = LocalGrid(client_app, nodes, cfg)
+    Study(grid, cfg, tmp_path / "run").execute()
+    df = pd.read_csv(tmp_path / "run" / "metrics.csv")
+    assert set(df["regime"]) == {"base", "global", "local"}
+    for name, _ in sites:
+        assert (tmp_path / "hosp" / name / "adapters" / "local" / "adapter_config.json").exists()
+        assert not (tmp_path / "hosp" / name / "adapters" / "augmented").exists()
+    assert not (tmp_path / "run" / "sites").exists(), "a deployed site's files must stay at the site"
