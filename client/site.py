@@ -11,7 +11,6 @@ site's notes are tokenized once.
 
 from __future__ import annotations
 
-import json
 import logging
 import zlib
 from dataclasses import dataclass
@@ -221,7 +220,3 @@ class Site:
                                  batch_size=int(self.cfg["eval-batch-size"]), precision=self.cfg["precision"])
             for split in ("val",) + EVAL_SPLITS
         }
-
-    def write_status(self, payload: dict):
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        (self.out_dir / "site_status.json").write_text(json.dumps(payload, indent=1, default=str))

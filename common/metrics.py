@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+# columns of RUN_DIR/metrics.csv: written by server.study, read by server.analysis
+METRIC_COLUMNS = ["site", "regime", "split", "subgroup", "metric", "value", "n", "status", "note"]
 CELL_METRICS = ("auc", "auc_lo", "auc_hi", "pr_auc", "f1", "brier", "positives")
 COUNT_METRICS = ("n", "positives")
 PREFIX = "eval"

@@ -70,10 +70,6 @@ def public_reason(exc: BaseException, phase: str) -> str:
     return f"{PUBLIC_REASON_PREFIX} {phase}: {what}"
 
 
-class EgressViolation(RuntimeError):
-    """A reply that would carry something the policy does not allow out of the site."""
-
-
 class _Registry:
     """What the site itself declared: its name, adapter shapes and effective policy."""
 

@@ -23,9 +23,11 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-KNOWN_REGIMES = ["base", "global", "local", "personalized", "cluster", "similarity-weighted", "augmented"]
+from common.config import REGIMES
+from common.metrics import METRIC_COLUMNS
+
+KNOWN_REGIMES = list(REGIMES)
 KNOWN_SPLITS = ["test", "temporal"]
-METRIC_COLUMNS = ["site", "regime", "split", "subgroup", "metric", "value", "n", "status", "note"]
 SITE_COLUMNS = ["site", "n_train", "n_val", "n_test", "n_temporal"]
 GROUPINGS = ["age", "comorbidity", "insurance", "region", "words"]
 SUBGROUP_ORDER = {
@@ -380,7 +382,7 @@ def _regression(frame: pd.DataFrame, rhos: dict, target: str, split: str) -> lis
         note += "; fewer than 2 other descriptors (too few sites or usable descriptors)"
     if collinear:
         note += f"; skipped as collinear (|r| > {MAX_COLLINEAR_R}) with a chosen term: {', '.join(collinear)}"
-    names = ["intercept"] + [f"z:log10_n_train" if t == "n_train" else f"z:{t}" for t in terms]
+    names = ["intercept"] + ["z:log10_n_train" if t == "n_train" else f"z:{t}" for t in terms]
     return [row(name, float(c), r2, note) for name, c in zip(names, coef)]
 
 

@@ -33,7 +33,7 @@ from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: 
 import pandas as pd  # noqa: E402
 
 from server.analysis import (  # noqa: E402
-    GROUPINGS, KNOWN_REGIMES, KNOWN_SPLITS, METRIC_COLUMNS, analyze, gain_regimes, ordered, read_metrics,
+    GROUPINGS, KNOWN_REGIMES, KNOWN_SPLITS, analyze, gain_regimes, ordered, read_metrics,
     read_run, read_sites, split_subgroup, subgroup_sort_key,
 )
 

@@ -29,13 +29,12 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp.strategy import FedAvg
 
 from common.config import regimes
-from common.metrics import cell_rows
+from common.metrics import METRIC_COLUMNS, cell_rows
 from common.models import save_adapter, state_hash, state_nbytes
 
 log = logging.getLogger("clinfed.server")
 
 SITE_HELD = ("local", "personalized", "similarity-weighted", "augmented")
-METRIC_COLUMNS = ["site", "regime", "split", "subgroup", "metric", "value", "n", "status", "note"]
 
 
 class StudyError(RuntimeError):

@@ -4,7 +4,6 @@ of every message the sites sent (adapter arrays and aggregate metrics only)."""
 import json
 import shutil
 
-import numpy as np
 import pandas as pd
 import pytest
 from flwr.common.serde import message_to_proto
