@@ -1,0 +1,156 @@
+"""Instruction tuning of a decoder with LoRA at one site: SFT and DPO through TRL.
+
+The adapter is swapped in and out of one cached PeftModel, as for the
+classifier. DPO is handed that PeftModel with the stage's starting adapter
+(the SFT or global one) loaded as `default` and no reference model: TRL then
+copies `default` into a frozen `ref` adapter, so the reference policy is the
+model the DPO stage starts from, not the bare base. The `ref` copy is
+deleted afterwards so it never reaches a saved folder or the wire.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from common.decoder import load_causal_lm
+from common.models import LoraSettings, _LOCK, _seeded, adapter_state
+from common.training import pick_device
+
+DEFAULT_DECODER_TARGETS = ["q_proj", "v_proj"]
+
+
+def make_lora_causal_lm(name: str, seed: int, lora: LoraSettings):
+    """A causal LM wrapped with a fresh LoRA adapter (B zero: starts equal to the base)."""
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    model, tok = load_causal_lm(name, seed)
+    cfg = LoraConfig(task_type=TaskType.CAUSAL_LM, r=lora.rank, lora_alpha=lora.alpha,
+                     lora_dropout=lora.dropout, target_modules=list(lora.targets) or DEFAULT_DECODER_TARGETS)
+    with _LOCK:
+        _seeded(seed + 1)
+        peft_model = get_peft_model(model, cfg)
+    return peft_model, tok
+
+
+@dataclass
+class InstructSettings:
+    steps: int = 20
+    batch_size: int = 4
+    lr: float = 2e-4
+    max_length: int = 256
+    beta: float = 0.1
+    seed: int = 0
+
+
+def _common_args(settings: InstructSettings, out: str) -> dict:
+    device = pick_device()
+    return dict(output_dir=out, max_steps=int(settings.steps), per_device_train_batch_size=int(settings.batch_size),
+                learning_rate=float(settings.lr), lr_scheduler_type="cosine", warmup_steps=max(1, settings.steps // 10),
+                logging_steps=max(1, settings.steps // 4) if settings.steps > 1 else 1, save_strategy="no", report_to=[],
+                seed=int(settings.seed), use_cpu=device == "cpu", bf16=False, disable_tqdm=True,
+                max_length=int(settings.max_length), remove_unused_columns=True)
+
+
+def _quiet(trainer):
+    """With tqdm off, transformers prints every log dict; the study reports its own progress."""
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)
+    return trainer
+
+
+def _losses(trainer) -> float:
+    logs = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return float(np.mean(logs[-2:])) if logs else float("nan")
+
+
+def sft_train(peft_model, tok, examples: list[dict], settings: InstructSettings) -> dict:
+    """Supervised fine-tuning on prompt/completion chat examples (loss on the completion only)."""
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    with tempfile.TemporaryDirectory() as out:
+        args = SFTConfig(**_common_args(settings, out))
+        trainer = _quiet(SFTTrainer(model=peft_model, args=args, train_dataset=Dataset.from_list(examples),
+                                    processing_class=tok))
+        t = time.perf_counter()
+        trainer.train()
+        return {"train_loss": _losses(trainer), "seconds": time.perf_counter() - t, "steps": settings.steps}
+
+
+def dpo_train(peft_model, tok, pairs: list[dict], settings: InstructSettings) -> dict:
+    """DPO on {prompt, chosen, rejected} chat pairs; the reference is the starting adapter."""
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    with tempfile.TemporaryDirectory() as out:
+        args = DPOConfig(**_common_args(settings, out), beta=float(settings.beta))
+        trainer = _quiet(DPOTrainer(model=peft_model, ref_model=None, args=args,
+                                    train_dataset=Dataset.from_list(pairs), processing_class=tok))
+        t = time.perf_counter()
+        try:
+            trainer.train()
+            margins = [h["rewards/margins"] for h in trainer.state.log_history if "rewards/margins" in h]
+            return {"train_loss": _losses(trainer), "seconds": time.perf_counter() - t, "steps": settings.steps,
+                    "reward_margin": float(margins[-1]) if margins else float("nan"),
+                    "reference_adapter": "ref" in peft_model.peft_config,
+                    "log": list(trainer.state.log_history)}
+        finally:
+            if "ref" in peft_model.peft_config:
+                peft_model.delete_adapter("ref")
+            peft_model.set_adapter("default")
+
+
+def decoder_adapter_state(peft_model) -> dict[str, np.ndarray]:
+    """Only the trainable `default` adapter (never TRL's `ref` copy)."""
+    return {k: v for k, v in adapter_state(peft_model).items() if ".ref." not in k}
+
+
+def _prompt_ids(tok, messages_list):
+    return [tok.apply_chat_template(m, add_generation_prompt=True, tokenize=True, return_dict=False)
+            for m in messages_list]
+
+
+def generate(peft_model, tok, prompts: list[list[dict]], max_new_tokens: int = 48, batch_size: int = 8) -> list[str]:
+    """Greedy answers to chat prompts (left-padded batches, no gradients)."""
+    import torch
+
+    device = pick_device()
+    peft_model.to(device).eval()
+    ids = _prompt_ids(tok, prompts)
+    outs = []
+    with torch.inference_mode():
+        for i in range(0, len(ids), batch_size):
+            chunk = ids[i:i + batch_size]
+            width = max(len(x) for x in chunk)
+            inp = torch.full((len(chunk), width), tok.pad_token_id, dtype=torch.long)
+            mask = torch.zeros_like(inp)
+            for r, x in enumerate(chunk):
+                inp[r, width - len(x):] = torch.tensor(x)
+                mask[r, width - len(x):] = 1
+            gen = peft_model.generate(input_ids=inp.to(device), attention_mask=mask.to(device),
+                                      max_new_tokens=max_new_tokens, do_sample=False,
+                                      pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+            outs.extend(tok.decode(g[width:], skip_special_tokens=True).strip() for g in gen)
+    return outs
+
+
+def answer_probability(peft_model, tok, prompts: list[list[dict]], yes: str = "yes", no: str = "no") -> np.ndarray:
+    """P(yes) / (P(yes) + P(no)) from the first answer token: a score for ROC AUC."""
+    import torch
+
+    device = pick_device()
+    peft_model.to(device).eval()
+    yes_id = tok.encode(yes, add_special_tokens=False)[0]
+    no_id = tok.encode(no, add_special_tokens=False)[0]
+    out = []
+    with torch.inference_mode():
+        for x in _prompt_ids(tok, prompts):
+            logits = peft_model(input_ids=torch.tensor([x], device=device)).logits[0, -1].float()
+            two = torch.softmax(logits[[yes_id, no_id]], dim=-1)
+            out.append(float(two[0]))
+    return np.array(out)
