@@ -1,7 +1,6 @@
 """Decoder instruction tuning with TRL on a tiny Llama: SFT learns, DPO's reference is its start."""
 
 import numpy as np
-import pytest
 import torch
 
 from common.instruct import (
