@@ -671,7 +671,7 @@ def _filler(ftype: str, budget: int, d: _Draws) -> str:
 
 
 def generate_federation(out_dir, n_hospitals: int = DEFAULT_N_HOSPITALS, seed: int = 0, sizes=None,
-                        start: str = "2021-01-01", end: str = "2023-12-31") -> dict:
+                        start: str = "2021-01-01", end: str = "2023-12-31", generative: bool = True) -> dict:
     """Write ``out_dir/hNN/encounters.csv`` per hospital and ``out_dir/truth.json``; return the truth.
 
     ``sizes`` (one per hospital) overrides ``n_hospitals``; by default sizes fall geometrically
@@ -869,6 +869,9 @@ def generate_federation(out_dir, n_hospitals: int = DEFAULT_N_HOSPITALS, seed: i
         },
         "overall_base_rate": float(y.mean()),
     }
+    if generative:  # generative tasks per site (simulations/generative.py), own seeded stream
+        from simulations.generative import write_generative_tasks
+        truth["generative"] = write_generative_tasks(out, truth, seed)
     truth = _r(truth)
     (out / "truth.json").write_text(json.dumps(truth, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return truth

@@ -30,8 +30,9 @@ def test_same_seed_identical_bytes_and_other_seed_differs(fed, tmp_path):
     out, _ = fed
     generate_federation(tmp_path / "again", seed=0)
     a, b = file_bytes(out), file_bytes(tmp_path / "again")
-    assert sorted(a) == ["h01/encounters.csv", "h02/encounters.csv", "h03/encounters.csv",
-                         "h04/encounters.csv", "h05/encounters.csv", "h06/encounters.csv", "truth.json"]
+    sites = [f"h0{i}" for i in range(1, 7)]
+    assert sorted(a) == sorted([f"{s}/encounters.csv" for s in sites] + ["truth.json"]
+                               + [f"{s}/generative/{t}.jsonl" for s in sites for t in ("extraction", "triage")])
     assert a == b
     generate_federation(tmp_path / "other", seed=1)
     c = file_bytes(tmp_path / "other")
