@@ -35,6 +35,7 @@ from common.models import save_adapter, state_hash, state_nbytes
 log = logging.getLogger("clinfed.server")
 
 SITE_HELD = ("local", "personalized", "similarity-weighted", "augmented")
+OUTLIER_FACTOR = 10.0  # an update 10x the round's median size is treated as corrupt or hostile
 
 
 class StudyError(RuntimeError):
@@ -134,23 +135,40 @@ class Study:
         self.phase_failures[phase] = failures
         return dict(sorted(ok.items()))
 
-    def _checked(self, ok: dict[str, Message], reference: dict, phase: str) -> dict[str, Message]:
-        """Drop updates whose keys, shapes or values do not fit the adapter, naming the site."""
+    def _checked(self, ok: dict[str, Message], reference: dict, phase: str,
+                 starts: dict[str, ArrayRecord] | None = None) -> dict[str, Message]:
+        """Drop updates whose keys, shapes or values do not fit the adapter, or whose size
+        (distance from the adapter the site started from) is far outside the round's, naming the site."""
         from common.models import AdapterMismatch, check_adapter_state
 
-        kept = {}
+        kept, norms = {}, {}
         for site, rep in ok.items():
             try:
                 if "arrays" not in rep.content.array_records:
                     raise AdapterMismatch(f"site {site} sent no adapter")
-                check_adapter_state(reference, {k: v.numpy() for k, v in rep.content["arrays"].items()},
-                                    who=f"update from site {site}")
+                state = {k: v.numpy() for k, v in rep.content["arrays"].items()}
+                check_adapter_state(reference, state, who=f"update from site {site}")
                 kept[site] = rep
+                if starts and site in starts:
+                    start = starts[site]
+                    norms[site] = float(np.sqrt(sum(float(((state[k] - start[k].numpy()) ** 2).sum()) for k in state)))
             except AdapterMismatch as err:
-                self.phase_failures.setdefault(phase, {})[site] = f"rejected: {err}"
-                self.errors.append(f"{phase}: {err}")
-                _say(f"{phase}: {err}")
+                self._reject(phase, site, str(err))
+        if len(norms) >= 3:
+            values = np.array(list(norms.values()))
+            med = float(np.median(values))
+            mad = float(np.median(np.abs(values - med))) or med * 0.1
+            for site, norm in norms.items():
+                if norm > max(OUTLIER_FACTOR * med, med + 3 * OUTLIER_FACTOR * mad):
+                    self._reject(phase, site, f"update from site {site}: norm {norm:.3g} is far outside this "
+                                              f"round's (median {med:.3g}); left out of aggregation")
+                    kept.pop(site, None)
         return kept
+
+    def _reject(self, phase: str, site: str, why: str):
+        self.phase_failures.setdefault(phase, {})[site] = f"rejected: {why}"
+        self.errors.append(f"{phase}: {why}")
+        _say(f"{phase}: {why}")
 
     def wait_for_nodes(self) -> list[int]:
         """Bounded wait for sites: never forever, and a clear message when too few came."""
@@ -217,7 +235,8 @@ class Study:
             sent = sum(_arrays_bytes(arrays[group_of[n]]) for n in group_of)
             replies = list(self.grid.send_and_receive(msgs, timeout=float(self.cfg["round-timeout"])))
             label = f"{phase} round {rnd}"
-            ok = self._checked(self._collect(sorted(group_of), replies, label), lm.init_state, label)
+            starts = {self.sites[n]: arrays[group_of[n]] for n in group_of}
+            ok = self._checked(self._collect(sorted(group_of), replies, label), lm.init_state, label, starts)
             if len(ok) < min(int(self.cfg["min-sites"]), len(group_of)):
                 raise StudyError(f"{label}: {len(ok)} site(s) answered, fewer than min-sites={self.cfg['min-sites']}")
             for g, nodes in groups.items():

@@ -192,3 +192,28 @@ def test_deployment_nodes_read_data_path_and_refuse_augmented(small_federation, 
         assert (tmp_path / "hosp" / name / "adapters" / "local" / "adapter_config.json").exists()
         assert not (tmp_path / "hosp" / name / "adapters" / "augmented").exists()
     assert not (tmp_path / "run" / "sites").exists(), "a deployed site's files must stay at the site"
+
+
+def test_an_outsized_update_is_rejected_and_the_site_named(small_federation, tmp_path):
+    from flwr.app import Array, ArrayRecord, Message, RecordDict
+
+    sites = list_sites(small_federation)
+    cfg = resolve({"model": "tiny-bert", "data-dir": str(small_federation), "num-server-rounds": 1,
+                   "local-steps": 2, "personalize-steps": 1, "bootstrap": 10, "min-cell-size": 5,
+                   "regimes": "base,global,local"})
+
+    class Scaled:
+        def __call__(self, msg, ctx):
+            reply = client_app(msg, ctx)
+            if msg.metadata.message_type == "train" and ctx.node_config["partition-id"] == 0:
+                arrays = {k: v.numpy() * 1000.0 for k, v in reply.content["arrays"].items()}
+                return Message(RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
+                                           "metrics": reply.content["metrics"]}), reply_to=msg)
+            return reply
+
+    grid = LocalGrid(Scaled(), [{"partition-id": i, "num-partitions": len(sites)} for i in range(len(sites))], cfg)
+    Study(grid, cfg, tmp_path).execute()
+    run = json.loads((tmp_path / "run.json").read_text())
+    big = sites[0][0]
+    assert big not in run["rounds"][0]["sites"]
+    assert "far outside" in run["rounds"][0]["failures"][big]
