@@ -60,6 +60,12 @@ def in_simulation(context: Context) -> bool:
 
 
 def open_site(context: Context, run_dir: str = "") -> tuple[Site, dict, Policy]:
+    """The classifier study's view of this node's hospital."""
+    name, folder, table, out_dir, cfg, policy = locate_site(context, run_dir)
+    return Site.get(name, table, out_dir, cfg), cfg, policy
+
+
+def locate_site(context: Context, run_dir: str = ""):
     """Find this node's hospital: `data-path` (deployment) or partition id (simulation)."""
     _quiet()
     cfg = resolve(dict(context.run_config))
@@ -91,8 +97,7 @@ def open_site(context: Context, run_dir: str = "") -> tuple[Site, dict, Policy]:
     else:
         raise ValueError("node config has neither 'data-path' (deployment) nor 'partition-id' (simulation)")
     policy = Policy.effective(cfg, _site_policy(nc))
-    site = Site.get(name, table, out_dir, cfg)
-    return site, cfg, policy
+    return name, folder, table, out_dir, cfg, policy
 
 
 def _prepare(msg: Message, context: Context):
@@ -137,6 +142,8 @@ def _state_to_arrays(state: dict) -> ArrayRecord:
 @_guarded("describe")
 def describe(msg: Message, context: Context) -> Message:
     """Name the site and its split sizes; sizes below k are withheld."""
+    if resolve(dict(context.run_config))["task"] == "generative":
+        return _describe_generative(msg, context)
     site, cfg, policy, lm = _prepare(msg, context)
     counts = {f"site-n-{s}": int(n) for s, n in site.counts().items() if n >= policy.min_cell_size}
     counts.update({f"desc/{k}": v for k, v in site.descriptors(policy.min_cell_size).items()})
@@ -226,4 +233,100 @@ def evaluate(msg: Message, context: Context) -> Message:
     cross = {name[2:]: _arrays_to_state(rec) for name, rec in msg.content.array_records.items()
              if name.startswith("x.")}
     metrics = site.evaluate(lm, states, k=policy.min_cell_size, subgroups=bool(cfg["subgroups"]), cross=cross)
+    return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+
+
+# ----------------------------------------------------------------- generative study
+_GEN_SITES: dict = {}
+
+
+def _prepare_gen(msg: Message, context: Context):
+    from client.gensite import GenSite, get_decoder
+
+    run_dir = str(msg.content["config"].get("run-dir", "")) if "config" in msg.content.config_records else ""
+    name, folder, table, out_dir, cfg, policy = locate_site(context, run_dir)
+    key = (name, str(folder), cfg["seed"], cfg["gen-tasks"], cfg["gen-eval-items"])
+    if key not in _GEN_SITES:
+        _GEN_SITES.clear()
+        _GEN_SITES[key] = GenSite(name, folder, table, cfg)
+    gsite = _GEN_SITES[key]
+    dec = get_decoder(cfg)
+    privacy.declare(name, dec.shapes, policy.allow_adapters, policy.min_cell_size)
+    return gsite, cfg, policy, dec, out_dir
+
+
+def _describe_generative(msg: Message, context: Context) -> Message:
+    gsite, cfg, policy, dec, _ = _prepare_gen(msg, context)
+    n = gsite.n_train()
+    metrics = {"site-n-train": n} if n >= policy.min_cell_size else {}
+    return Message(RecordDict({"site": ConfigRecord({"name": gsite.name}), "metrics": MetricRecord(metrics)}),
+                   reply_to=msg)
+
+
+def _gen_reply(msg, gsite, state, info) -> Message:
+    metrics = MetricRecord({"num-examples": gsite.n_train(), "train-loss": info["train_loss"],
+                            "train-steps": info["steps"], "train-seconds": info["seconds"]})
+    return Message(RecordDict({"arrays": _state_to_arrays(state), "metrics": metrics}), reply_to=msg)
+
+
+@app.train("sft")
+@_guarded("federated SFT round")
+def train_sft(msg: Message, context: Context) -> Message:
+    """One federated SFT round on the site's instruction mixture."""
+    gsite, cfg, policy, dec, _ = _prepare_gen(msg, context)
+    rnd = int(msg.content["config"].get("server-round", 1))
+    state, info = gsite.sft(dec, _arrays_to_state(msg.content["arrays"]), int(cfg["sft-steps"]), rnd)
+    return _gen_reply(msg, gsite, state, info)
+
+
+@app.train("dpo")
+@_guarded("federated DPO round")
+def train_dpo(msg: Message, context: Context) -> Message:
+    """One federated DPO round; the reference policy is the adapter received (see common.instruct)."""
+    gsite, cfg, policy, dec, _ = _prepare_gen(msg, context)
+    rnd = int(msg.content["config"].get("server-round", 1))
+    state, info = gsite.dpo(dec, _arrays_to_state(msg.content["arrays"]), int(cfg["dpo-steps"]), 100 + rnd)
+    return _gen_reply(msg, gsite, state, info)
+
+
+@app.train("gen_local")
+@_guarded("local and personalized instruction tuning")
+def train_gen_local(msg: Message, context: Context) -> Message:
+    """`local`: SFT then DPO from the base, at the site only; `personalized`: the
+    global DPO adapter fine-tuned with SFT at the site. All stay here."""
+    from common.models import save_adapter
+
+    gsite, cfg, policy, dec, out_dir = _prepare_gen(msg, context)
+    rounds = int(cfg["num-server-rounds"])
+    local_sft, i1 = gsite.sft(dec, dec.init_state, rounds * int(cfg["sft-steps"]), 10_000)
+    local_dpo, i2 = gsite.dpo(dec, local_sft, max(1, int(cfg["dpo-rounds"])) * int(cfg["dpo-steps"]), 20_000)
+    pers, i3 = gsite.sft(dec, _arrays_to_state(msg.content["global"]), int(cfg["sft-steps"]), 30_000)
+    for regime, state in (("local-sft", local_sft), ("local-dpo", local_dpo), ("personalized-dpo", pers)):
+        save_adapter(dec.model, state, Path(out_dir) / "adapters" / regime,
+                     meta={"site": gsite.name, "regime": regime, "base_model": dec.identity})
+    metrics = {"num-examples": gsite.n_train(), "local-train-loss": i2["train_loss"],
+               "personalized-train-loss": i3["train_loss"]}
+    return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+
+
+@app.evaluate("gen")
+@_guarded("generative evaluation")
+def evaluate_gen(msg: Message, context: Context) -> Message:
+    """Score each task per stage and regime on the site's test items (aggregates only)."""
+    from common.models import read_adapter
+
+    gsite, cfg, policy, dec, out_dir = _prepare_gen(msg, context)
+    cells = {("base", "base"): dec.init_state,
+             ("sft", "global"): _arrays_to_state(msg.content["global-sft"]),
+             ("dpo", "global"): _arrays_to_state(msg.content["global-dpo"])}
+    for stage, regime, folder in (("sft", "local", "local-sft"), ("dpo", "local", "local-dpo"),
+                                  ("dpo", "personalized", "personalized-dpo")):
+        path = Path(out_dir) / "adapters" / folder
+        if (path / "adapter_model.safetensors").exists():
+            cells[(stage, regime)] = read_adapter(dec.model, path)
+    metrics = {}
+    for (stage, regime), state in cells.items():
+        for task, scores in gsite.evaluate(dec, state, policy.min_cell_size).items():
+            for name, value in scores.items():
+                metrics[f"gen/{task}/{stage}/{regime}/{name}"] = value
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

@@ -62,6 +62,8 @@ def cmd_simulate(args) -> int:
     from simulations.local import simulate
 
     overrides = _parse_run_config(args.run_config or "")
+    if args.task:
+        overrides["task"] = args.task
     out = Path(args.out or f"runs/{datetime.now():%Y%m%d-%H%M%S}").resolve()
     if args.data:
         data = Path(args.data).resolve()
@@ -124,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--run-config", default="", help='overrides, e.g. "num-server-rounds=2 local-steps=10"')
     s.add_argument("--hospitals", type=int, default=6, help="hospitals to generate when --data is absent")
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--task", choices=("classifier", "generative"),
+                   help="study kind (same as run config `task`): the readmission classifier or instruction tuning")
     s.add_argument("--cpus-per-site", type=float, default=1.0,
                    help="CPU share of each simulated site (sites run in parallel when cores allow)")
     s.set_defaults(func=cmd_simulate)

@@ -43,6 +43,8 @@ ALLOWED_METRIC_KEYS = [
         rf"desc{SEP}(age|comorbidity|insurance|region)={_NAME}",
         rf"drv{SEP}(age|n_comorbidities|insurance|region|words_per_note)",
         r"drv-n",
+        rf"gen{SEP}(triage|extraction|readmission){SEP}(base|sft|dpo){SEP}(base|global|local|personalized){SEP}"
+        r"[a-z_0-9]+",
         rf"{PREFIX}{SEP}{_NAME}{SEP}(test|temporal|val){SEP}{_NAME}{SEP}"
         r"(n|positives|auc|auc_lo|auc_hi|pr_auc|f1|brier|suppressed|not_computable)",
     )
@@ -150,7 +152,7 @@ def _check_metrics(items: dict, k: int) -> list[str]:
             continue
         if isinstance(val, float) and not math.isfinite(val):
             problems.append(f"metric '{key}' is not finite")
-        if key in COUNT_KEYS and val < k:
+        if (key in COUNT_KEYS or (key.startswith(f"gen{SEP}") and key.endswith(f"{SEP}n"))) and val < k:
             problems.append(f"count '{key}' is below the minimum cell size")
         if key.startswith(PREFIX + SEP):
             cell, metric = key.rsplit(SEP, 1)

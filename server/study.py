@@ -216,22 +216,23 @@ class Study:
         _say(f"{len(self.sites)} sites: " + ", ".join(
             f"{n} (train {self.site_counts[n]['train'] or '<k'})" for n in self.sites.values()))
 
-    def federated_rounds(self, lm, groups: dict[str, list[int]], phase: str) -> dict[str, ArrayRecord]:
+    def federated_rounds(self, lm, groups: dict[str, list[int]], phase: str, message_type: str = "train",
+                         start: ArrayRecord | None = None, rounds: int | None = None) -> dict[str, ArrayRecord]:
         """R rounds of FedAvg within each group of sites (one group = the global adapter).
 
         Groups train side by side in the same rounds; each has its own Flower
         FedAvg instance. Each round's adapter is saved in PEFT format.
         """
-        init = ArrayRecord({k: Array(v) for k, v in lm.init_state.items()})
+        init = start if start is not None else ArrayRecord({k: Array(v) for k, v in lm.init_state.items()})
         arrays = {g: init for g in groups}
         strategies = {g: FedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=len(n),
                                 min_available_nodes=len(n), min_evaluate_nodes=0) for g, n in groups.items()}
         group_of = {node: g for g, nodes in groups.items() for node in nodes}
-        R = int(self.cfg["num-server-rounds"])
+        R = int(self.cfg["num-server-rounds"]) if rounds is None else int(rounds)
         for rnd in range(1, R + 1):
             t = time.time()
             msgs = [Message(RecordDict({"arrays": arrays[group_of[node]], "config": self._config(**{"server-round": rnd})}),
-                            dst_node_id=node, message_type="train") for node in sorted(group_of)]
+                            dst_node_id=node, message_type=message_type) for node in sorted(group_of)]
             sent = sum(_arrays_bytes(arrays[group_of[n]]) for n in group_of)
             replies = list(self.grid.send_and_receive(msgs, timeout=float(self.cfg["round-timeout"])))
             label = f"{phase} round {rnd}"
@@ -253,7 +254,7 @@ class Study:
                              meta={"regime": phase, "group": g, "round": rnd, "base_model": lm.identity,
                                    "sites": [s for s in names if s in ok]})
             for site, rep in ok.items():
-                self.last_states[phase][site] = {k: v.numpy() for k, v in rep.content["arrays"].items()}
+                self.last_states.setdefault(phase, {})[site] = {k: v.numpy() for k, v in rep.content["arrays"].items()}
             received = sum(_arrays_bytes(r.content["arrays"]) for r in ok.values())
             losses = {s: float(r.content["metrics"]["train-loss"]) for s, r in ok.items()}
             self.rounds.append({
@@ -386,7 +387,8 @@ class Study:
 
     # -------------------------------------------------------------- outputs
     def write_metrics(self):
-        df = pd.DataFrame(self.rows, columns=METRIC_COLUMNS)
+        extra = ["task", "stage"] if self.cfg["task"] == "generative" else []
+        df = pd.DataFrame(self.rows, columns=METRIC_COLUMNS + extra)
         df.to_csv(self.run_dir / "metrics.csv", index=False)
         sites = pd.DataFrame([{"site": s, **{f"n_{k}": v for k, v in c.items()}}
                               for s, c in sorted(self.site_counts.items())],
@@ -417,6 +419,48 @@ class Study:
         self.timings[name] = round(time.time() - t, 2)
         return out
 
+    # ----------------------------------------------------------- generative
+    def generative(self):
+        """SFT rounds, then DPO rounds from the global SFT adapter, then the site-held
+        regimes, then every site scores every task per stage and regime."""
+        from client.gensite import get_decoder
+
+        dec = self._timed("load-model", get_decoder, self.cfg)
+        self.run["adapter"] = {"keys": len(dec.init_state), "bytes": state_nbytes(dec.init_state),
+                               "parameters": int(sum(v.size for v in dec.init_state.values())),
+                               "base_model": dec.identity}
+        nodes = list(self.sites)
+        self.steps_total = int(self.cfg["num-server-rounds"]) + int(self.cfg["dpo-rounds"]) + 2
+        sft = self._timed("sft", self.federated_rounds, dec, {"global-sft": nodes}, "sft", "train.sft")["global-sft"]
+        dpo = sft
+        if int(self.cfg["dpo-rounds"]) > 0:
+            dpo = self._timed("dpo", self.federated_rounds, dec, {"global-dpo": nodes}, "dpo", "train.dpo", sft,
+                              int(self.cfg["dpo-rounds"]))["global-dpo"]
+        t = time.time()
+        msgs = [Message(RecordDict({"global": dpo, "config": self._config()}), dst_node_id=n,
+                        message_type="train.gen_local") for n in nodes]
+        self._collect(nodes, list(self.grid.send_and_receive(msgs, timeout=float(self.cfg["round-timeout"]))),
+                      "local and personalized")
+        self.timings["personalize"] = round(time.time() - t, 2)
+        self.steps_done += 1
+        t = time.time()
+        msgs = [Message(RecordDict({"global-sft": sft, "global-dpo": dpo, "config": self._config()}), dst_node_id=n,
+                        message_type="evaluate.gen") for n in nodes]
+        ok = self._collect(nodes, list(self.grid.send_and_receive(msgs, timeout=float(self.cfg["round-timeout"]))),
+                           "evaluate")
+        for site, rep in ok.items():
+            for key, val in dict(rep.content["metrics"]).items():
+                _, task, stage, regime, metric = key.split("/")
+                n = dict(rep.content["metrics"]).get(f"gen/{task}/{stage}/{regime}/n")
+                self.rows.append({"site": site, "regime": regime, "split": "test", "subgroup": "all",
+                                  "metric": metric, "value": float(val), "n": n, "status": "ok", "note": "",
+                                  "task": task, "stage": stage})
+        self.timings["evaluate"] = round(time.time() - t, 2)
+        self.steps_done += 1
+        _say(f"generative evaluation: {len(ok)} sites reported {_bar(self.steps_done, self.steps_total)}")
+        if not ok:
+            raise StudyError("no site returned evaluation metrics")
+
     def execute(self):
         from client.site import LoadedModel, model_key
 
@@ -424,6 +468,10 @@ class Study:
         try:
             nodes = self._timed("wait", self.wait_for_nodes)
             self._timed("describe", self.describe, nodes)
+            if self.cfg["task"] == "generative":
+                self.generative()
+                self.run["status"] = "completed"
+                return self.run_dir
             lm = self._timed("load-model", LoadedModel, model_key(self.cfg))
             self.run["adapter"] = {"keys": len(lm.init_state), "bytes": state_nbytes(lm.init_state),
                                    "parameters": int(sum(v.size for v in lm.init_state.values())),
@@ -447,7 +495,7 @@ class Study:
             self.run["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
             self.write_metrics()
             self.write_run()
-            if self.cfg.get("report", True):
+            if self.cfg.get("report", True) and self.cfg["task"] != "generative":
                 try:
                     from server.report import build_report
 

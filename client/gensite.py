@@ -1,0 +1,150 @@
+"""One hospital's side of a generative (instruction-tuning) study.
+
+The site's instruction data: its triage messages and extraction notes
+(`<hospital>/generative/*.jsonl`) and yes/no readmission questions built from
+its discharge notes. Items are split train/test by a stable hash of their id.
+Only adapters and aggregate scores leave; generations never do.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from common.data import read_site_table, split_site, stable_uniform
+from common.instruct import (
+    InstructSettings,
+    answer_probability,
+    decoder_adapter_state,
+    dpo_train,
+    generate,
+    make_lora_causal_lm,
+    sft_train,
+)
+from common.models import LoraSettings, load_adapter_state, model_identity
+from common.tasks import TASKS
+
+GEN_SUBDIR = "generative"
+
+
+@dataclass(frozen=True)
+class DecoderKey:
+    model: str
+    seed: int
+    lora: LoraSettings
+
+
+class LoadedDecoder:
+    """A causal LM with its LoRA adapter, loaded once per process; adapters are swapped in."""
+
+    def __init__(self, key: DecoderKey):
+        self.key = key
+        self.model, self.tokenizer = make_lora_causal_lm(key.model, key.seed, key.lora)
+        self.init_state = decoder_adapter_state(self.model)
+        self.shapes = {k: tuple(v.shape) for k, v in self.init_state.items()}
+        self.identity = model_identity(key.model) if key.model != "tiny-llama" else "tiny-llama@clinfed"
+
+    def use(self, state):
+        load_adapter_state(self.model, state, reference=self.init_state)
+        return self.model
+
+
+_DECODERS: dict[DecoderKey, LoadedDecoder] = {}
+
+
+def get_decoder(cfg: dict) -> LoadedDecoder:
+    targets = tuple(t.strip() for t in cfg["lora-targets"].split(",") if t.strip())
+    key = DecoderKey(cfg["decoder"], int(cfg["seed"]), LoraSettings(cfg["lora-rank"], cfg["lora-alpha"],
+                                                                    cfg["lora-dropout"], targets))
+    if key not in _DECODERS:
+        _DECODERS.clear()
+        _DECODERS[key] = LoadedDecoder(key)
+    return _DECODERS[key]
+
+
+def gen_tasks(cfg: dict) -> list[str]:
+    names = [t.strip() for t in str(cfg["gen-tasks"]).split(",") if t.strip()]
+    return [t for t in names if t in ("triage", "extraction", "readmission")]
+
+
+class GenSite:
+    def __init__(self, name: str, folder: Path, table: Path, cfg: dict):
+        self.name, self.cfg = name, cfg
+        seed = int(cfg["seed"])
+        self.items: dict[str, dict[str, list[dict]]] = {}
+        for task in gen_tasks(cfg):
+            if task == "readmission":
+                splits = split_site(read_site_table(table, warn=False), seed=seed, temporal_frac=0.0,
+                                    test_frac=0.25, val_frac=0.0)
+                conv = lambda df: [{"id": r.encounter_id, "note_text": r.note_text,  # noqa: E731
+                                    "readmitted_30d": int(r.readmitted_30d)} for r in df.itertuples()]
+                train, test = conv(splits["train"]), conv(splits["test"])
+            else:
+                path = folder / GEN_SUBDIR / f"{task}.jsonl"
+                if not path.exists():
+                    continue
+                recs = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+                u = stable_uniform(seed, [r["id"] for r in recs])
+                train = [r for r, x in zip(recs, u) if x >= 0.25]
+                test = [r for r, x in zip(recs, u) if x < 0.25]
+            cap = int(cfg["gen-eval-items"])
+            self.items[task] = {"train": train, "test": test[:cap]}
+
+    def n_train(self) -> int:
+        return sum(len(v["train"]) for v in self.items.values())
+
+    def settings(self, steps: int, offset: int) -> InstructSettings:
+        c = self.cfg
+        return InstructSettings(steps=int(steps), batch_size=int(c["gen-batch-size"]), lr=float(c["gen-learning-rate"]),
+                                max_length=int(c["gen-max-length"]), beta=float(c["dpo-beta"]),
+                                seed=int(c["seed"]) + offset)
+
+    def sft_examples(self) -> list[dict]:
+        mw = int(self.cfg["gen-max-words"])
+        return [TASKS[t].build_example(r, max_words=mw) for t, v in self.items.items() for r in v["train"]]
+
+    def dpo_pairs(self) -> list[dict]:
+        mw = int(self.cfg["gen-max-words"])
+        rng = random.Random(int(self.cfg["seed"]))
+        pairs = []
+        for t, v in self.items.items():
+            for r in v["train"]:
+                ex = TASKS[t].build_example(r, max_words=mw)
+                pairs.append({"prompt": ex["prompt"], "chosen": ex["completion"],
+                              "rejected": [{"role": "assistant", "content": TASKS[t].rejected(r, rng)}]})
+        return pairs
+
+    def sft(self, dec: LoadedDecoder, start, steps: int, offset: int):
+        model = dec.use(start)
+        info = sft_train(model, dec.tokenizer, self.sft_examples(), self.settings(steps, offset))
+        return decoder_adapter_state(model), info
+
+    def dpo(self, dec: LoadedDecoder, start, steps: int, offset: int):
+        """DPO from `start`; TRL's reference is `start` itself (see common.instruct)."""
+        model = dec.use(start)
+        info = dpo_train(model, dec.tokenizer, self.dpo_pairs(), self.settings(steps, offset))
+        return decoder_adapter_state(model), info
+
+    def evaluate(self, dec: LoadedDecoder, state, k: int) -> dict[str, dict[str, float]]:
+        """Aggregate scores per task; a task with fewer than k test items is withheld."""
+        model = dec.use(state)
+        mw = int(self.cfg["gen-max-words"])
+        out = {}
+        for t, v in self.items.items():
+            recs = v["test"]
+            if len(recs) < k:
+                continue
+            prompts = [TASKS[t].prompt(r, max_words=mw) for r in recs]
+            if t == "readmission":
+                p_yes = answer_probability(model, dec.tokenizer, prompts)
+                answers = ["yes" if p >= 0.5 else "no" for p in p_yes]
+                scores = TASKS[t].score(recs, answers, p_yes=p_yes)
+            else:
+                gens = generate(model, dec.tokenizer, prompts, max_new_tokens=int(self.cfg["gen-max-new-tokens"]))
+                scores = TASKS[t].score(recs, gens)
+            out[t] = {m: float(x) for m, x in scores.items() if x is not None and np.isfinite(x)}
+        return out
