@@ -94,12 +94,13 @@ def cmd_simulate(args) -> int:
 
 
 def cmd_report(args) -> int:
+    from server.genreport import build_generative_report, is_generative
     from server.report import build_report
 
     run_dir = Path(args.run_dir)
     if not (run_dir / "metrics.csv").exists():
         raise CliError(f"{run_dir} has no metrics.csv: is it a clinfed RUN_DIR?")
-    print(build_report(run_dir))
+    print((build_generative_report if is_generative(run_dir) else build_report)(run_dir))
     return 0
 
 

@@ -70,6 +70,8 @@ KEYS: dict[str, tuple[Any, type, Any, str]] = {
     "gen-max-words": (60, int, (5, 5000), "generative: words of each input kept in the prompt"),
     "gen-eval-items": (16, int, (1, 100000), "generative: test items per task per site"),
     "gen-max-new-tokens": (48, int, (1, 4096), "generative: tokens generated per answer"),
+    "public-eval": (True, bool, None,
+                    "generative: the server also scores base and global adapters on public PubMedQA and MeQSum test items"),
     "report": (True, bool, None, "build report.html at the end"),
 }
 

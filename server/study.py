@@ -460,6 +460,34 @@ class Study:
         _say(f"generative evaluation: {len(ok)} sites reported {_bar(self.steps_done, self.steps_total)}")
         if not ok:
             raise StudyError("no site returned evaluation metrics")
+        if self.cfg["public-eval"]:
+            t = time.time()
+            self.public_eval(dec, {("base", "base"): dec.init_state,
+                                   ("sft", "global"): {k: v.numpy() for k, v in sft.items()},
+                                   ("dpo", "global"): {k: v.numpy() for k, v in dpo.items()}})
+            self.timings["public-eval"] = round(time.time() - t, 2)
+
+    def public_eval(self, dec, cells: dict):
+        """Score adapters on public PubMedQA and MeQSum test items, at the server: public
+        text needs no privacy, and these tasks are unseen by the sites' tuning."""
+        from common.instruct import generate
+        from common.public_data import load_public
+        from common.tasks import TASKS
+
+        n = int(self.cfg["gen-eval-items"])
+        for task in ("pubmedqa", "meqsum"):
+            recs = load_public(task, "test", limit=n)
+            prompts = [TASKS[task].prompt(r, max_words=int(self.cfg["gen-max-words"]) * 2) for r in recs]
+            for (stage, regime), state in cells.items():
+                gens = generate(dec.use(state), dec.tokenizer, prompts,
+                                max_new_tokens=int(self.cfg["gen-max-new-tokens"]))
+                for metric, value in TASKS[task].score(recs, gens).items():
+                    if value is None or not np.isfinite(value):
+                        continue
+                    self.rows.append({"site": "public", "regime": regime, "split": "test", "subgroup": "all",
+                                      "metric": metric, "value": float(value), "n": len(recs), "status": "ok",
+                                      "note": "public data, scored at the server", "task": task, "stage": stage})
+        _say(f"public PubMedQA and MeQSum scored on {n} items each")
 
     def execute(self):
         from client.site import LoadedModel, model_key
@@ -495,11 +523,13 @@ class Study:
             self.run["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
             self.write_metrics()
             self.write_run()
-            if self.cfg.get("report", True) and self.cfg["task"] != "generative":
+            if self.cfg.get("report", True):
                 try:
+                    from server.genreport import build_generative_report
                     from server.report import build_report
 
-                    path = build_report(self.run_dir)
+                    build = build_generative_report if self.cfg["task"] == "generative" else build_report
+                    path = build(self.run_dir)
                     _say(f"report: {path}")
                 except Exception as exc:  # the numbers are on disk even if a figure fails
                     log.error("report failed: %s", exc)

@@ -27,7 +27,10 @@ def test_generative_study_sft_then_dpo(small_federation, tmp_path):
     assert run["rounds"][0]["adapter_hash"]["global-sft"] != run["rounds"][1]["adapter_hash"]["global-dpo"]
     df = pd.read_csv(tmp_path / "metrics.csv")
     assert {"task", "stage"} <= set(df.columns)
-    assert set(df["task"]) == {"triage", "extraction", "readmission"}
+    assert set(df["task"]) == {"triage", "extraction", "readmission", "pubmedqa", "meqsum"}
+    public = df[df["site"] == "public"]
+    assert set(public["task"]) == {"pubmedqa", "meqsum"} and {"rouge_l", "macro_f1"} <= set(public["metric"])
+    df = df[df["site"] != "public"]
     cells = set(zip(df["stage"], df["regime"]))
     assert cells == {("base", "base"), ("sft", "global"), ("dpo", "global"), ("sft", "local"), ("dpo", "local"),
                      ("dpo", "personalized")}
@@ -36,6 +39,9 @@ def test_generative_study_sft_then_dpo(small_federation, tmp_path):
     assert (tmp_path / "adapters" / "global-dpo" / "final" / "adapter_config.json").exists()
     for name, _ in sites:
         assert (tmp_path / "sites" / name / "adapters" / "local-dpo" / "adapter_config.json").exists()
+    report = (tmp_path / "report.html").read_text()
+    assert "triage" in report and "dpo: personalized" in report and "pubmedqa" in report
+    assert (tmp_path / "tables" / "generative_triage_urgency_f1.csv").exists()
     # audit: only adapters (in SFT/DPO replies) and aggregate numbers left the sites
     for rep in grid.replies:
         assert not rep.has_error(), rep.error.reason
