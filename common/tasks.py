@@ -298,8 +298,9 @@ class TriageTask(Task):
             return None
         urgency = parse_label(text, URGENCY, key="urgency")
         personnel = parse_label(text, PERSONNEL, key="personnel")
-        if urgency is None or personnel is None:
+        if urgency is None and personnel is None:
             return None
+        # an answer with one readable axis is scored on that axis (the other counts as wrong)
         return {"urgency": urgency, "personnel": personnel}
 
     def score(self, records, generations, **kw):

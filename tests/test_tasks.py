@@ -83,9 +83,10 @@ def test_triage_parser():
     assert p("urgency: urgent\npersonnel: physician") == {"urgency": "urgent", "personnel": "physician"}
     assert p("**Urgency:** Soon.  Personnel - Nurse. Hope this helps!") == {"urgency": "soon", "personnel": "nurse"}
     assert p("Routine, scheduler") == {"urgency": "routine", "personnel": "scheduler"}
-    assert p("urgency: urgent") is None  # one axis missing
-    assert p("urgency: critical\npersonnel: nurse") is None  # not a label
-    assert p("Either urgent or routine, nurse") is None  # hedged
+    assert p("urgency: urgent") == {"urgency": "urgent", "personnel": None}  # one axis: scored on it alone
+    assert p("nothing useful here") is None
+    assert p("urgency: critical\npersonnel: nurse") == {"urgency": None, "personnel": "nurse"}  # not a label
+    assert p("Either urgent or routine") is None  # hedged, and no personnel
     assert p("") is None and p(None) is None
 
 
