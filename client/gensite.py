@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,44 +24,21 @@ from common.instruct import (
     make_lora_causal_lm,
     sft_train,
 )
-from common.models import LoraSettings, load_adapter_state, model_identity
+from client.site import LoadedModel, ModelKey, model_key
 from common.tasks import TASKS
 
 GEN_SUBDIR = "generative"
 
 
-@dataclass(frozen=True)
-class DecoderKey:
-    model: str
-    seed: int
-    lora: LoraSettings
+_DECODERS: dict[ModelKey, LoadedModel] = {}
 
 
-class LoadedDecoder:
-    """A causal LM with its LoRA adapter, loaded once per process; adapters are swapped in."""
-
-    def __init__(self, key: DecoderKey):
-        self.key = key
-        self.model, self.tokenizer = make_lora_causal_lm(key.model, key.seed, key.lora)
-        self.init_state = decoder_adapter_state(self.model)
-        self.shapes = {k: tuple(v.shape) for k, v in self.init_state.items()}
-        self.identity = model_identity(key.model) if key.model != "tiny-llama" else "tiny-llama@clinfed"
-
-    def use(self, state):
-        load_adapter_state(self.model, state, reference=self.init_state)
-        return self.model
-
-
-_DECODERS: dict[DecoderKey, LoadedDecoder] = {}
-
-
-def get_decoder(cfg: dict) -> LoadedDecoder:
-    targets = tuple(t.strip() for t in cfg["lora-targets"].split(",") if t.strip())
-    key = DecoderKey(cfg["decoder"], int(cfg["seed"]), LoraSettings(cfg["lora-rank"], cfg["lora-alpha"],
-                                                                    cfg["lora-dropout"], targets))
+def get_decoder(cfg: dict) -> LoadedModel:
+    """The decoder with its LoRA adapter, loaded once per process (like the classifier)."""
+    key = model_key({**cfg, "model": cfg["decoder"]})
     if key not in _DECODERS:
         _DECODERS.clear()
-        _DECODERS[key] = LoadedDecoder(key)
+        _DECODERS[key] = LoadedModel(key, build=make_lora_causal_lm)
     return _DECODERS[key]
 
 
@@ -118,18 +94,18 @@ class GenSite:
                               "rejected": [{"role": "assistant", "content": TASKS[t].rejected(r, rng)}]})
         return pairs
 
-    def sft(self, dec: LoadedDecoder, start, steps: int, offset: int):
+    def sft(self, dec: LoadedModel, start, steps: int, offset: int):
         model = dec.use(start)
         info = sft_train(model, dec.tokenizer, self.sft_examples(), self.settings(steps, offset))
         return decoder_adapter_state(model), info
 
-    def dpo(self, dec: LoadedDecoder, start, steps: int, offset: int):
+    def dpo(self, dec: LoadedModel, start, steps: int, offset: int):
         """DPO from `start`; TRL's reference is `start` itself (see common.instruct)."""
         model = dec.use(start)
         info = dpo_train(model, dec.tokenizer, self.dpo_pairs(), self.settings(steps, offset))
         return decoder_adapter_state(model), info
 
-    def evaluate(self, dec: LoadedDecoder, state, k: int) -> dict[str, dict[str, float]]:
+    def evaluate(self, dec: LoadedModel, state, k: int) -> dict[str, dict[str, float]]:
         """Aggregate scores per task; a task with fewer than k test items is withheld."""
         model = dec.use(state)
         mw = int(self.cfg["gen-max-words"])

@@ -52,11 +52,14 @@ class ModelKey:
 
 
 class LoadedModel:
-    """A base classifier with its LoRA adapter, loaded once per process."""
+    """A base model with its LoRA adapter, loaded once per process; adapters are swapped in.
 
-    def __init__(self, key: ModelKey):
+    `build` makes the PeftModel: the classifier by default, the causal LM for
+    instruction tuning (client.gensite)."""
+
+    def __init__(self, key: ModelKey, build=make_lora_model):
         self.key = key
-        self.model, self.tokenizer = make_lora_model(key.model, key.seed, key.lora)
+        self.model, self.tokenizer = build(key.model, key.seed, key.lora)
         self.init_state = adapter_state(self.model)
         self.shapes = {k: tuple(v.shape) for k, v in self.init_state.items()}
         self.identity = model_identity(key.model)
