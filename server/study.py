@@ -449,9 +449,10 @@ class Study:
         ok = self._collect(nodes, list(self.grid.send_and_receive(msgs, timeout=float(self.cfg["round-timeout"]))),
                            "evaluate")
         for site, rep in ok.items():
-            for key, val in dict(rep.content["metrics"]).items():
+            released = dict(rep.content["metrics"])
+            for key, val in released.items():
                 _, task, stage, regime, metric = key.split("/")
-                n = dict(rep.content["metrics"]).get(f"gen/{task}/{stage}/{regime}/n")
+                n = released.get(f"gen/{task}/{stage}/{regime}/n")
                 self.rows.append({"site": site, "regime": regime, "split": "test", "subgroup": "all",
                                   "metric": metric, "value": float(val), "n": n, "status": "ok", "note": "",
                                   "task": task, "stage": stage})
