@@ -245,7 +245,8 @@ def _prepare_gen(msg: Message, context: Context):
 
     run_dir = str(msg.content["config"].get("run-dir", "")) if "config" in msg.content.config_records else ""
     name, folder, table, out_dir, cfg, policy = locate_site(context, run_dir)
-    key = (name, str(folder), cfg["seed"], cfg["gen-tasks"], cfg["gen-eval-items"])
+    key = (name, str(folder)) + tuple(cfg[k] for k in ("seed", "gen-tasks", "gen-holdout-task", "gen-train-items",
+                                                        "gen-eval-items", "gen-max-words"))
     if key not in _GEN_SITES:
         _GEN_SITES.clear()
         _GEN_SITES[key] = GenSite(name, folder, table, cfg)
@@ -263,9 +264,17 @@ def _describe_generative(msg: Message, context: Context) -> Message:
                    reply_to=msg)
 
 
-def _gen_reply(msg, gsite, state, info) -> Message:
+def _self_rejected_share(info: dict, k: int) -> dict:
+    """The share of DPO pairs whose rejected answer was the model's own, released only
+    when the stage used at least k pairs (an aggregate of training items)."""
+    pairs = int(info.get("pairs", 0))
+    return {"dpo-self-rejected-share": info["self_rejected"] / pairs} if "self_rejected" in info and pairs >= k else {}
+
+
+def _gen_reply(msg, gsite, state, info, k: int) -> Message:
     metrics = MetricRecord({"num-examples": gsite.n_train(), "train-loss": info["train_loss"],
-                            "train-steps": info["steps"], "train-seconds": info["seconds"]})
+                            "train-steps": info["steps"], "train-seconds": info["seconds"],
+                            **_self_rejected_share(info, k)})
     return Message(RecordDict({"arrays": _state_to_arrays(state), "metrics": metrics}), reply_to=msg)
 
 
@@ -276,7 +285,7 @@ def train_sft(msg: Message, context: Context) -> Message:
     gsite, cfg, policy, dec, _ = _prepare_gen(msg, context)
     rnd = int(msg.content["config"].get("server-round", 1))
     state, info = gsite.sft(dec, _arrays_to_state(msg.content["arrays"]), int(cfg["sft-steps"]), rnd)
-    return _gen_reply(msg, gsite, state, info)
+    return _gen_reply(msg, gsite, state, info, policy.min_cell_size)
 
 
 @app.train("dpo")
@@ -286,7 +295,7 @@ def train_dpo(msg: Message, context: Context) -> Message:
     gsite, cfg, policy, dec, _ = _prepare_gen(msg, context)
     rnd = int(msg.content["config"].get("server-round", 1))
     state, info = gsite.dpo(dec, _arrays_to_state(msg.content["arrays"]), int(cfg["dpo-steps"]), 100 + rnd)
-    return _gen_reply(msg, gsite, state, info)
+    return _gen_reply(msg, gsite, state, info, policy.min_cell_size)
 
 
 @app.train("gen_local")
@@ -306,6 +315,7 @@ def train_gen_local(msg: Message, context: Context) -> Message:
                      meta={"site": gsite.name, "regime": regime, "base_model": dec.identity})
     metrics = {"num-examples": gsite.n_train(), "local-train-loss": i2["train_loss"],
                "personalized-train-loss": i3["train_loss"]}
+    metrics.update({f"local-{k}": v for k, v in _self_rejected_share(i2, policy.min_cell_size).items()})
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
 
 

@@ -25,6 +25,7 @@ from common.instruct import (
     sft_train,
 )
 from client.site import LoadedModel, ModelKey, model_key
+from common.config import gen_tasks
 from common.tasks import TASKS
 
 GEN_SUBDIR = "generative"
@@ -42,17 +43,13 @@ def get_decoder(cfg: dict) -> LoadedModel:
     return _DECODERS[key]
 
 
-def gen_tasks(cfg: dict) -> list[str]:
-    names = [t.strip() for t in str(cfg["gen-tasks"]).split(",") if t.strip()]
-    return [t for t in names if t in ("triage", "extraction", "readmission")]
-
-
 class GenSite:
     def __init__(self, name: str, folder: Path, table: Path, cfg: dict):
         self.name, self.cfg = name, cfg
-        seed = int(cfg["seed"])
+        seed, mw = int(cfg["seed"]), int(cfg["gen-max-words"])
+        trained, self.held_out = gen_tasks(cfg)
         self.items: dict[str, dict[str, list[dict]]] = {}
-        for task in gen_tasks(cfg):
+        for task in trained + self.held_out:
             if task == "readmission":
                 splits = split_site(read_site_table(table, warn=False), seed=seed, temporal_frac=0.0,
                                     test_frac=0.25, val_frac=0.0)
@@ -67,8 +64,10 @@ class GenSite:
                 u = stable_uniform(seed, [r["id"] for r in recs])
                 train = [r for r, x in zip(recs, u) if x >= 0.25]
                 test = [r for r, x in zip(recs, u) if x < 0.25]
-            cap = int(cfg["gen-eval-items"])
-            self.items[task] = {"train": train, "test": test[:cap]}
+            seen = lambda rs: [TASKS[task].as_seen(r, mw) for r in rs]  # noqa: E731
+            # a held-out task is scored zero-shot: none of its items reach training
+            keep = 0 if task in self.held_out else int(cfg["gen-train-items"])
+            self.items[task] = {"train": seen(train[:keep]), "test": seen(test[:int(cfg["gen-eval-items"])])}
 
     def n_train(self) -> int:
         return sum(len(v["train"]) for v in self.items.values())
@@ -83,16 +82,40 @@ class GenSite:
         mw = int(self.cfg["gen-max-words"])
         return [TASKS[t].build_example(r, max_words=mw) for t, v in self.items.items() for r in v["train"]]
 
-    def dpo_pairs(self) -> list[dict]:
+    def dpo_pairs(self, dec: LoadedModel | None, n: int, offset: int) -> tuple[list[dict], int]:
+        """`n` preference pairs drawn from the training items, and how many of them
+        reject the model's own wrong answer.
+
+        chosen = the gold answer; rejected = what the starting model (`dec`'s
+        active adapter) generates for the prompt when that is wrong, else a
+        plausible wrong answer (`Task.rejected`). Only the pairs a DPO stage
+        will use are generated for, so self-rejection costs n generations.
+        """
         mw = int(self.cfg["gen-max-words"])
-        rng = random.Random(int(self.cfg["seed"]))
+        rng = random.Random(int(self.cfg["seed"]) * 7919 + offset)
+        pool = [(t, r) for t, v in self.items.items() for r in v["train"]]
+        if not pool:
+            return [], 0
+        picked = [pool[i] for i in rng.sample(range(len(pool)), min(n, len(pool)))]
+        own: list[str | None] = [None] * len(picked)
+        if dec is not None and self.cfg["dpo-self-rejected"]:
+            gen_idx = [i for i, (t, _) in enumerate(picked) if t != "readmission"]
+            if gen_idx:
+                texts = generate(dec.model, dec.tokenizer, [TASKS[picked[i][0]].prompt(picked[i][1], max_words=mw)
+                                                            for i in gen_idx],
+                                 max_new_tokens=int(self.cfg["gen-max-new-tokens"]))
+                for i, text in zip(gen_idx, texts):
+                    t, r = picked[i]
+                    if text.strip() and not TASKS[t].is_correct(r, text):
+                        own[i] = text.strip()
+            # a yes/no answer has one wrong alternative: the plausible one is the model's own mistake
         pairs = []
-        for t, v in self.items.items():
-            for r in v["train"]:
-                ex = TASKS[t].build_example(r, max_words=mw)
-                pairs.append({"prompt": ex["prompt"], "chosen": ex["completion"],
-                              "rejected": [{"role": "assistant", "content": TASKS[t].rejected(r, rng)}]})
-        return pairs
+        for (t, r), mine in zip(picked, own):
+            ex = TASKS[t].build_example(r, max_words=mw)
+            wrong = mine if mine is not None else TASKS[t].rejected(r, rng)
+            pairs.append({"prompt": ex["prompt"], "chosen": ex["completion"],
+                          "rejected": [{"role": "assistant", "content": wrong}]})
+        return pairs, sum(m is not None for m in own)
 
     def sft(self, dec: LoadedModel, start, steps: int, offset: int):
         model = dec.use(start)
@@ -102,12 +125,17 @@ class GenSite:
     def dpo(self, dec: LoadedModel, start, steps: int, offset: int):
         """DPO from `start`; TRL's reference is `start` itself (see common.instruct)."""
         model = dec.use(start)
-        info = dpo_train(model, dec.tokenizer, self.dpo_pairs(), self.settings(steps, offset))
+        pairs, own = self.dpo_pairs(dec, int(steps) * int(self.cfg["gen-batch-size"]), offset)
+        info = dpo_train(model, dec.tokenizer, pairs, self.settings(steps, offset))
+        info.update(self_rejected=own, pairs=len(pairs))
         return decoder_adapter_state(model), info
 
     def evaluate(self, dec: LoadedModel, state, k: int) -> dict[str, dict[str, float]]:
         """Aggregate scores per task; a task with fewer than k test items is withheld."""
-        model = dec.use(state)
+        return self.score_model(dec.use(state), dec.tokenizer, k)
+
+    def score_model(self, model, tok, k: int) -> dict[str, dict[str, float]]:
+        """Scores of any causal LM (e.g. one loaded with plain PEFT) on the site's test items."""
         mw = int(self.cfg["gen-max-words"])
         out = {}
         for t, v in self.items.items():
@@ -116,11 +144,11 @@ class GenSite:
                 continue
             prompts = [TASKS[t].prompt(r, max_words=mw) for r in recs]
             if t == "readmission":
-                p_yes = answer_probability(model, dec.tokenizer, prompts)
+                p_yes = answer_probability(model, tok, prompts)
                 answers = ["yes" if p >= 0.5 else "no" for p in p_yes]
                 scores = TASKS[t].score(recs, answers, p_yes=p_yes)
             else:
-                gens = generate(model, dec.tokenizer, prompts, max_new_tokens=int(self.cfg["gen-max-new-tokens"]))
+                gens = generate(model, tok, prompts, max_new_tokens=int(self.cfg["gen-max-new-tokens"]))
                 scores = TASKS[t].score(recs, gens)
             out[t] = {m: float(x) for m, x in scores.items() if x is not None and np.isfinite(x)}
         return out

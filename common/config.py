@@ -60,6 +60,14 @@ KEYS: dict[str, tuple[Any, type, Any, str]] = {
     "decoder": ("smollm2", str, None,
                 "generative: decoder model: 'smollm2' (offline SmolLM2-135M-Instruct), a Hugging Face id, a local path, or 'tiny-llama'"),
     "gen-tasks": ("triage,extraction,readmission", str, None, "generative: the sites' instruction tasks to train and score"),
+    "gen-holdout-task": ("", str, None,
+                         "generative: one of gen-tasks left out of training and scored zero-shot (leave-one-task-out); empty = none"),
+    "gen-train-items": (100, int, (1, 1000000),
+                        "generative: training items per task per site (a balanced mixture: readmission notes far outnumber the others)"),
+    "dpo-self-rejected": (True, bool, None,
+                          "generative: DPO's rejected answer is the starting model's own wrong answer when it has one, else a plausible wrong one"),
+    "gen-examples": (3, int, (0, 50),
+                     "generative: example generations per task shown in the report, on items of a made-up hospital the server generates"),
     "sft-steps": (5, int, (1, 100000), "generative: SFT steps per site per round"),
     "dpo-rounds": (1, int, (0, 1000), "generative: federated DPO rounds after the SFT rounds"),
     "dpo-steps": (3, int, (1, 100000), "generative: DPO steps per site per round"),
@@ -90,6 +98,25 @@ def regimes(cfg: dict[str, Any]) -> list[str]:
     if unknown:
         raise ConfigError(f"run config 'regimes': unknown regime(s) {sorted(unknown)}; known: {', '.join(REGIMES)}")
     return [r for r in REGIMES if r in asked or r in ("base", "global")]
+
+
+GEN_SITE_TASKS = ("triage", "extraction", "readmission")
+
+
+def gen_tasks(cfg: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """The generative study's (trained, held-out) site tasks, checked."""
+    names = [t.strip() for t in str(cfg.get("gen-tasks", "")).split(",") if t.strip()]
+    unknown = sorted(set(names) - set(GEN_SITE_TASKS))
+    if unknown or not names:
+        raise ConfigError(f"run config 'gen-tasks': {'unknown task(s) ' + str(unknown) if unknown else 'empty'}; "
+                          f"site tasks are {', '.join(GEN_SITE_TASKS)}")
+    hold = str(cfg.get("gen-holdout-task", "")).strip()
+    if hold and hold not in names:
+        raise ConfigError(f"run config 'gen-holdout-task': {hold!r} is not one of gen-tasks ({', '.join(names)})")
+    if hold and len(names) < 2:
+        raise ConfigError("run config 'gen-holdout-task': holding out the only task leaves nothing to train on; "
+                          "list at least two gen-tasks")
+    return [t for t in names if t != hold], [hold] if hold else []
 
 
 def defaults() -> dict[str, Any]:
@@ -134,6 +161,7 @@ def resolve(overrides: dict[str, Any] | None = None) -> dict[str, Any]:
             raise ConfigError(f"unknown run-config key '{key}'{hint}; see the README for the list")
         cfg[key] = _coerce(key, value)
     regimes(cfg)
+    gen_tasks(cfg)
     from common.metrics import parse_edges
 
     try:

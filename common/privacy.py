@@ -37,6 +37,7 @@ ALLOWED_METRIC_KEYS = [
         r"train-steps",
         r"train-seconds",
         r"train-tokens",
+        r"(local-)?dpo-self-rejected-share",
         r"(local|personalized|similarity-weighted|augmented)-train-(loss|seconds)",
         r"site-n-(train|val|test|temporal)",
         rf"desc{SEP}(n|readmission_rate|mortality_rate|words_mean|words_q1|words_median|words_q3)",

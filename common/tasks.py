@@ -273,6 +273,19 @@ class Task:
         """A plausible wrong answer, for DPO preference pairs."""
         raise NotImplementedError
 
+    def as_seen(self, record: dict, max_words: int | None) -> dict:
+        """The record as the model sees it after `max_words` cuts its input.
+
+        Only tasks whose answer quotes the input need more than the record
+        itself (extraction drops gold concepts the cut removed).
+        """
+        return record
+
+    def is_correct(self, record: dict, text: str | None) -> bool:
+        """Whether one generation answers the record exactly (DPO takes the model's
+        own wrong answers as `rejected`)."""
+        return self.parse(text) == self.parse(self.answer(record))
+
     def _parsed(self, records: Sequence[dict], generations: Sequence[str | None]) -> list:
         if len(records) != len(generations):
             raise ValueError(f"{self.name}: {len(records)} records but {len(generations)} generations")
@@ -357,6 +370,22 @@ class ExtractionTask(Task):
         out = _base_scores(parsed)
         out.update(entity_prf(records, parsed))
         return out
+
+    def as_seen(self, record, max_words):
+        """Cut the note and keep only the gold concepts still written in what is left:
+        a concept the model cannot see is not one it can copy."""
+        note = truncate_words(record["note"], max_words or self.max_words)
+        if note == " ".join(str(record["note"]).split()):
+            return record
+        low = _norm(note)
+        kept = {k: [e for e in (record.get(k) or []) if _norm(e) in low] for k in EXTRACTION_KEYS}
+        return {**record, "note": note, **kept}
+
+    def is_correct(self, record, text):
+        p = self.parse(text)
+        if p is None:
+            return False
+        return all({_norm(e) for e in p[k]} == {_norm(e) for e in (record.get(k) or [])} for k in EXTRACTION_KEYS)
 
     def rejected(self, record, rng):
         lists = {k: [str(e) for e in (record.get(k) or [])] for k in EXTRACTION_KEYS}
@@ -449,6 +478,10 @@ class SummaryTask(Task):
             if _words(line):
                 return line
         return None
+
+    def is_correct(self, record, text):
+        p = self.parse(text)
+        return p is not None and rouge_l(p, record["summary"]) >= 0.8
 
     def score(self, records, generations, **kw):
         parsed = self._parsed(records, generations)

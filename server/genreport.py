@@ -37,6 +37,47 @@ def is_generative(run_dir) -> bool:
     return path.exists() and "task" in pd.read_csv(path, nrows=0).columns
 
 
+def _holdout_section(df: pd.DataFrame, task: str) -> str:
+    """The multi-task effect: the held-out task's score, mean over sites, before and after
+    tuning on the other tasks (leave-one-task-out)."""
+    rows = []
+    for metric in HEADLINE.get(task, []):
+        m = df[(df["task"] == task) & (df["metric"] == metric) & (df["site"] != "public")]
+        if not len(m):
+            continue
+        means = m.groupby(["stage", "regime"])["value"].mean()
+        rows.append({"metric": metric, **{f"{s}: {r}": means.get((s, r)) for s, r in CELL_ORDER if (s, r) in means}})
+    if not rows:
+        return ""
+    table = pd.DataFrame(rows).set_index("metric")
+    return (f"<h2>Multi-task effect: {html.escape(task)} held out</h2><p>No {html.escape(task)} item was trained "
+            "on at any site; the adapters were tuned on the other tasks only. The table is the mean over sites of "
+            f"the zero-shot {html.escape(task)} scores: a rise from <b>base</b> is the transfer of multi-task "
+            "instruction tuning to an unseen task.</p>" + table.to_html(float_format=lambda x: f"{x:.3f}", na_rep="-"))
+
+
+TICK = "\u2713"
+
+
+def _examples_section(path: Path) -> str:
+    """Generations on the server's own synthetic probe items (never a site's items)."""
+    if not path.exists():
+        return ""
+    items = json.loads(path.read_text())
+    if not items:
+        return ""
+    parts = ["<h2>Example generations (synthetic probe items)</h2><p>Items of a made-up hospital that the server "
+             "generated itself; sites' own generations never leave them. \u2713 = exactly right.</p>"]
+    for it in items:
+        cells = "".join(f"<tr><td>{html.escape(cell)}</td><td>{TICK if out['correct'] else ''}</td>"
+                        f"<td><pre>{html.escape(out['text'])}</pre></td></tr>" for cell, out in it["outputs"].items())
+        parts.append(f"<h4>{html.escape(it['task'])}{' (held out)' if it.get('held_out') else ''}</h4>"
+                     f"<pre style='white-space:pre-wrap'>{html.escape(it['input'])}</pre>"
+                     f"<table><tr><th>adapter</th><th></th><th>output</th></tr>"
+                     f"<tr><td>expected</td><td></td><td><pre>{html.escape(it['expected'])}</pre></td></tr>{cells}</table>")
+    return "\n".join(parts)
+
+
 def build_generative_report(run_dir) -> Path:
     run_dir = Path(run_dir)
     (run_dir / "figures").mkdir(exist_ok=True)
@@ -59,10 +100,15 @@ def build_generative_report(run_dir) -> Path:
     ]
     for err in run.get("errors") or []:
         parts.append(f"<p style='color:#a00'>{html.escape(str(err))}</p>")
+    held_out = str(cfg.get("gen-holdout-task", "") or "")
+    if held_out and held_out in set(df["task"]):
+        parts.append(_holdout_section(df, held_out))
     for task in [t for t in HEADLINE if t in set(df["task"])]:
         sub = df[df["task"] == task]
         metrics = [m for m in HEADLINE[task] if m in set(sub["metric"])]
-        parts.append(f"<h2>{html.escape(task)}</h2>")
+        role = (" (held out of training: zero-shot)" if task == held_out else
+                " (public text, scored at the server: unseen by the tuning)" if task in ("pubmedqa", "meqsum") else "")
+        parts.append(f"<h2>{html.escape(task)}{role}</h2>")
         for metric in metrics:
             m = sub[sub["metric"] == metric]
             table = m.pivot_table(index="site", columns=["stage", "regime"], values="value")
@@ -81,6 +127,7 @@ def build_generative_report(run_dir) -> Path:
             ax.set_title(f"{task}: {metric}, mean over sites")
             fig.savefig(run_dir / "figures" / f"generative_{task}_{metric}.png", dpi=110, bbox_inches="tight")
             parts.append(f"<img src='data:image/png;base64,{_png(fig)}'>")
+    parts.append(_examples_section(run_dir / "examples.json"))
     rounds = pd.DataFrame([{k: r.get(k) for k in ("phase", "round", "bytes_sent", "bytes_received", "seconds")}
                            for r in run.get("rounds", [])])
     if len(rounds):

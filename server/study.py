@@ -28,7 +28,7 @@ import pandas as pd
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp.strategy import FedAvg
 
-from common.config import regimes
+from common.config import gen_tasks, regimes
 from common.metrics import METRIC_COLUMNS, cell_rows
 from common.models import save_adapter, state_hash, state_nbytes
 
@@ -257,9 +257,12 @@ class Study:
                 self.last_states.setdefault(phase, {})[site] = {k: v.numpy() for k, v in rep.content["arrays"].items()}
             received = sum(_arrays_bytes(r.content["arrays"]) for r in ok.values())
             losses = {s: float(r.content["metrics"]["train-loss"]) for s, r in ok.items()}
+            own = {s: float(r.content["metrics"]["dpo-self-rejected-share"]) for s, r in ok.items()
+                   if "dpo-self-rejected-share" in r.content["metrics"]}
             self.rounds.append({
                 "phase": phase, "round": rnd, "sites": list(ok), "failures": self.phase_failures[label],
                 "bytes_sent": sent, "bytes_received": received, "train_loss": losses,
+                **({"dpo_self_rejected_share": own} if own else {}),
                 "seconds": round(time.time() - t, 2),
                 "adapter_hash": {g: state_hash({k: v.numpy() for k, v in a.items()}) for g, a in arrays.items()},
             })
@@ -448,25 +451,58 @@ class Study:
                         message_type="evaluate.gen") for n in nodes]
         ok = self._collect(nodes, list(self.grid.send_and_receive(msgs, timeout=float(self.cfg["round-timeout"]))),
                            "evaluate")
+        _, held_out = gen_tasks(self.cfg)
         for site, rep in ok.items():
             released = dict(rep.content["metrics"])
             for key, val in released.items():
                 _, task, stage, regime, metric = key.split("/")
                 n = released.get(f"gen/{task}/{stage}/{regime}/n")
+                note = "held out of training: zero-shot" if task in held_out else ""
                 self.rows.append({"site": site, "regime": regime, "split": "test", "subgroup": "all",
-                                  "metric": metric, "value": float(val), "n": n, "status": "ok", "note": "",
+                                  "metric": metric, "value": float(val), "n": n, "status": "ok", "note": note,
                                   "task": task, "stage": stage})
         self.timings["evaluate"] = round(time.time() - t, 2)
         self.steps_done += 1
         _say(f"generative evaluation: {len(ok)} sites reported {_bar(self.steps_done, self.steps_total)}")
         if not ok:
             raise StudyError("no site returned evaluation metrics")
+        cells = {("base", "base"): dec.init_state, ("sft", "global"): {k: v.numpy() for k, v in sft.items()},
+                 ("dpo", "global"): {k: v.numpy() for k, v in dpo.items()}}
         if self.cfg["public-eval"]:
             t = time.time()
-            self.public_eval(dec, {("base", "base"): dec.init_state,
-                                   ("sft", "global"): {k: v.numpy() for k, v in sft.items()},
-                                   ("dpo", "global"): {k: v.numpy() for k, v in dpo.items()}})
+            self.public_eval(dec, cells)
             self.timings["public-eval"] = round(time.time() - t, 2)
+        if int(self.cfg["gen-examples"]) > 0:
+            t = time.time()
+            self.probe_examples(dec, cells)
+            self.timings["examples"] = round(time.time() - t, 2)
+
+    def probe_examples(self, dec, cells: dict):
+        """Example generations for the report, on items of a made-up hospital that the
+        server generates itself: a site's own outputs never leave it."""
+        from common.instruct import generate
+        from common.tasks import TASKS
+        from simulations.generative import probe_items
+
+        trained, held_out = gen_tasks(self.cfg)
+        items = probe_items(int(self.cfg["seed"]), int(self.cfg["gen-examples"]))
+        out = []
+        for task, recs in items.items():
+            if task not in trained + held_out:
+                continue
+            mw = int(self.cfg["gen-max-words"])
+            recs = [TASKS[task].as_seen(r, mw) for r in recs]
+            prompts = [TASKS[task].prompt(r, max_words=mw) for r in recs]
+            gens = {f"{stage}: {regime}": generate(dec.use(state), dec.tokenizer, prompts,
+                                                   max_new_tokens=int(self.cfg["gen-max-new-tokens"]))
+                    for (stage, regime), state in cells.items()}
+            for i, (r, p) in enumerate(zip(recs, prompts)):
+                out.append({"task": task, "held_out": task in held_out, "input": p[-1]["content"],
+                            "expected": TASKS[task].answer(r),
+                            "outputs": {cell: {"text": g[i], "correct": TASKS[task].is_correct(r, g[i])}
+                                        for cell, g in gens.items()}})
+        (self.run_dir / "examples.json").write_text(json.dumps(out, indent=1, ensure_ascii=False))
+        _say(f"example generations on {len(out)} synthetic probe items written to examples.json")
 
     def public_eval(self, dec, cells: dict):
         """Score adapters on public PubMedQA and MeQSum test items, at the server: public

@@ -36,6 +36,7 @@ __all__ = [
     "PERSONNEL",
     "task_count",
     "write_generative_tasks",
+    "probe_items",
 ]
 
 GENERATIVE_VERSION = "1.0.0"
@@ -585,3 +586,24 @@ def write_generative_tasks(out_dir, truth_or_sites, seed: int = 0) -> dict:
         "note_words": [MIN_NOTE_WORDS, MAX_NOTE_WORDS],
         "sites": site_truth,
     }
+
+
+PROBE_SALT = 0x70726F  # the probe site's stream: no hospital of any federation shares it
+
+
+def probe_items(seed: int, n: int) -> dict[str, list[dict]]:
+    """`n` triage and extraction items of a made-up hospital, written by this generator.
+
+    The server shows example generations on these only: a real site's outputs never
+    leave it, so the report's examples must come from text nobody's patients wrote.
+    """
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        write_generative_tasks(tmp, [600], seed=int(seed) + PROBE_SALT)
+        folder = Path(tmp) / site_name(0) / TASK_DIR
+        out = {}
+        for task, fname in (("triage", TRIAGE_FILE), ("extraction", EXTRACTION_FILE)):
+            rows = [json.loads(line) for line in (folder / fname).read_text(encoding="utf-8").splitlines()]
+            out[task] = [{**r, "id": f"probe-{task[0]}{i:03d}"} for i, r in enumerate(rows[:n])]
+    return out

@@ -18,7 +18,7 @@ def test_generative_study_sft_then_dpo(small_federation, tmp_path):
     cfg = resolve({"task": "generative", "decoder": "tiny-llama", "data-dir": str(small_federation),
                    "num-server-rounds": 1, "sft-steps": 2, "dpo-rounds": 1, "dpo-steps": 1,
                    "gen-eval-items": 10, "min-cell-size": 5, "gen-batch-size": 4, "gen-max-new-tokens": 8,
-                   "gen-max-words": 30})
+                   "gen-max-words": 30, "gen-holdout-task": "readmission", "gen-examples": 2})
     grid = LocalGrid(client_app, [{"partition-id": i, "num-partitions": len(sites)} for i in range(len(sites))], cfg)
     Study(grid, cfg, tmp_path).execute()
     run = json.loads((tmp_path / "run.json").read_text())
@@ -39,7 +39,17 @@ def test_generative_study_sft_then_dpo(small_federation, tmp_path):
     assert (tmp_path / "adapters" / "global-dpo" / "final" / "adapter_config.json").exists()
     for name, _ in sites:
         assert (tmp_path / "sites" / name / "adapters" / "local-dpo" / "adapter_config.json").exists()
+    # leave-one-task-out: readmission was never trained on, and is scored zero-shot
+    held = df[df["task"] == "readmission"]
+    assert len(held) and (held["note"] == "held out of training: zero-shot").all()
+    assert (df[df["task"] != "readmission"]["note"].fillna("") == "").all()
+    _reload_with_plain_peft(cfg, tmp_path, sites, pd.read_csv(tmp_path / "metrics.csv"))
+    # example generations come from the server's own probe items, never from a site's
+    examples = json.loads((tmp_path / "examples.json").read_text())
+    assert {e["task"] for e in examples} == {"triage", "extraction"} and len(examples) == 4
+    assert all(set(e["outputs"]) == {"base: base", "sft: global", "dpo: global"} for e in examples)
     report = (tmp_path / "report.html").read_text()
+    assert "Multi-task effect: readmission held out" in report and "Example generations" in report
     assert "triage" in report and "dpo: personalized" in report and "pubmedqa" in report
     assert (tmp_path / "tables" / "generative_triage_urgency_f1.csv").exists()
     # audit: only adapters (in SFT/DPO replies) and aggregate numbers left the sites
@@ -52,3 +62,43 @@ def test_generative_study_sft_then_dpo(small_federation, tmp_path):
             assert isinstance(val, (int, float)), key
         raw = message_to_proto(rep).SerializeToString()
         assert b"h01-" not in raw and b"h02-" not in raw, "an item id left a site"
+
+
+def _reload_with_plain_peft(cfg, run_dir, sites, df):
+    """SFT and DPO adapters saved by the study load with `PeftModel.from_pretrained` on
+    the base and reproduce the scores the study reported (server-side and site-side)."""
+    from peft import PeftModel
+
+    from client.gensite import GenSite
+    from common.decoder import load_causal_lm
+    from common.instruct import generate
+    from common.public_data import load_public
+    from common.tasks import TASKS
+
+    def plain(folder):
+        base, tok = load_causal_lm("tiny-llama", int(cfg["seed"]))
+        return PeftModel.from_pretrained(base, str(folder)).eval(), tok
+
+    checked = 0
+    for stage in ("sft", "dpo"):
+        model, tok = plain(run_dir / "adapters" / f"global-{stage}" / "final")
+        recs = load_public("meqsum", "test", limit=int(cfg["gen-eval-items"]))
+        prompts = [TASKS["meqsum"].prompt(r, max_words=int(cfg["gen-max-words"]) * 2) for r in recs]
+        gens = generate(model, tok, prompts, max_new_tokens=int(cfg["gen-max-new-tokens"]))
+        got = TASKS["meqsum"].score(recs, gens)["rouge_l"]
+        want = df[(df["site"] == "public") & (df["task"] == "meqsum") & (df["stage"] == stage)
+                  & (df["regime"] == "global") & (df["metric"] == "rouge_l")]["value"]
+        assert len(want) == 1 and abs(float(want.iloc[0]) - got) < 1e-9, (stage, got, want)
+        checked += 1
+    name, folder = sites[0]
+    gsite = GenSite(name, folder, folder / "encounters.csv", cfg)
+    model, tok = plain(run_dir / "sites" / name / "adapters" / "local-dpo")
+    scores = gsite.score_model(model, tok, int(cfg["min-cell-size"]))
+    assert scores, "the site scored no task"
+    for task, vals in scores.items():
+        for metric, value in vals.items():
+            want = df[(df["site"] == name) & (df["task"] == task) & (df["stage"] == "dpo") & (df["regime"] == "local")
+                      & (df["metric"] == metric)]["value"]
+            assert len(want) == 1 and abs(float(want.iloc[0]) - value) < 1e-6, (task, metric, value, want)
+            checked += 1
+    assert checked > 5

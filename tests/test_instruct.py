@@ -82,3 +82,44 @@ def test_dpo_moves_towards_chosen_and_the_adapter_reloads_with_plain_peft(tmp_pa
     prompts = [e["prompt"] for e in exs[:4]]
     np.testing.assert_allclose(answer_probability(loaded, tok, prompts), answer_probability(model, tok, prompts),
                                rtol=1e-5)
+
+
+def test_dpo_pairs_reject_the_models_own_wrong_answers(small_federation):
+    """An untrained tiny model answers wrongly, so with dpo-self-rejected its own outputs
+    become `rejected`; without it, the plausible wrong answers are used."""
+    from client.gensite import GenSite, get_decoder
+    from common.config import resolve
+    from common.data import list_sites
+
+    name, folder = list_sites(small_federation)[0]
+    for own in (True, False):
+        cfg = resolve({"task": "generative", "decoder": "tiny-llama", "gen-tasks": "triage,extraction",
+                       "gen-max-new-tokens": 6, "dpo-self-rejected": own})
+        site = GenSite(name, folder, folder / "encounters.csv", cfg)
+        dec = get_decoder(cfg)
+        dec.use(dec.init_state)
+        pairs, n_own = site.dpo_pairs(dec, 6, offset=1)
+        assert len(pairs) == 6
+        assert all(p["rejected"][0]["content"] != p["chosen"][0]["content"] for p in pairs)
+        assert (n_own == 6) if own else (n_own == 0)
+
+
+def test_holdout_task_has_no_training_items(small_federation):
+    import pytest
+
+    from client.gensite import GenSite
+    from common.config import ConfigError, resolve
+    from common.data import list_sites
+
+    name, folder = list_sites(small_federation)[0]
+    cfg = resolve({"task": "generative", "gen-holdout-task": "extraction"})
+    site = GenSite(name, folder, folder / "encounters.csv", cfg)
+    assert site.items["extraction"]["train"] == [] and len(site.items["extraction"]["test"]) > 0
+    assert len(site.items["triage"]["train"]) > 0
+    assert all(e["completion"][0]["content"][0] != "{" for e in site.sft_examples())  # no extraction JSON
+    with pytest.raises(ConfigError, match="not one of gen-tasks"):
+        resolve({"gen-tasks": "triage,readmission", "gen-holdout-task": "extraction"})
+    with pytest.raises(ConfigError, match="nothing to train"):
+        resolve({"gen-tasks": "triage", "gen-holdout-task": "triage"})
+    with pytest.raises(ConfigError, match="unknown task"):
+        resolve({"gen-tasks": "triage,summaries"})

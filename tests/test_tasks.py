@@ -280,3 +280,28 @@ def test_conversion_reproduces_shipped_files(tmp_path):
     convert_from(SHARED, tmp_path)
     for rel in FILES.values():
         assert (tmp_path / rel).read_bytes() == (DATA_DIR / rel).read_bytes()
+
+
+def test_extraction_as_seen_drops_concepts_the_cut_removed():
+    rec = {"id": "x", "note": "Seen for asthma and gout today. Later in the visit: continues metoprolol 50 mg.",
+           "problems": ["asthma", "gout"], "medications": ["metoprolol 50 mg"], "tests": []}
+    seen = TASKS["extraction"].as_seen(rec, 6)
+    assert seen["problems"] == ["asthma", "gout"] and seen["medications"] == []
+    assert seen["note"].endswith("…") and "metoprolol" not in seen["note"]
+    assert TASKS["extraction"].as_seen(rec, 100) is rec  # nothing cut: untouched
+    assert TASKS["triage"].as_seen({"message": "a " * 500}, 5)["message"] == "a " * 500  # answer does not quote
+
+
+def test_is_correct_per_task():
+    tri = {"urgency": "soon", "personnel": "nurse"}
+    assert TASKS["triage"].is_correct(tri, "urgency: soon\npersonnel: nurse")
+    assert not TASKS["triage"].is_correct(tri, "urgency: soon")  # one axis missing
+    assert not TASKS["triage"].is_correct(tri, None)
+    ext = {"problems": ["Asthma"], "medications": [], "tests": ["troponin"]}
+    assert TASKS["extraction"].is_correct(ext, '{"problems": ["asthma"], "medications": [], "tests": ["Troponin"]}')
+    assert not TASKS["extraction"].is_correct(ext, '{"problems": ["asthma"], "medications": [], "tests": []}')
+    assert not TASKS["extraction"].is_correct(ext, '{"problems": ["asthma"]')  # truncated JSON
+    assert TASKS["readmission"].is_correct({"readmitted_30d": 0}, "No.")
+    assert not TASKS["readmission"].is_correct({"readmitted_30d": 0}, "yes")
+    assert TASKS["meqsum"].is_correct({"summary": "What causes gout?"}, "What causes gout?")
+    assert not TASKS["meqsum"].is_correct({"summary": "What causes gout?"}, "How is asthma treated?")
