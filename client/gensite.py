@@ -72,9 +72,9 @@ class GenSite:
     def n_train(self) -> int:
         return sum(len(v["train"]) for v in self.items.values())
 
-    def settings(self, steps: int, offset: int) -> InstructSettings:
+    def settings(self, steps: int, offset: int, lr_key: str = "gen-learning-rate") -> InstructSettings:
         c = self.cfg
-        return InstructSettings(steps=int(steps), batch_size=int(c["gen-batch-size"]), lr=float(c["gen-learning-rate"]),
+        return InstructSettings(steps=int(steps), batch_size=int(c["gen-batch-size"]), lr=float(c[lr_key]),
                                 max_length=int(c["gen-max-length"]), beta=float(c["dpo-beta"]),
                                 seed=int(c["seed"]) + offset)
 
@@ -126,7 +126,7 @@ class GenSite:
         """DPO from `start`; TRL's reference is `start` itself (see common.instruct)."""
         model = dec.use(start)
         pairs, own = self.dpo_pairs(dec, int(steps) * int(self.cfg["gen-batch-size"]), offset)
-        info = dpo_train(model, dec.tokenizer, pairs, self.settings(steps, offset))
+        info = dpo_train(model, dec.tokenizer, pairs, self.settings(steps, offset, "dpo-learning-rate"))
         info.update(self_rejected=own, pairs=len(pairs))
         return decoder_adapter_state(model), info
 

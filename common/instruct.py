@@ -63,6 +63,13 @@ def _quiet(trainer):
     return trainer
 
 
+def _no_bars():
+    """TRL's dataset passes (tokenize, label, truncate) print a bar per site and round."""
+    import datasets
+
+    datasets.disable_progress_bars()
+
+
 def _losses(trainer) -> float:
     logs = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     return float(np.mean(logs[-2:])) if logs else float("nan")
@@ -73,6 +80,7 @@ def sft_train(peft_model, tok, examples: list[dict], settings: InstructSettings)
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
+    _no_bars()
     with tempfile.TemporaryDirectory() as out:
         args = SFTConfig(**_common_args(settings, out))
         trainer = _quiet(SFTTrainer(model=peft_model, args=args, train_dataset=Dataset.from_list(examples),
@@ -87,6 +95,7 @@ def dpo_train(peft_model, tok, pairs: list[dict], settings: InstructSettings) ->
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
+    _no_bars()
     with tempfile.TemporaryDirectory() as out:
         args = DPOConfig(**_common_args(settings, out), beta=float(settings.beta))
         trainer = _quiet(DPOTrainer(model=peft_model, ref_model=None, args=args,
