@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import logging
 import os
-import tomllib
 from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict, Error
 from flwr.clientapp import ClientApp
 
 from common import privacy
-from common.config import Policy, regimes, resolve
+from common.config import regimes, resolve
+from common.policy import Policy, PolicyRefusal, effective, load_site_policy
 from common.data import find_table, list_sites
 from common.training import encode_texts, set_threads
 from client.site import Site, get_model, model_key
@@ -47,12 +47,12 @@ def default_federation_dir(cfg: dict) -> Path:
                              n_hospitals=int(cfg["hospitals"]), seed=int(cfg["seed"]))
 
 
-def _site_policy(node_config: dict) -> dict:
+def _site_policy(node_config: dict):
+    """The hospital's own policy file (node config `policy-path`), checked; None without one."""
     path = node_config.get("policy-path")
     if not path:
-        return {}
-    with open(path, "rb") as fh:
-        return tomllib.load(fh)
+        return None
+    return load_site_policy(str(path))
 
 
 def in_simulation(context: Context) -> bool:
@@ -96,8 +96,38 @@ def locate_site(context: Context, run_dir: str = ""):
         out_dir = Path(run_dir) / "sites" / name
     else:
         raise ValueError("node config has neither 'data-path' (deployment) nor 'partition-id' (simulation)")
-    policy = Policy.effective(cfg, _site_policy(nc))
+    policy = effective(cfg, _site_policy(nc), deployment="data-path" in nc)
     return name, folder, table, out_dir, cfg, policy
+
+
+def _may_train(cfg: dict, policy: Policy, *, sends_adapter: bool, what: str):
+    """Refuse, with a reason the server may read, training the site's policy forbids."""
+    if policy.dp_required and not (cfg["dp"] and cfg["task"] == "classifier"):
+        raise PolicyRefusal(f"the site's policy requires DP-SGD (dp-required or a dp-epsilon budget) but the "
+                            f"study runs without it (run config dp = false): the site declines {what}")
+    if sends_adapter and not policy.allow_adapters:
+        raise PolicyRefusal(f"the site's policy is metrics-only (allow-adapters = false): no adapter leaves, "
+                            f"so the site declines {what}")
+
+
+def _ledger(site, msg: Message):
+    """The site's DP ledger for this study (keyed by the server's run folder, stable across a resume)."""
+    from common.dp import DPLedger
+
+    study = str(msg.content["config"].get("run-dir", "")) if "config" in msg.content.config_records else ""
+    return DPLedger.open(site.out_dir, study or "study")
+
+
+def _dp_metrics(info: dict, site, policy: Policy, prefix: str = "") -> dict:
+    """Epsilon of this training call and the site's total so far (aggregates of the site's own accounting)."""
+    ev = info.get("dp")
+    if not ev:
+        return {}
+    out = {f"{prefix}dp-epsilon": float(ev["epsilon"]), "dp-epsilon-total": float(ev["epsilon_total"])}
+    # delta = 1/n_train would reveal n_train: released only if n_train may be released anyway
+    if policy.dp_delta > 0 or len(site.splits["train"]) >= policy.min_cell_size:
+        out["dp-delta"] = float(ev["delta"])
+    return out
 
 
 def _prepare(msg: Message, context: Context):
@@ -147,6 +177,7 @@ def describe(msg: Message, context: Context) -> Message:
     site, cfg, policy, lm = _prepare(msg, context)
     counts = {f"site-n-{s}": int(n) for s, n in site.counts().items() if n >= policy.min_cell_size}
     counts.update({f"desc/{k}": v for k, v in site.descriptors(policy.min_cell_size).items()})
+    counts.update(policy.to_metrics())
     content = RecordDict({"site": ConfigRecord({"name": site.name}), "metrics": MetricRecord(counts)})
     return Message(content, reply_to=msg)
 
@@ -155,16 +186,30 @@ def describe(msg: Message, context: Context) -> Message:
 @_guarded("federated round")
 def train(msg: Message, context: Context) -> Message:
     """One federated round: start from the server's adapter, train, send it back."""
+    from common.dp import DPBudgetExhausted
+
     site, cfg, policy, lm = _prepare(msg, context)
+    _may_train(cfg, policy, sends_adapter=True, what="the federated round")
     rnd = int(msg.content["config"].get("server-round", 1))
     start = _arrays_to_state(msg.content["arrays"])
-    state, info = site.train(lm, start, int(cfg["local-steps"]), seed_offset=rnd, label=f"round {rnd}")
+    dp = site.dp_settings(policy)
+    ledger = _ledger(site, msg) if dp is not None else None
+    try:
+        state, info = site.train(lm, start, int(cfg["local-steps"]), seed_offset=rnd, label=f"round {rnd}",
+                                 dp=dp, ledger=ledger)
+    except DPBudgetExhausted as err:
+        # Declined, not failed: no arrays; the server leaves the site out of this round's average.
+        log.warning("site %s: %s", site.name, err)
+        return Message(RecordDict({"metrics": MetricRecord({
+            "dp-budget-exhausted": 1, "dp-epsilon-total": ledger.epsilon(dp.delta),
+            "dp-epsilon-budget": float(dp.budget)})}), reply_to=msg)
     metrics = MetricRecord({
         "num-examples": len(site.splits["train"]),
         "train-loss": info["train_loss"],
         "train-steps": info["steps"],
         "train-seconds": info["seconds"],
         "train-tokens": info["tokens"],
+        **_dp_metrics(info, site, policy),
     })
     return Message(RecordDict({"arrays": _state_to_arrays(state), "metrics": metrics}), reply_to=msg)
 
@@ -176,31 +221,45 @@ def personalize(msg: Message, context: Context) -> Message:
     global adapter), `similarity-weighted` (from the server's similarity-weighted
     mix of other sites' adapters) and, in simulation only, `augmented`. All stay here;
     the local adapter leaves only when the study shares local adapters."""
+    from common.dp import DPBudgetExhausted
+
     site, cfg, policy, lm = _prepare(msg, context)
+    _may_train(cfg, policy, sends_adapter=False, what="local and personalized training")
     regs = regimes(cfg)
     local_steps = int(cfg["local-regime-steps"]) or int(cfg["num-server-rounds"]) * int(cfg["local-steps"])
     pers_steps = int(cfg["personalize-steps"])
     metrics = {"num-examples": len(site.splits["train"])}
     content = RecordDict()
+    dp = site.dp_settings(policy)
+    ledger = _ledger(site, msg) if dp is not None else None
 
     def run(regime, start, steps, offset, extra=None):
-        state, info = site.train(lm, start, steps, seed_offset=offset, label=regime, extra=extra)
+        try:
+            state, info = site.train(lm, start, steps, seed_offset=offset, label=regime, extra=extra,
+                                     dp=dp, ledger=ledger)
+        except DPBudgetExhausted as err:  # the regime is not trained (nor scored) at this site
+            log.warning("site %s: %s", site.name, err)
+            metrics[f"{regime}-dp-budget-exhausted"] = 1
+            metrics["dp-epsilon-total"] = ledger.epsilon(dp.delta)
+            return None
         site.save_private(lm, regime, state)
         metrics[f"{regime}-train-loss"] = info["train_loss"]
         metrics[f"{regime}-train-seconds"] = info["seconds"]
+        metrics.update(_dp_metrics(info, site, policy, prefix=f"{regime}-"))
         return state
 
-    if "local" in regs or cfg["share-local-adapters"]:
+    if "local" in regs or policy.share_local_adapters:
         local_state = run("local", lm.init_state, local_steps, 10_000)
-        if cfg["share-local-adapters"]:
+        if policy.share_local_adapters and local_state is not None:
             content["arrays"] = _state_to_arrays(local_state)
     if "personalized" in regs and pers_steps > 0:
         run("personalized", _arrays_to_state(msg.content["global"]), pers_steps, 20_000)
     if "similarity-weighted" in regs and "simw" in msg.content.array_records and pers_steps > 0:
         run("similarity-weighted", _arrays_to_state(msg.content["simw"]), pers_steps, 30_000)
     if "augmented" in regs:
-        if not in_simulation(context):
-            log.warning("regime 'augmented' moves patient records between sites: refused outside simulation")
+        if not in_simulation(context) or policy.refuse_instance_moving:
+            log.warning("regime 'augmented' moves patient records between sites: refused "
+                        + ("outside simulation" if not in_simulation(context) else "by the site's policy"))
         else:
             from simulations.augment import borrow
 
@@ -260,6 +319,7 @@ def _describe_generative(msg: Message, context: Context) -> Message:
     gsite, cfg, policy, dec, _ = _prepare_gen(msg, context)
     n = gsite.n_train()
     metrics = {"site-n-train": n} if n >= policy.min_cell_size else {}
+    metrics.update(policy.to_metrics())
     return Message(RecordDict({"site": ConfigRecord({"name": gsite.name}), "metrics": MetricRecord(metrics)}),
                    reply_to=msg)
 
@@ -283,6 +343,7 @@ def _gen_reply(msg, gsite, state, info, k: int) -> Message:
 def train_sft(msg: Message, context: Context) -> Message:
     """One federated SFT round on the site's instruction mixture."""
     gsite, cfg, policy, dec, _ = _prepare_gen(msg, context)
+    _may_train(cfg, policy, sends_adapter=True, what="the federated SFT round")
     rnd = int(msg.content["config"].get("server-round", 1))
     state, info = gsite.sft(dec, _arrays_to_state(msg.content["arrays"]), int(cfg["sft-steps"]), rnd)
     return _gen_reply(msg, gsite, state, info, policy.min_cell_size)
@@ -293,6 +354,7 @@ def train_sft(msg: Message, context: Context) -> Message:
 def train_dpo(msg: Message, context: Context) -> Message:
     """One federated DPO round; the reference policy is the adapter received (see common.instruct)."""
     gsite, cfg, policy, dec, _ = _prepare_gen(msg, context)
+    _may_train(cfg, policy, sends_adapter=True, what="the federated DPO round")
     rnd = int(msg.content["config"].get("server-round", 1))
     state, info = gsite.dpo(dec, _arrays_to_state(msg.content["arrays"]), int(cfg["dpo-steps"]), 100 + rnd)
     return _gen_reply(msg, gsite, state, info, policy.min_cell_size)
@@ -306,6 +368,7 @@ def train_gen_local(msg: Message, context: Context) -> Message:
     from common.models import save_adapter
 
     gsite, cfg, policy, dec, out_dir = _prepare_gen(msg, context)
+    _may_train(cfg, policy, sends_adapter=False, what="local and personalized instruction tuning")
     rounds = int(cfg["num-server-rounds"])
     local_sft, i1 = gsite.sft(dec, dec.init_state, rounds * int(cfg["sft-steps"]), 10_000)
     local_dpo, i2 = gsite.dpo(dec, local_sft, max(1, int(cfg["dpo-rounds"])) * int(cfg["dpo-steps"]), 20_000)
@@ -333,7 +396,7 @@ def evaluate_gen(msg: Message, context: Context) -> Message:
                                   ("dpo", "personalized", "personalized-dpo")):
         path = Path(out_dir) / "adapters" / folder
         if (path / "adapter_model.safetensors").exists():
-            cells[(stage, regime)] = read_adapter(dec.model, path)
+            cells[(stage, regime)] = read_adapter(dec.model, path, dec.identity)
     metrics = {}
     for (stage, regime), state in cells.items():
         for task, scores in gsite.evaluate(dec, state, policy.min_cell_size).items():

@@ -127,14 +127,32 @@ class Site:
         return {s: len(df) for s, df in self.splits.items()}
 
     # -------------------------------------------------------------- training
+    def dp_settings(self, policy) -> "DPSettings | None":
+        """DP-SGD settings when the study runs with `dp`; budget and delta from the effective policy."""
+        from common.dp import DPSettings
+
+        if not self.cfg["dp"]:
+            return None
+        return DPSettings(noise_multiplier=float(self.cfg["dp-noise-multiplier"]),
+                          max_grad_norm=float(self.cfg["dp-max-grad-norm"]),
+                          delta=policy.delta_for(len(self.splits["train"])), budget=float(policy.dp_epsilon))
+
     def train(self, lm: LoadedModel, start: dict[str, np.ndarray], steps: int, seed_offset: int,
-              label: str, extra: tuple[list[np.ndarray], np.ndarray] | None = None
-              ) -> tuple[dict[str, np.ndarray], dict]:
-        """Train `steps` steps from `start` (on `extra` examples too, if given)."""
+              label: str, extra: tuple[list[np.ndarray], np.ndarray] | None = None,
+              dp=None, ledger=None) -> tuple[dict[str, np.ndarray], dict]:
+        """Train `steps` steps from `start` (on `extra` examples too, if given).
+
+        With `dp`, the call is first charged to the site's `ledger` (common.dp.plan),
+        which raises DPBudgetExhausted, before any training, if it would exceed the budget."""
         cfg = self.cfg
         encoded, labels = self.encoded("train", lm.tokenizer), self.labels("train")
         if extra is not None:
             encoded, labels = encoded + list(extra[0]), np.concatenate([labels, extra[1]])
+        event = None
+        if dp is not None:
+            from common.dp import plan
+
+            event = plan(ledger, dp, len(encoded), int(cfg["batch-size"]), int(steps), label)
         model = lm.use(start)
         settings = TrainSettings(
             steps=int(steps), batch_size=int(cfg["batch-size"]), lr=float(cfg["learning-rate"]),
@@ -150,7 +168,9 @@ class Site:
                          self.name, label, step, total, loss)
 
         info = train_classifier(model, encoded, labels, settings, pad_id=lm.tokenizer.pad_token_id,
-                                progress=progress)
+                                progress=progress, dp=dp)
+        if event is not None:
+            info["dp"] = event
         return adapter_state(model), info
 
     def save_private(self, lm: LoadedModel, regime: str, state: dict[str, np.ndarray]) -> Path:
@@ -162,7 +182,7 @@ class Site:
         folder = self.out_dir / "adapters" / regime
         if not (folder / "adapter_model.safetensors").exists():
             return None
-        return read_adapter(lm.model, folder)
+        return read_adapter(lm.model, folder, lm.identity)
 
     # ------------------------------------------------------------ evaluation
     def descriptors(self, k: int) -> dict[str, float]:

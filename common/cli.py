@@ -24,12 +24,58 @@ def _fail(message: str, code: int = EXIT_FAILED) -> int:
     return code
 
 
+# ------------------------------------------------------------- argument types
+def _int_in(lo: int, hi: int):
+    """argparse type: a whole number in [lo, hi]; argparse names the option in its error."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if not lo <= value <= hi:
+            raise argparse.ArgumentTypeError(f"{value} is outside the allowed range {lo}-{hi}")
+        return value
+    parse.__name__ = "whole number"
+    return parse
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (value > 0 and value < float("inf")):
+        raise argparse.ArgumentTypeError(f"must be a number above 0, got {text!r}")
+    return value
+
+
+def _sizes(text: str) -> list[int]:
+    """argparse type of --sizes: comma-separated encounter counts, each >= 1."""
+    parts = [t.strip() for t in text.split(",")]
+    try:
+        sizes = [int(t) for t in parts]
+    except ValueError:
+        bad = next(t for t in parts if not t.lstrip("+-").isdigit())
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated whole numbers such as 2000,500,80; {bad!r} is not one") from None
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"every size must be at least 1 encounter, got {text!r}")
+    if len(sizes) > 500:
+        raise argparse.ArgumentTypeError(f"at most 500 hospitals, got {len(sizes)} sizes")
+    return sizes
+
+
+_SEED = _int_in(0, 2**31 - 1)
+
+
 # ------------------------------------------------------------------ commands
 def cmd_generate(args) -> int:
     from simulations.generate import generate_federation
 
-    sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else None
+    sizes = args.sizes
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise CliError(f"--out {out} is a file; give a folder to write the federation into")
     if out.exists() and any(out.iterdir()) and not args.force:
         raise CliError(f"{out} exists and is not empty (use --force to write into it)")
     truth = generate_federation(out, n_hospitals=args.hospitals, seed=args.seed, sizes=sizes)
@@ -57,21 +103,83 @@ def _parse_run_config(text: str) -> dict:
     return overrides
 
 
+def _same_as_option(overrides: dict, key: str, option: str, value) -> None:
+    """A run-config key and the command-line option for the same thing must not disagree."""
+    if value is None or key not in overrides:
+        return
+    given = overrides[key]
+    if isinstance(value, Path):
+        same = Path(str(given)).expanduser().resolve() == value
+    else:
+        same = given == value
+    if not same:
+        raise CliError(f"{option} {value} and run config '{key}={given}' disagree; give only one of them")
+
+
+def _resume(args) -> int:
+    from server.checkpoint import ResumeError
+    from simulations.local import resume_settings, simulate
+
+    if args.data or args.out or args.run_config or args.task:
+        raise CliError("--resume takes its settings from the interrupted run's checkpoint: "
+                       "give no --data, --out, --run-config or --task with it")
+    try:
+        overrides, n_sites = resume_settings(args.resume)
+    except ResumeError as err:
+        raise CliError(str(err)) from None
+    out = Path(args.resume).resolve()
+    print(f"clinfed: resuming {out} ({n_sites} sites)")
+    run = simulate(out, overrides, n_sites=n_sites, cpus_per_site=args.cpus_per_site)
+    print(f"clinfed: study completed in {run.get('timings', {}).get('total', 0):.0f}s; report: {out / 'report.html'}")
+    return 0
+
+
 def cmd_simulate(args) -> int:
     from common.data import list_sites, validate_path
     from simulations.local import simulate
 
+    # The simulation runs offline unless told otherwise; check model names the same way.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.resume:
+        return _resume(args)
     overrides = _parse_run_config(args.run_config or "")
+    _same_as_option(overrides, "task", "--task", args.task)
+    _same_as_option(overrides, "data-dir", "--data", Path(args.data).resolve() if args.data else None)
+    _same_as_option(overrides, "out-dir", "--out", Path(args.out).resolve() if args.out else None)
+    _same_as_option(overrides, "seed", "--seed", args.seed if args.seed != 0 else None)
     if args.task:
         overrides["task"] = args.task
+    if not args.data and str(overrides.get("data-dir", "")).strip():
+        args.data = str(overrides["data-dir"])
+    if not args.out and str(overrides.get("out-dir", "")).strip():
+        args.out = str(overrides["out-dir"])
     out = Path(args.out or f"runs/{datetime.now():%Y%m%d-%H%M%S}").resolve()
+    if out.exists() and not out.is_dir():
+        raise CliError(f"--out {out} is a file; RUN_DIR must be a folder")
     if args.data:
         data = Path(args.data).resolve()
+        if not data.exists():
+            raise CliError(f"--data {data} does not exist; give the folder that holds one folder per hospital")
+        if not data.is_dir():
+            raise CliError(f"--data {data} is a file; give the folder that holds one folder per hospital "
+                           "(each with its own table)")
+        if not list_sites(data):
+            from common.data import TABLE_SUFFIXES
+
+            direct = sorted(p.name for p in data.iterdir() if p.suffix.lower() in TABLE_SUFFIXES)
+            why = (f"it holds {', '.join(direct[:3])} directly, so it looks like one hospital's folder; "
+                   "give the folder above it" if direct else
+                   f"a federation folder has one sub-folder per hospital, each with one table "
+                   f"({', '.join(TABLE_SUFFIXES)})")
+            raise CliError(f"--data {data} holds no hospital folders: {why}")
     else:
         from simulations.generate import generate_federation
 
         data = out / "federation"
         if not (data.exists() and list_sites(data)):
+            from common.config import check_for_sites, resolve
+
+            check_for_sites(resolve(overrides), args.hospitals, explicit=set(overrides))  # before generating
             print(f"generating {args.hospitals} synthetic hospitals (seed {args.seed}) in {data}")
             generate_federation(data, n_hospitals=args.hospitals, seed=args.seed)
     report = validate_path(data)
@@ -81,7 +189,10 @@ def cmd_simulate(args) -> int:
     sites = list_sites(data)
     if len(sites) < 2:
         raise CliError(f"{data} holds {len(sites)} hospital folder(s); a federation needs at least 2")
-    overrides = {"data-dir": str(data), **overrides}
+    from common.config import check_for_sites, resolve
+
+    check_for_sites(resolve(overrides), len(sites), explicit=set(overrides))
+    overrides = {**overrides, "data-dir": str(data)}  # the folder just validated, whoever named it
     if not args.data:
         # Generated data is synthetic: let local adapters travel for the full cross-site matrix.
         overrides.setdefault("share-local-adapters", True)
@@ -93,15 +204,217 @@ def cmd_simulate(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from simulations.bench import run_from_args
+
+    return run_from_args(args)
+
+
 def cmd_report(args) -> int:
     from server.genreport import build_generative_report, is_generative
     from server.report import build_report
 
     run_dir = Path(args.run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise CliError(f"{run_dir} is a file; give the RUN_DIR folder of a clinfed run")
     if not (run_dir / "metrics.csv").exists():
         raise CliError(f"{run_dir} has no metrics.csv: is it a clinfed RUN_DIR?")
+    _check_metrics_header(run_dir / "metrics.csv")
     print((build_generative_report if is_generative(run_dir) else build_report)(run_dir))
     return 0
+
+
+def _check_metrics_header(path: Path) -> None:
+    """A truncated or foreign metrics.csv is refused by name instead of yielding an empty report."""
+    import csv
+
+    from common.metrics import METRIC_COLUMNS
+
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            header = next(csv.reader(f), [])
+    except (UnicodeDecodeError, csv.Error) as err:
+        raise CliError(f"{path} is not a readable CSV ({err}); the run's metrics are damaged") from None
+    if not header:
+        raise CliError(f"{path} is empty; the run did not finish writing its metrics")
+    missing = [c for c in METRIC_COLUMNS if c not in header]
+    if missing:
+        raise CliError(f"{path} lacks the column(s) {', '.join(missing)} of a clinfed metrics.csv "
+                       f"(found: {', '.join(header[:10])}); is it a clinfed RUN_DIR?")
+
+
+# ------------------------------------------------- deployment across real sites
+# The coordinating team: certs, superlink, enroll, run. A hospital: node.
+# Flower's own flags stay inside server/deploy.py and client/node.py.
+def _names(text: str) -> list[str]:
+    return [t.strip() for t in (text or "").split(",") if t.strip()]
+
+
+def cmd_certs(args) -> int:
+    from server.deploy import make_certs
+
+    out = Path(args.out).resolve()
+    res = make_certs(out, _names(args.hosts), _names(args.hospitals), days=args.days, force=args.force)
+    print(f"clinfed: wrote the study's certificates and keys to {out}")
+    print("  ca.crt       root certificate: give to every hospital and to `clinfed run --root-cert` (public)")
+    print(f"  server.crt   the SuperLink's TLS certificate, valid for: {', '.join(res['san'])}")
+    print("  server.key   its private key: stays on the SuperLink host")
+    print("  ca.key       the CA's private key: only needed to issue new certificates; keep it offline")
+    for name, (key, pub) in res["nodes"].items():
+        print(f"  nodes/{key.name:<12} {name}'s node key: hand to {name}'s IT team over a secure channel, then delete")
+        print(f"  nodes/{pub.name:<12} enroll it: clinfed enroll --certs {out} --key {pub} --name {name}")
+    return 0
+
+
+def cmd_superlink(args) -> int:
+    from server.deploy import ProcessTree, flower_env, superlink_command
+
+    certs = Path(args.certs).resolve()
+    state = Path(args.state).resolve() if args.state else certs / "superlink-state.db"
+    cmd = superlink_command(certs, args.host, args.port, state)
+    env = flower_env(os.environ.get("FLWR_HOME") or state.parent / ".flwr-superlink")
+    print(f"clinfed: SuperLink on {args.host}:{args.port} over TLS, admitting only enrolled hospitals "
+          f"(state: {state}); stop with Ctrl-C", flush=True)
+    tree = ProcessTree(cmd, env=env)
+    try:
+        code = tree.wait()
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        tree.stop()
+    if code not in (0, 1, 2, 3, -15):
+        raise CliError(f"flower-superlink stopped with exit code {code} (see its log above); is port "
+                       f"{args.port} already in use, or are the files in {certs} unreadable?")
+    return 0
+
+
+def _connection(args):
+    from server.deploy import CA_CERT, Connection
+
+    root = args.root_cert or (Path(args.certs) / CA_CERT if getattr(args, "certs", None) else None)
+    if not root:
+        raise CliError("give --root-cert CA (the study's ca.crt) or --certs DIR (the `clinfed certs` folder)")
+    return Connection(args.superlink, root)
+
+
+def cmd_enroll(args) -> int:
+    from server.deploy import enroll, list_nodes
+
+    with _connection(args) as conn:
+        if args.list:
+            nodes = list_nodes(conn)
+            print(f"{len(nodes)} enrolled node(s) at {conn.address}:")
+            for n in nodes:
+                print(f"  {n.get('node-id')}  {n.get('status')}  online since {n.get('online-at')}")
+            return 0
+        if not (args.key and args.name):
+            raise CliError("give --key HOSPITAL.pub and --name HOSPITAL (or --list)")
+        node_id = enroll(conn, args.key, args.name)
+    print(f"clinfed: enrolled {args.name} ({Path(args.key).name}) as node {node_id} at {conn.address}; "
+          "its SuperNode may now join")
+    return 0
+
+
+def cmd_run(args) -> int:
+    import json
+
+    from common.config import to_toml_overrides
+    from server.deploy import LogFollower, stop_run, submit, wait_for_run
+    from simulations.local import app_dir
+
+    overrides = _parse_run_config(args.run_config or "")
+    out = Path(args.out or overrides.get("out-dir") or f"runs/{datetime.now():%Y%m%d-%H%M%S}").resolve()
+    overrides["out-dir"] = str(out)  # a path on the SuperLink host, where the ServerApp writes
+    with _connection(args) as conn:
+        run_id = submit(conn, app_dir(), to_toml_overrides(overrides))
+        print(f"clinfed: study submitted to {conn.address} as run {run_id}; RUN_DIR on the SuperLink host: {out}",
+              flush=True)
+        follower = None if args.quiet else LogFollower(conn, run_id, out / "flwr.log")
+        try:
+            row = wait_for_run(conn, run_id, timeout=args.timeout,
+                               on_status=lambda s, _r: print(f"clinfed: run {run_id}: {s}", flush=True))
+        except KeyboardInterrupt:
+            stop_run(conn, run_id)
+            raise CliError(f"interrupted: run {run_id} was asked to stop") from None
+        finally:
+            if follower:
+                follower.close()
+    status = row.get("status", "")
+    run_json = out / "run.json"
+    study = json.loads(run_json.read_text()) if run_json.exists() else None
+    if status != "finished:completed" or (study and study.get("status") != "completed"):
+        errs = "; ".join((study or {}).get("errors") or []) or row.get("status-details") or "no details"
+        raise CliError(f"run {run_id} ended '{status}': {errs} (SuperLink log and {out / 'flwr.log'})")
+    where = (f"report: {out / 'report.html'}" if study else
+             f"RUN_DIR {out} is on the SuperLink host (not visible from here)")
+    print(f"clinfed: run {run_id} completed; {where}")
+    return 0
+
+
+def cmd_node(args) -> int:
+    from client.node import check_site, run_node
+
+    if args.check:
+        check = check_site(args.data, args.policy, args.site, args.output)
+        print(check.summary())
+        return 0 if check.ok else EXIT_FAILED
+    missing = [opt for opt, val in (("--superlink", args.superlink), ("--root-cert", args.root_cert),
+                                    ("--key", args.key)) if not val]
+    if missing:
+        raise CliError(f"to join a study give {', '.join(missing)} (from the coordinating team's invitation), "
+                       "or --check to only check the data and policy")
+    return run_node(args.superlink, args.root_cert, args.key, args.data, args.policy, args.site, args.output,
+                    max_wait=args.max_wait)
+
+
+def _add_deploy_commands(sub) -> None:
+    c = sub.add_parser("certs", help="coordinator: create the study's CA, SuperLink certificate and hospital keys")
+    c.add_argument("--out", required=True, help="folder for ca.crt, server.crt/.key, ca.key and nodes/")
+    c.add_argument("--hosts", required=True,
+                   help="comma-separated names/IPs hospitals use to reach the SuperLink (localhost is always added)")
+    c.add_argument("--hospitals", default="", help="comma-separated hospital names: one node key pair each")
+    c.add_argument("--days", type=_int_in(1, 3650), default=825, help="certificate validity (days)")
+    c.add_argument("--force", action="store_true", help="replace existing certificates and keys")
+    c.set_defaults(func=cmd_certs)
+
+    sl = sub.add_parser("superlink", help="coordinator: run the study's SuperLink (TLS, enrolled hospitals only)")
+    sl.add_argument("--certs", required=True, help="the `clinfed certs` folder")
+    sl.add_argument("--host", default="0.0.0.0", help="address to listen on (default: all interfaces)")
+    sl.add_argument("--port", type=_int_in(1, 65535), default=8000)
+    sl.add_argument("--state", help="database of enrolled nodes and runs (default: CERTS/superlink-state.db)")
+    sl.set_defaults(func=cmd_superlink)
+
+    e = sub.add_parser("enroll", help="coordinator: allow a hospital's node key to join the study")
+    e.add_argument("--certs", help="the `clinfed certs` folder (for its ca.crt)")
+    e.add_argument("--root-cert", help="the study's ca.crt (instead of --certs)")
+    e.add_argument("--superlink", default="127.0.0.1:8000", help="HOST:PORT of the SuperLink (default 127.0.0.1:8000)")
+    e.add_argument("--key", help="the hospital's public key (HOSPITAL.pub)")
+    e.add_argument("--name", help="the hospital's name")
+    e.add_argument("--list", action="store_true", help="list the enrolled nodes instead")
+    e.set_defaults(func=cmd_enroll)
+
+    r = sub.add_parser("run", help="coordinator: run a study on the enrolled hospitals and wait for its verdict")
+    r.add_argument("--superlink", default="127.0.0.1:8000", help="HOST:PORT of the SuperLink (default 127.0.0.1:8000)")
+    r.add_argument("--root-cert", help="the study's ca.crt")
+    r.add_argument("--certs", help="the `clinfed certs` folder (instead of --root-cert)")
+    r.add_argument("--run-config", default="", help='overrides, e.g. "num-server-rounds=2 expected-sites=3"')
+    r.add_argument("--out", help="RUN_DIR on the SuperLink host (default: runs/<timestamp>)")
+    r.add_argument("--timeout", type=_positive_float, help="stop the run and fail after this many seconds")
+    r.add_argument("--quiet", action="store_true", help="do not stream the run's log")
+    r.set_defaults(func=cmd_run)
+
+    n = sub.add_parser("node", help="hospital: check this site, or join a study as its node")
+    n.add_argument("--data", required=True, help="this hospital's table or folder")
+    n.add_argument("--policy", required=True, help="this hospital's policy file (TOML)")
+    n.add_argument("--check", action="store_true", help="only check the data and policy; connect to nothing")
+    n.add_argument("--superlink", help="HOST:PORT of the study's SuperLink")
+    n.add_argument("--root-cert", help="the study's ca.crt")
+    n.add_argument("--key", help="this hospital's private node key (HOSPITAL.key)")
+    n.add_argument("--site", help="the site's name in the study (default: the data folder's name)")
+    n.add_argument("--output", help="where private adapters and the node log stay (default: DATA/clinfed-out)")
+    n.add_argument("--max-wait", type=_positive_float,
+                   help="give up after this many seconds without reaching the SuperLink (default: keep trying)")
+    n.set_defaults(func=cmd_node)
 
 
 # ------------------------------------------------------------------- parser
@@ -111,9 +424,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="write a synthetic federation (one folder per hospital + truth.json)")
     g.add_argument("--out", required=True, help="folder to create")
-    g.add_argument("--hospitals", type=int, default=6)
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--sizes", help="comma-separated encounters per hospital (default: skewed 2000..150)")
+    g.add_argument("--hospitals", type=_int_in(1, 500), default=6)
+    g.add_argument("--seed", type=_SEED, default=0)
+    g.add_argument("--sizes", type=_sizes, help="comma-separated encounters per hospital (default: skewed 2000..150)")
     g.add_argument("--force", action="store_true", help="write into a non-empty folder")
     g.set_defaults(func=cmd_generate)
 
@@ -125,17 +438,26 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--data", help="folder of hospital folders (default: generate a synthetic federation)")
     s.add_argument("--out", help="RUN_DIR for outputs (default: runs/<timestamp>)")
     s.add_argument("--run-config", default="", help='overrides, e.g. "num-server-rounds=2 local-steps=10"')
-    s.add_argument("--hospitals", type=int, default=6, help="hospitals to generate when --data is absent")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--hospitals", type=_int_in(2, 500), default=6, help="hospitals to generate when --data is absent")
+    s.add_argument("--seed", type=_SEED, default=0)
     s.add_argument("--task", choices=("classifier", "generative"),
                    help="study kind (same as run config `task`): the readmission classifier or instruction tuning")
-    s.add_argument("--cpus-per-site", type=float, default=1.0,
+    s.add_argument("--cpus-per-site", type=_positive_float, default=1.0,
                    help="CPU share of each simulated site (sites run in parallel when cores allow)")
+    s.add_argument("--resume", metavar="RUN_DIR",
+                   help="continue an interrupted study from its last completed round (same settings)")
     s.set_defaults(func=cmd_simulate)
 
     r = sub.add_parser("report", help="rebuild report.html from a RUN_DIR")
     r.add_argument("run_dir")
     r.set_defaults(func=cmd_report)
+    _add_deploy_commands(sub)
+
+    from simulations.bench import add_arguments as _bench_arguments
+
+    b = sub.add_parser("bench", help="performance benchmarks: throughput, overhead, comm, scale, generative")
+    _bench_arguments(b)
+    b.set_defaults(func=cmd_bench)
     return p
 
 
@@ -149,12 +471,16 @@ def main(argv: list[str] | None = None) -> int:
     from common.data import DataValidationError
     from common.models import ModelError
 
-    known = (CliError, ConfigError, DataValidationError, ModelError, FileNotFoundError,
-             NotADirectoryError, IsADirectoryError, PermissionError)
+    known = (CliError, ConfigError, DataValidationError, ModelError, OSError)
     try:
         from simulations.local import SimulationError
 
         known = known + (SimulationError,)
+        from client.node import NodeError
+        from common.policy import PolicyError
+        from server.deploy import DeployError
+
+        known = known + (DeployError, NodeError, PolicyError)
         return args.func(args)
     except known as exc:
         if os.environ.get("CLINFED_DEBUG"):
@@ -162,6 +488,12 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(str(exc))
     except KeyboardInterrupt:
         return _fail("interrupted", 130)
+    except Exception as exc:  # a bug, not the user's input: still one paragraph, never a traceback
+        if os.environ.get("CLINFED_DEBUG"):
+            raise
+        return _fail(f"internal error in 'clinfed {args.command}': {type(exc).__name__}: {exc}. This is a "
+                     "bug in clinfed, not in your input; rerun with CLINFED_DEBUG=1 for the traceback and "
+                     "report it. Files already written were left in place.")
 
 
 if __name__ == "__main__":

@@ -7,9 +7,9 @@ there; `clinfed simulate --run-config` goes through the same parser.
 
 from __future__ import annotations
 
+import difflib
 import shlex
 import tomllib
-from dataclasses import dataclass
 from typing import Any
 
 # key: (default, kind, (min, max) or allowed values or None, meaning)
@@ -55,6 +55,16 @@ KEYS: dict[str, tuple[Any, type, Any, str]] = {
                       "`augmented`: similarity in patient-feature space or the base model's embedding space"),
     "word-bands": ("117,163,197", str, None, "words-per-note band edges, the same at every site (q1..q4)"),
     "subgroups": (True, bool, None, "score every regime per subgroup (age, comorbidity, insurance, region, words)"),
+    "dp": (False, bool, None,
+           "DP-SGD (Opacus: per-example clipping, Gaussian noise, Poisson sampling) for all classifier training at every site"),
+    "dp-noise-multiplier": (1.0, float, (0.05, 100.0), "DP-SGD noise multiplier (noise std / clipping norm)"),
+    "dp-max-grad-norm": (1.0, float, (1e-6, 1e6), "DP-SGD per-example gradient clipping norm"),
+    "dp-epsilon": (0.0, float, (0.0, 1e6),
+                   "DP-SGD epsilon budget per site for the whole study (0 = none; a site's policy may set a smaller one)"),
+    "dp-delta": (0.0, float, (0.0, 0.5), "DP-SGD delta the epsilon is reported at; 0 = 1/n_train of each site"),
+    "update-dp-noise": (0.0, float, (0.0, 100.0),
+                        "server-side DP on adapter updates (Flower fixed clipping): noise multiplier; 0 = off"),
+    "update-dp-clip": (1.0, float, (1e-6, 1e6), "server-side DP on adapter updates: clipping norm of each site's update"),
     "task": ("classifier", str, ("classifier", "generative"),
              "`classifier`: the readmission classifier study; `generative`: instruction tuning (SFT then DPO) of a decoder"),
     "decoder": ("smollm2", str, None,
@@ -82,6 +92,8 @@ KEYS: dict[str, tuple[Any, type, Any, str]] = {
     "public-eval": (True, bool, None,
                     "generative: the server also scores base and global adapters on public PubMedQA and MeQSum test items"),
     "report": (True, bool, None, "build report.html at the end"),
+    "resume": (False, bool, None,
+               "continue the study in out-dir from its checkpoint (last completed round); `clinfed simulate --resume RUN_DIR` sets it"),
 }
 
 
@@ -158,6 +170,7 @@ def resolve(overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     for key, value in (overrides or {}).items():
         if key not in KEYS:
             close = [k for k in KEYS if k.split("-")[0] == key.split("-")[0]]
+            close = close or difflib.get_close_matches(key.replace("_", "-"), list(KEYS), n=3, cutoff=0.6)
             hint = f" (did you mean {', '.join(close)}?)" if close else ""
             raise ConfigError(f"unknown run-config key '{key}'{hint}; see the README for the list")
         cfg[key] = _coerce(key, value)
@@ -169,13 +182,55 @@ def resolve(overrides: dict[str, Any] | None = None) -> dict[str, Any]:
         parse_edges(cfg["word-bands"])
     except ValueError as err:
         raise ConfigError(f"run config 'word-bands': {err}") from None
+    if cfg["test-frac"] + cfg["val-frac"] >= 1.0:
+        raise ConfigError(f"run config 'test-frac' + 'val-frac' = {cfg['test-frac'] + cfg['val-frac']:g} "
+                          "leaves no encounters for training; their sum must be below 1")
+    if cfg["dp"] and cfg["task"] != "classifier":
+        raise ConfigError("run config 'dp': DP-SGD is built for the classifier study only; the generative "
+                          "study (TRL SFT/DPO) cannot train with it (see the README's privacy section)")
+    _check_models(cfg)
     return cfg
+
+
+def _check_models(cfg: dict[str, Any]) -> None:
+    """A model path that does not exist stops here, before any site loads anything."""
+    from common.models import ModelError, check_model_source
+
+    for key in ("model", "decoder"):
+        if key in cfg:
+            try:
+                check_model_source(cfg[key])
+            except ModelError as err:
+                raise ConfigError(f"run config '{key}': {err}") from None
+
+
+def check_for_sites(cfg: dict[str, Any], n_sites: int, explicit: set[str] | frozenset[str] = frozenset()) -> None:
+    """Options that cannot work with this many hospitals, refused before the study starts.
+
+    Without this, `min-sites`/`expected-sites` above the number of hospitals wait out
+    `node-wait-timeout` and then fail, and an explicit `clusters` that cannot be honoured is
+    silently skipped. `explicit`: the keys the user set (a default `clusters` is skipped quietly,
+    as documented).
+    """
+    for key in ("min-sites", "expected-sites"):
+        if int(cfg.get(key, 0)) > n_sites:
+            raise ConfigError(f"run config '{key}': {cfg[key]} but the federation has only {n_sites} "
+                              f"hospital{'s' if n_sites != 1 else ''}; no study could start")
+    k = int(cfg.get("clusters", 2))
+    if "clusters" in explicit and "cluster" in regimes(cfg) and not 2 <= k < n_sites:
+        raise ConfigError(f"run config 'clusters': {k} cluster(s) of {n_sites} hospitals is not a grouping "
+                          f"(it needs 2 <= clusters < hospitals, here at most {n_sites - 1}); "
+                          "lower it, or drop 'cluster' from regimes")
 
 
 def parse_overrides(text: str) -> dict[str, Any]:
     """Parse `k1=v1 k2=v2` as `flwr run --run-config` does (values are TOML)."""
     out: dict[str, Any] = {}
-    for token in shlex.split(text or ""):
+    try:
+        tokens = shlex.split(text or "")
+    except ValueError as err:  # "No closing quotation"
+        raise ConfigError(f"run config {text!r} cannot be split into key=value items ({err})") from None
+    for token in tokens:
         if "=" not in token:
             raise ConfigError(f"run-config item '{token}' is not of the form key=value")
         key, raw = token.split("=", 1)
@@ -199,16 +254,5 @@ def to_toml_overrides(cfg: dict[str, Any]) -> str:
     return " ".join(parts)
 
 
-@dataclass(frozen=True)
-class Policy:
-    """What may leave a site. The stricter of the study's and the site's own policy wins."""
-
-    allow_adapters: bool = True
-    min_cell_size: int = 10
-
-    @classmethod
-    def effective(cls, run_cfg: dict[str, Any], site_policy: dict[str, Any] | None = None) -> "Policy":
-        site_policy = site_policy or {}
-        k = max(int(run_cfg.get("min-cell-size", 10)), int(site_policy.get("min-cell-size", 1)))
-        allow = bool(site_policy.get("allow-adapters", True))
-        return cls(allow_adapters=allow, min_cell_size=k)
+# The effective policy lives in common.policy (site policy file + merge); kept importable here.
+from common.policy import Policy  # noqa: E402,F401

@@ -35,6 +35,7 @@ __all__ = [
     "SEX_VALUES",
     "TABLE_SUFFIXES",
     "MAX_LISTED_PROBLEMS",
+    "MAX_NOTE_CHARS",
     "Problem",
     "DataValidationError",
     "DataContractWarning",
@@ -55,6 +56,19 @@ INSURANCE_VALUES: tuple[str, ...] = ("commercial", "government", "self_pay", "un
 SEX_VALUES: tuple[str, ...] = ("F", "M", "other", "unknown")
 TABLE_SUFFIXES: tuple[str, ...] = (".csv", ".parquet", ".jsonl")
 MAX_LISTED_PROBLEMS = 50
+# A discharge note runs to a few thousand characters (MIMIC-IV's longest are ~60,000); a cell far
+# beyond that is almost always several records merged by a broken export, or a whole document.
+# Only the first `max-length` tokens are ever used, so refusing it loses nothing real.
+MAX_NOTE_CHARS = 100_000
+# Formats people export by mistake, with what to do instead.
+_WRONG_FORMAT_HINTS = {
+    ".xlsx": "a spreadsheet is not read: export it as CSV (UTF-8)",
+    ".xls": "a spreadsheet is not read: export it as CSV (UTF-8)",
+    ".ods": "a spreadsheet is not read: export it as CSV (UTF-8)",
+    ".tsv": "export it comma-separated, as .csv",
+    ".txt": "export it comma-separated, as .csv",
+    ".json": "write one JSON object per line, as .jsonl",
+}
 
 # Spellings that exports (pandas, R, SQL dumps) use for "no value". Optional columns treat them
 # as missing; required columns report them, because a label or id of "nan" is an export bug.
@@ -170,18 +184,24 @@ def find_table(path: str | Path) -> Path:
         raise DataValidationError(Problem(name, None, None, f"path does not exist{hint}"))
     if path.is_file():
         if path.suffix.lower() not in TABLE_SUFFIXES:
+            hint = _WRONG_FORMAT_HINTS.get(path.suffix.lower())
             raise DataValidationError(
                 Problem(
                     _display_name(path),
                     None,
                     None,
                     f"unsupported file type {path.suffix or '(no extension)'!r}; "
-                    f"a hospital table must be one of {', '.join(TABLE_SUFFIXES)}",
+                    f"a hospital table must be one of {', '.join(TABLE_SUFFIXES)}"
+                    + (f" ({hint})" if hint else ""),
                 )
             )
         return path
     if not path.is_dir():
         raise DataValidationError(Problem(name, None, None, "not a regular file or folder"))
+    if path.suffix.lower() in TABLE_SUFFIXES:  # named like a table: the user meant a file
+        raise DataValidationError(
+            Problem(_display_name(path), None, None, "is a directory, but a table file is needed here")
+        )
 
     candidates = _table_candidates(path)
     folders = [p for p in candidates if p.is_dir()]
@@ -219,6 +239,10 @@ def find_table(path: str | Path) -> Path:
         others = [p.name for p in sorted(path.iterdir()) if not _is_hidden(p)]
         found = f"found: {', '.join(others[:10])}" if others else "the folder is empty"
         msg = f"no table file ({', '.join('*' + s for s in TABLE_SUFFIXES)}) in the hospital folder; {found}"
+        hints = sorted({_WRONG_FORMAT_HINTS[s] for s in (Path(o).suffix.lower() for o in others)
+                        if s in _WRONG_FORMAT_HINTS})
+        if hints:
+            msg += f" ({'; '.join(hints)})"
     raise DataValidationError(Problem(name, None, None, msg))
 
 
@@ -335,6 +359,7 @@ def _read_csv(raw: _Raw, data: bytes) -> None:
             row=header_line,
         )
         raw.fatal = True
+        return  # no columns: "missing every required column" would only repeat this
     raw.columns = header
     for j, col in enumerate(header):
         raw.values.setdefault(col, [r[j] for r in records])
@@ -498,6 +523,8 @@ def _check_columns(raw: _Raw) -> None:
 
 def _validate(raw: _Raw) -> pd.DataFrame | None:
     """Check every contract column present and build the typed frame (None if anything failed)."""
+    if raw.fatal and not raw.columns:
+        return None  # unreadable: "missing every required column" would only repeat the cause
     _check_columns(raw)
     n = len(raw.rows)
     if n == 0 and not raw.fatal:
@@ -534,6 +561,13 @@ def _validate(raw: _Raw) -> pd.DataFrame | None:
                 bad(i, "note_text", "note is empty" if not v else "note is only whitespace")
             elif t.lower() in _MISSING_TOKENS:
                 bad(i, "note_text", f"note is missing (got {_show(t)})")
+            elif len(v) > MAX_NOTE_CHARS:
+                bad(
+                    i,
+                    "note_text",
+                    f"note is {len(v):,} characters long, over the limit of {MAX_NOTE_CHARS:,}: usually "
+                    "several records merged by a broken export (an unclosed quote) or a whole document",
+                )
         out["note_text"] = notes
 
     for col, required in (("readmitted_30d", True), ("died", False)):
@@ -551,6 +585,15 @@ def _validate(raw: _Raw) -> pd.DataFrame | None:
             else:
                 vals[i] = b
         out[col] = vals
+    labels = out.get("readmitted_30d")
+    if labels is not None and not np.isnan(labels).any() and len(np.unique(labels)) == 1:
+        # A file-level finding, not a row's: no single line is wrong, the site as a whole is.
+        raw.fail(
+            f"every label is {int(labels[0])} ({n} encounter{'s' if n != 1 else ''}): a site needs "
+            "both readmitted (1) and not-readmitted (0) encounters to train and score a classifier "
+            "(AUC is undefined with one class)",
+            column="readmitted_30d",
+        )
 
     if "discharge_date" in present:
         out["discharge_date"] = _parse_dates(raw, raw.values["discharge_date"], bad)
@@ -658,9 +701,7 @@ def _parse_dates(raw: _Raw, values: list[str], bad) -> np.ndarray:
 
 def _add_soft_warnings(raw: _Raw, df: pd.DataFrame) -> None:
     pos = int(df["readmitted_30d"].sum())
-    if pos == 0 or pos == len(df):
-        raw.warn(f"every label is {int(pos > 0)}: AUC cannot be computed for this site", column="readmitted_30d")
-    elif min(pos, len(df) - pos) < 10:
+    if 0 < pos < len(df) and min(pos, len(df) - pos) < 10:  # one class only is an error (_validate)
         m = min(pos, len(df) - pos)
         raw.warn(
             f"only {m} encounter{'s' if m != 1 else ''} in the rarer class: per-site metrics will be unreliable",

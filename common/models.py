@@ -79,6 +79,53 @@ def resolve_model(name: str) -> str:
     return name  # a Hugging Face id; served from the local cache when offline
 
 
+_ALIASES = frozenset({"minilm", "all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2",
+                      "smollm2", "SmolLM2-135M-Instruct", "HuggingFaceTB/SmolLM2-135M-Instruct", *TINY_MODELS})
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def check_model_source(name: str) -> None:
+    """Refuse a model string that can never load, without loading anything (ModelError).
+
+    Runs when the run config is resolved, so a typo in a path stops `clinfed simulate` before
+    Flower starts instead of failing every site minutes later. Checks: a path (starts with
+    '.', '/', '~' or has a directory part that exists) must exist and be a folder with
+    config.json; anything else must be a valid Hugging Face id, and offline it must be in the
+    local Hugging Face cache. Aliases (`minilm`, `smollm2`, `tiny-*`) pass.
+    """
+    name = (name or "").strip()
+    if not name or name in _ALIASES:
+        return
+    expanded = Path(os.path.expanduser(name))
+    if expanded.exists():
+        if expanded.is_file():
+            raise ModelError(f"model path {name} is a file; give the model's folder (with config.json)")
+        if not (expanded / "config.json").exists():
+            raise ModelError(f"model path {name} is a folder without config.json")
+        return
+    looks_like_path = (name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1
+                       or ("/" in name and expanded.parent.exists() and str(expanded.parent) != "."))
+    if looks_like_path:
+        raise ModelError(f"model path {name} does not exist")
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        raise ModelError(f"model {name!r} is neither an existing local path nor a valid Hugging Face id") from None
+    if _offline():
+        from huggingface_hub import try_to_load_from_cache
+
+        if not isinstance(try_to_load_from_cache(name, "config.json"), str):
+            raise ModelError(
+                f"model {name!r} is not a local path and not in the local Hugging Face cache, and "
+                "downloads are off (HF_HUB_OFFLINE=1): download it once, or give a local folder"
+            )
+
+
 def model_identity(name: str) -> str:
     """A stable identity for the base model (recorded with every adapter)."""
     return resolve_model(name) if name not in TINY_MODELS else f"{name}@clinfed"
@@ -284,6 +331,42 @@ def load_adapter_state(peft_model, state: dict[str, np.ndarray], reference: dict
     set_peft_model_state_dict(
         peft_model, {k: torch.from_numpy(np.ascontiguousarray(v)).to(device) for k, v in state.items()}
     )
+    check_adapter_effect(peft_model, state)
+
+
+def check_adapter_effect(peft_model, state: dict[str, np.ndarray], who: str = "adapter"):
+    """After a load, an adapter with non-zero LoRA B must change the model's output.
+
+    The known silent failure: an adapter that loads without error but is not
+    active (wrong adapter name, disabled layers, scaling 0) scores exactly like
+    the base, and a study would report base results under an adapter's name.
+    One forward pass of 8 tokens with and without the adapter decides it.
+    """
+    import torch
+
+    if not hasattr(peft_model, "disable_adapter"):
+        return
+    b_max = max((float(np.abs(v).max()) for k, v in state.items() if "lora_B" in k and v.size), default=0.0)
+    if b_max <= 1e-6:
+        return  # a fresh adapter (B = 0) is meant to equal the base
+    cfg = peft_model.config
+    vocab = int(getattr(cfg, "vocab_size", 0) or 0)
+    if vocab < 10:
+        return
+    device = next(peft_model.parameters()).device
+    probe = torch.arange(3, 11, device=device).remainder(vocab).unsqueeze(0)
+    was_training = peft_model.training
+    peft_model.eval()
+    try:
+        with torch.no_grad():
+            out = peft_model(input_ids=probe).logits
+            with peft_model.disable_adapter():
+                base = peft_model(input_ids=probe).logits
+    finally:
+        peft_model.train(was_training)
+    if torch.equal(out, base):
+        raise AdapterMismatch(f"{who}: loaded, but the model's outputs are exactly the base model's although "
+                              f"its LoRA B weights are non-zero (max {b_max:.3g}): the adapter is not active")
 
 
 def state_hash(state: dict[str, np.ndarray]) -> str:
@@ -319,7 +402,7 @@ def save_adapter(peft_model, state: dict[str, np.ndarray], out_dir: str | Path, 
     return out
 
 
-def read_adapter(peft_model, folder: str | Path) -> dict[str, np.ndarray]:
+def read_adapter(peft_model, folder: str | Path, expected_base: str | None = None) -> dict[str, np.ndarray]:
     """Read a PEFT adapter folder into state arrays (keys as `adapter_state` gives them)."""
     from safetensors.numpy import load_file
 
@@ -330,4 +413,26 @@ def read_adapter(peft_model, folder: str | Path) -> dict[str, np.ndarray]:
     raw = load_file(str(f))
     # PEFT strips the adapter name on save; our keys come from get_peft_model_state_dict
     # which also strips it, so they coincide.
-    return {k: v.astype(np.float32) for k, v in raw.items()}
+    state = {k: v.astype(np.float32) for k, v in raw.items()}
+    check_manifest(folder, state, expected_base)
+    return state
+
+
+def check_manifest(folder: Path, state: dict[str, np.ndarray], expected_base: str | None = None):
+    """An adapter folder written by clinfed must still be what its manifest says: same
+    hash (not corrupted or edited since) and, when the caller knows it, the same base model."""
+    import json
+
+    path = Path(folder) / "clinfed_manifest.json"
+    if not path.exists():
+        return  # an adapter from elsewhere: keys and shapes are still checked when it is loaded
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise AdapterMismatch(f"{folder}: clinfed_manifest.json is unreadable ({err})") from None
+    if manifest.get("hash") and manifest["hash"] != state_hash(state):
+        raise AdapterMismatch(f"{folder}: the adapter weights do not match the hash in clinfed_manifest.json "
+                              "(the file was changed or damaged after clinfed wrote it)")
+    base = manifest.get("base_model")
+    if expected_base and base and base != expected_base:
+        raise AdapterMismatch(f"{folder}: the adapter was trained on base model {base!r}, not on {expected_base!r}")

@@ -39,6 +39,12 @@ ALLOWED_METRIC_KEYS = [
         r"train-tokens",
         r"(local-)?dpo-self-rejected-share",
         r"(local|personalized|similarity-weighted|augmented)-train-(loss|seconds)",
+        # DP-SGD accounting of the site's own training (epsilon per call, cumulative, budget)
+        r"((local|personalized|similarity-weighted|augmented)-)?dp-(epsilon|budget-exhausted)",
+        r"dp-(epsilon-total|epsilon-budget|delta)",
+        # the site's effective policy, reported in `describe` (0/1 flags and numbers)
+        r"policy/(allow-adapters|share-local-adapters|min-cell-size|dp-required|dp-epsilon|dp-delta|"
+        r"refuse-instance-moving|site-file)",
         r"site-n-(train|val|test|temporal)",
         rf"desc{SEP}(n|readmission_rate|mortality_rate|words_mean|words_q1|words_median|words_q3)",
         rf"desc{SEP}(age|comorbidity|insurance|region)={_NAME}",
@@ -61,12 +67,14 @@ def public_reason(exc: BaseException, phase: str) -> str:
     """A failure description safe to send: the kind of failure, never the data's values."""
     from common.config import ConfigError
     from common.data import DataValidationError
+    from common.dp import DPBudgetExhausted
     from common.models import AdapterMismatch, ModelError
+    from common.policy import PolicyError, PolicyRefusal
 
     if isinstance(exc, DataValidationError):
         n = len(getattr(exc, "problems", []) or [])
         what = f"the site's data failed validation ({n} problem(s)); run `clinfed validate` at the site"
-    elif isinstance(exc, (ConfigError, ModelError, AdapterMismatch)):
+    elif isinstance(exc, (ConfigError, ModelError, AdapterMismatch, PolicyError, PolicyRefusal, DPBudgetExhausted)):
         what = str(exc).splitlines()[0][:300]
     else:
         what = f"{type(exc).__name__} (details in the site's log)"

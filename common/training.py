@@ -113,14 +113,20 @@ class TrainSettings:
 
 
 def train_classifier(model, encoded: list[np.ndarray], labels: np.ndarray, settings: TrainSettings,
-                     pad_id: int, progress=None) -> dict:
+                     pad_id: int, progress=None, dp=None) -> dict:
     """Run `settings.steps` optimizer steps of cross-entropy on the trainable weights.
 
     Steps, not epochs: a site's compute is bounded whatever its size, and
     sites of different sizes contribute the same number of updates per round.
+    With `dp` (a `common.dp.DPSettings`) the steps are DP-SGD steps instead
+    (`common.dp.train_classifier_dp`: Poisson batches, per-example clipping, noise).
     """
     import torch
 
+    if dp is not None:
+        from common.dp import train_classifier_dp
+
+        return train_classifier_dp(model, encoded, labels, settings, pad_id, dp, progress=progress)
     if len(encoded) == 0:
         raise ValueError("no training examples")
     device = pick_device(settings.device)
@@ -134,6 +140,9 @@ def train_classifier(model, encoded: list[np.ndarray], labels: np.ndarray, setti
     )
     amp = autocast_dtype(device, settings.precision)
     rng = np.random.default_rng(settings.seed)
+    # dropout draws from torch's global generator: seed it too, or a result depends on
+    # what the process trained before (a resumed study would not match an uninterrupted one)
+    torch.manual_seed(settings.seed)
     lengths = np.array([len(e) for e in encoded])
     y_all = torch.as_tensor(np.array(labels, dtype=np.int64))
     batches: list[np.ndarray] = []

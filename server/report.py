@@ -431,13 +431,19 @@ def _training(run: dict) -> pd.DataFrame:
         rows.append({
             "round": rd.get("round", i + 1),
             "sites answered": f"{len(answered)}: {', '.join(map(str, answered))}" if answered else "0",
-            "failures": "; ".join(f"{k}: {v}" for k, v in failures.items()) or "none",
+            "failures": "; ".join(f"{k}: {v}" for k, v in {**failures, **_as_dict(rd.get("declined"))}.items())
+            or "none",
             "bytes sent": _human_bytes(rd.get("bytes_sent")),
             "bytes received": _human_bytes(rd.get("bytes_received")),
             "mean train loss": f"{np.mean(losses):.3f}" if losses else "",
+            "DP-SGD ε this round / total": "; ".join(
+                f"{site} {float(_as_dict(e).get('epsilon', np.nan)):.3g} / {float(_as_dict(e).get('epsilon_total', np.nan)):.3g}"
+                for site, e in _as_dict(rd.get("dp")).items()),
         })
-    return pd.DataFrame(rows, columns=["round", "sites answered", "failures", "bytes sent", "bytes received",
-                                       "mean train loss"])
+    cols = ["round", "sites answered", "failures", "bytes sent", "bytes received", "mean train loss"]
+    if any(r["DP-SGD ε this round / total"] for r in rows):
+        cols.append("DP-SGD ε this round / total")
+    return pd.DataFrame(rows, columns=cols)
 
 
 def _fmt_auc_ci(cells: Cells, s, r, split) -> str:
@@ -832,6 +838,57 @@ def _sig(v) -> str:
     return f"{v:.4f}" if v is not None and pd.notna(v) and np.isfinite(v) else ""
 
 
+def _privacy(run: dict) -> tuple[pd.DataFrame, str]:
+    """Each site's effective policy (as the site reported it) and its DP-SGD accounting."""
+    pols, dp = _as_dict(run.get("site_policies")), _as_dict(run.get("dp"))
+    config = _as_dict(run.get("config"))
+    sites = sorted(set(pols) | set(dp))
+    yn = lambda v: "yes" if v else "no"  # noqa: E731
+    rows = []
+    for s in sites:
+        p, d = _as_dict(pols.get(s)), _as_dict(dp.get(s))
+        eps_budget, delta = p.get("dp_epsilon") or 0, p.get("dp_delta") or 0
+        rows.append({
+            "site": s,
+            "policy file": yn(p.get("site_file")) if p else "?",
+            "adapters leave": yn(p.get("allow_adapters", True)) if p else "?",
+            "local adapter shared": yn(p.get("share_local_adapters")) if p else "?",
+            "k": str(p.get("min_cell_size", "")),
+            "DP required": yn(p.get("dp_required")) if p else "?",
+            "ε budget": f"{eps_budget:g}" if eps_budget else "none",
+            "δ": f"{delta:.3g}" if delta else ("1/n_train" if p else ""),
+            "record-moving refused": yn(p.get("refuse_instance_moving")) if p else "?",
+            "ε spent (DP-SGD)": f"{float(d['epsilon_total']):.3g}" if "epsilon_total" in d else "",
+            "at δ": f"{float(d['delta']):.3g}" if "delta" in d else "",
+            "training stopped by the budget": ", ".join(d.get("stopped") or []),
+        })
+    df = pd.DataFrame(rows, columns=["site", "policy file", "adapters leave", "local adapter shared", "k",
+                                     "DP required", "ε budget", "δ", "record-moving refused", "ε spent (DP-SGD)",
+                                     "at δ", "training stopped by the budget"])
+    if df.empty:
+        return df, ""
+    notes = []
+    if config.get("dp") in (True, "true", "True"):
+        notes.append(f"DP-SGD at every site: noise multiplier {config.get('dp-noise-multiplier')}, per-example "
+                     f"clipping norm {config.get('dp-max-grad-norm')}, Poisson sampling; ε from the RDP accountant, "
+                     "composed over every training call at the site (all rounds and regimes).")
+    else:
+        notes.append("The study ran without DP-SGD (run config dp = false).")
+    for phase, u in _as_dict(run.get("update_dp")).items():
+        u = _as_dict(u)
+        notes.append(f"Adapter updates of the {phase} rounds: clipped to L2 norm "
+                     f"{u.get('clipping_norm')} and noised at the server (noise multiplier {u.get('noise_multiplier')}, "
+                     f"equal site weights): site-level ε {float(u.get('epsilon', float('nan'))):.3g} at δ "
+                     f"{u.get('delta')} over {u.get('rounds')} rounds.")
+    mo = sorted({s for names in _as_dict(run.get("metrics_only")).values() for s in names})
+    if mo:
+        notes.append(f"Metrics-only sites (no adapter leaves; trained at home, evaluated): {', '.join(mo)}.")
+    html_out = ("<h2>Privacy</h2><p>Each site's effective policy: the stricter of the study's run configuration "
+                "and the site's own policy file, as reported by the site.</p>" + _simple_table(df)
+                + "".join(f'<p class="caption">{html.escape(n)}</p>' for n in notes))
+    return df, html_out
+
+
 def _clusters_section(summary: dict, tab_dir: Path) -> str:
     cl = summary.get("clusters")
     if not cl:
@@ -1001,6 +1058,7 @@ def build_report(run_dir) -> Path:
     drivers_html = _drivers_section(summary, run_dir, fig_dir, tab_dir)
     clusters_html = _clusters_section(summary, tab_dir)
     training_df = _training(run)
+    privacy_df, privacy_html = _privacy(run)
     timings_df = pd.DataFrame([{"phase": str(p), "wall time": _human_seconds(s), "seconds": s}
                                for p, s in timings.items()], columns=["phase", "wall time", "seconds"])
     config_df = _kv_table(config, "key", "value")
@@ -1010,7 +1068,7 @@ def build_report(run_dir) -> Path:
         gains_out[c] = gains_out[c].map(_f3)
     gains_out["n_train"] = gains_out["n_train"].map(lambda v: str(int(v)) if np.isfinite(v) else "")
     for name, df in [("overview", overview_df), ("mean_auc", mean_auc), ("gains", gains_out),
-                     ("training", training_df), ("timings", timings_df), ("config", config_df),
+                     ("training", training_df), ("privacy", privacy_df), ("timings", timings_df), ("config", config_df),
                      ("versions", versions_df)]:
         df.to_csv(tab_dir / f"{name}.csv", index=False)
 
@@ -1091,6 +1149,7 @@ def build_report(run_dir) -> Path:
     if summary["notes"]:
         parts.append('<p class="foot">Analysis inputs: ' + esc(" ".join(summary["notes"])) + "</p>")
 
+    parts.append(privacy_html)
     parts.append("<h2>Training</h2>" + (_simple_table(training_df) if len(training_df)
                                          else "<p>No federated rounds were recorded.</p>"))
     parts.append("<h2>Timings</h2>" + (_simple_table(timings_df[["phase", "wall time"]]) if len(timings_df)

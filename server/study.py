@@ -20,17 +20,20 @@ import platform
 import random
 import time
 import traceback
+from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, FedAvg
 
 from common.config import gen_tasks, regimes
 from common.metrics import METRIC_COLUMNS, cell_rows
 from common.models import save_adapter, state_hash, state_nbytes
+from common.policy import Policy
+from server.checkpoint import Checkpoint
 
 log = logging.getLogger("clinfed.server")
 
@@ -96,6 +99,9 @@ class Study:
         self.driver_rows: list[dict] = []
         self.steps_total = cfg["num-server-rounds"] + 2
         self.steps_done = 0
+        self.ckpt = Checkpoint(self.run_dir, cfg)
+        if not cfg.get("resume"):
+            self.ckpt.clear()  # a new study in an old RUN_DIR must not resume the old one later
 
     # ------------------------------------------------------------ messaging
     def _config(self, **extra) -> ConfigRecord:
@@ -205,6 +211,7 @@ class Study:
             counts = dict(rep.content["metrics"])
             self.site_counts[name] = {s: counts.get(f"site-n-{s}") for s in ("train", "val", "test", "temporal")}
             self.descriptors[name] = {k[5:]: float(v) for k, v in counts.items() if k.startswith("desc/")}
+            self._note_policy(name, counts)
         names = list(by_node.values())
         dup = {n for n in names if names.count(n) > 1}
         if dup:
@@ -224,12 +231,19 @@ class Study:
         FedAvg instance. Each round's adapter is saved in PEFT format.
         """
         init = start if start is not None else ArrayRecord({k: Array(v) for k, v in lm.init_state.items()})
+        groups = self._adapter_groups(groups, phase)
         arrays = {g: init for g in groups}
-        strategies = {g: FedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=len(n),
-                                min_available_nodes=len(n), min_evaluate_nodes=0) for g, n in groups.items()}
+        strategies = {g: self._strategy(len(n)) for g, n in groups.items()}
         group_of = {node: g for g, nodes in groups.items() for node in nodes}
         R = int(self.cfg["num-server-rounds"]) if rounds is None else int(rounds)
-        for rnd in range(1, R + 1):
+        done, saved = self.ckpt.rounds_done(phase)
+        for g, state in saved.items():
+            if g in arrays:
+                arrays[g] = ArrayRecord({k: Array(v) for k, v in state.items()})
+        if done:
+            self.steps_done += min(done, R)
+            _say(f"{phase}: rounds 1-{done} restored from the checkpoint")
+        for rnd in range(done + 1, R + 1):
             t = time.time()
             msgs = [Message(RecordDict({"arrays": arrays[group_of[node]], "config": self._config(**{"server-round": rnd})}),
                             dst_node_id=node, message_type=message_type) for node in sorted(group_of)]
@@ -237,14 +251,16 @@ class Study:
             replies = list(self.grid.send_and_receive(msgs, timeout=float(self.cfg["round-timeout"])))
             label = f"{phase} round {rnd}"
             starts = {self.sites[n]: arrays[group_of[n]] for n in group_of}
-            ok = self._checked(self._collect(sorted(group_of), replies, label), lm.init_state, label, starts)
-            if len(ok) < min(int(self.cfg["min-sites"]), len(group_of)):
+            ok, declined = self._declined(self._collect(sorted(group_of), replies, label), label)
+            ok = self._checked(ok, lm.init_state, label, starts)
+            if len(ok) + len(declined) < min(int(self.cfg["min-sites"]), len(group_of)):
                 raise StudyError(f"{label}: {len(ok)} site(s) answered, fewer than min-sites={self.cfg['min-sites']}")
             for g, nodes in groups.items():
                 names = [self.sites[n] for n in nodes]
                 g_ok = [rep for site, rep in ok.items() if site in names]
                 if not g_ok:
                     continue  # nobody in this group answered: its adapter stays as it was
+                self._prime_update_dp(strategies[g], arrays[g], len(g_ok))
                 new, _ = strategies[g].aggregate_train(rnd, g_ok)
                 if new is None:
                     raise StudyError(f"{label}: aggregation of group {g} produced no adapter")
@@ -263,17 +279,125 @@ class Study:
                 "phase": phase, "round": rnd, "sites": list(ok), "failures": self.phase_failures[label],
                 "bytes_sent": sent, "bytes_received": received, "train_loss": losses,
                 **({"dpo_self_rejected_share": own} if own else {}),
+                **self._dp_round(ok, declined, label),
                 "seconds": round(time.time() - t, 2),
                 "adapter_hash": {g: state_hash({k: v.numpy() for k, v in a.items()}) for g, a in arrays.items()},
             })
             self.steps_done += 1
             _say(f"{label}/{R} {_bar(self.steps_done, self.steps_total)} {len(ok)} sites, "
-                 f"mean loss {np.mean(list(losses.values())):.3f}, {time.time() - t:.0f}s")
+                 f"mean loss {np.mean(list(losses.values())) if losses else float('nan'):.3f}, {time.time() - t:.0f}s")
+            self.ckpt.save_round(phase, rnd, {g: {k: v.numpy() for k, v in a.items()} for g, a in arrays.items()},
+                                 {s: self.last_states[phase][s] for s in ok}, self._ckpt_state())
             self.write_run()
         for g, a in arrays.items():
             save_adapter(lm.model, {k: v.numpy() for k, v in a.items()}, self.run_dir / "adapters" / g / "final",
                          meta={"regime": phase, "group": g, "round": R, "base_model": lm.identity})
+        self._note_update_dp(phase, R)
         return arrays
+
+    # ------------------------------------------------------------- privacy
+    def _note_policy(self, site: str, released: dict):
+        """Each site's effective policy, as it reported it in `describe` (flags and numbers only)."""
+        pol = Policy.from_metrics(released)
+        if pol is None:
+            return
+        if not hasattr(self, "site_policies"):
+            self.site_policies = {}
+        self.site_policies[site] = pol
+        self.run.setdefault("site_policies", {})[site] = asdict(pol)
+
+    def _adapter_groups(self, groups: dict[str, list[int]], phase: str) -> dict[str, list[int]]:
+        """Metrics-only sites (policy allow-adapters = false) are sent no train message: they
+        train their site-held regimes at home and are evaluated like every other site."""
+        pols = getattr(self, "site_policies", {})
+        held = {n for n in self.sites if n in {m for ns in groups.values() for m in ns}
+                and pols.get(self.sites[n]) is not None and not pols[self.sites[n]].allow_adapters}
+        if not held:
+            return groups
+        names = sorted(self.sites[n] for n in held)
+        self.run.setdefault("metrics_only", {})[phase] = names
+        _say(f"{phase}: metrics-only site(s) {', '.join(names)} (policy allow-adapters = false) are not "
+             "sent training rounds; they train at home and are evaluated")
+        kept = {g: [n for n in nodes if n not in held] for g, nodes in groups.items()}
+        for g in (g for g, nodes in kept.items() if not nodes):
+            self.errors.append(f"{phase}: group {g} holds only metrics-only sites; its adapter stays untrained")
+        return kept
+
+    def _strategy(self, n_sites: int):
+        """FedAvg, wrapped in Flower's server-side fixed-clipping DP when `update-dp-noise` > 0.
+        The wrapper sizes its noise (noise x clip / m) for equally weighted sites, so under it
+        FedAvg weights by `train-steps`, which is the same at every site."""
+        kw = dict(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=n_sites,
+                  min_available_nodes=n_sites, min_evaluate_nodes=0)
+        noise = float(self.cfg.get("update-dp-noise", 0.0))
+        if noise <= 0:
+            return FedAvg(**kw)
+        return DifferentialPrivacyServerSideFixedClipping(
+            FedAvg(**kw, weighted_by_key="train-steps"), noise_multiplier=noise,
+            clipping_norm=float(self.cfg["update-dp-clip"]), num_sampled_clients=max(1, n_sites))
+
+    @staticmethod
+    def _prime_update_dp(strategy, start: ArrayRecord, n_replies: int):
+        """The wrapper clips each update against the arrays sent this round, which it learns in
+        its `configure_train`; this study addresses sites itself, so it is told here, with the
+        number of updates actually averaged (the noise is sized for them)."""
+        if isinstance(strategy, DifferentialPrivacyServerSideFixedClipping):
+            strategy.current_arrays = start
+            strategy.num_sampled_clients = max(1, n_replies)
+
+    def _note_update_dp(self, phase: str, rounds: int):
+        noise = float(self.cfg.get("update-dp-noise", 0.0))
+        if noise <= 0:
+            return
+        from common.dp import rdp_epsilon
+
+        self.run.setdefault("update_dp", {})[phase] = {
+            "noise_multiplier": noise, "clipping_norm": float(self.cfg["update-dp-clip"]), "rounds": rounds,
+            "weighting": "equal (train-steps)", "delta": 1e-5,
+            # site-level (one hospital's whole update), every site in every round: no sampling amplification
+            "epsilon": rdp_epsilon([(noise, 1.0, rounds)], 1e-5),
+        }
+
+    def _declined(self, ok: dict[str, Message], label: str) -> tuple[dict[str, Message], dict[str, str]]:
+        """Sites that answered without an update because their DP budget is spent: recorded
+        with the reason, left out of the average, not counted as failures."""
+        declined = {}
+        for site, rep in list(ok.items()):
+            m = dict(rep.content["metrics"]) if "metrics" in rep.content.metric_records else {}
+            if m.get("dp-budget-exhausted") and "arrays" not in rep.content.array_records:
+                declined[site] = (f"declined: DP budget exhausted (epsilon so far {float(m.get('dp-epsilon-total', 0)):.3g}"
+                                  f", budget {float(m.get('dp-epsilon-budget', 0)):.3g})")
+                ok.pop(site)
+                self._note_dp(site, m, label)
+                _say(f"{label}: site {site} {declined[site]}")
+        return ok, declined
+
+    def _note_dp(self, site: str, m: dict, phase: str):
+        """A site's released DP accounting: epsilon per training call and its running total."""
+        if "dp-epsilon-total" not in m:
+            return
+        d = self.run.setdefault("dp", {}).setdefault(site, {"epsilon_total": 0.0, "by_phase": {}, "stopped": []})
+        d["epsilon_total"] = max(d["epsilon_total"], float(m["dp-epsilon-total"]))
+        if "dp-delta" in m:
+            d["delta"] = float(m["dp-delta"])
+        for key, val in m.items():
+            if key.endswith("dp-epsilon"):
+                d["by_phase"][f"{phase}" + (f" {key[:-len('-dp-epsilon')]}" if key != "dp-epsilon" else "")] = float(val)
+            elif key.endswith("dp-budget-exhausted"):
+                d["stopped"].append(f"{phase}" + (f" {key[:-len('-dp-budget-exhausted')]}"
+                                                   if key != "dp-budget-exhausted" else ""))
+
+    def _dp_round(self, ok: dict[str, Message], declined: dict[str, str], label: str) -> dict:
+        out: dict = {"declined": declined} if declined else {}
+        eps = {}
+        for site, rep in ok.items():
+            m = dict(rep.content["metrics"])
+            if "dp-epsilon" in m:
+                eps[site] = {"epsilon": float(m["dp-epsilon"]), "epsilon_total": float(m["dp-epsilon-total"])}
+                self._note_dp(site, m, label)
+        if eps:
+            out["dp"] = eps
+        return out
 
     # ------------------------------------------------------- site similarity
     def descriptor_matrix(self) -> tuple[list[str], np.ndarray, list[str]]:
@@ -332,7 +456,34 @@ class Study:
         return starts
 
     # --------------------------------------------------------------- phases
+    def _ckpt_state(self) -> dict:
+        return {"rounds": self.rounds, "errors": self.errors, "phase_failures": self.phase_failures,
+                "clusters": self.run.get("clusters"), "similarity_weights": self.run.get("similarity_weights")}
+
+    def restore(self):
+        """Continue from RUN_DIR's checkpoint: the rounds, failures and adapters so far.
+        Site-held adapters are on the sites' disks already."""
+        saved = self.ckpt.load()
+        self.rounds, self.errors = list(saved["rounds"]), list(saved["errors"])
+        self.phase_failures.update(saved["phase_failures"])
+        for key in ("clusters", "similarity_weights"):
+            if saved.get(key) is not None:
+                self.run[key] = saved[key]
+        for phase in saved["phases"]:
+            self.last_states[phase] = self.ckpt.last_updates(phase)
+        self.shared_local = {s: ArrayRecord({k: Array(v) for k, v in st.items()})
+                             for s, st in self.ckpt.shared_local().items()}
+        where = {p: i["round"] for p, i in saved["phases"].items()}
+        self.run.setdefault("resumed", []).append(
+            {"at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "rounds_done": where,
+             "steps_done": list(saved["done"])})
+        _say(f"resuming {self.run_dir}: completed rounds {where}, steps done {saved['done'] or 'none'}")
+
     def personalize(self, global_arrays: ArrayRecord):
+        if self.ckpt.is_done("personalize"):
+            self.steps_done += 1
+            _say("site-held adapters were trained before the restart; the sites keep them")
+            return
         starts = self.similarity_starts() if "similarity-weighted" in self.regimes else {}
         msgs = []
         for node, site in self.sites.items():
@@ -345,6 +496,9 @@ class Study:
         for site, rep in ok.items():
             if "arrays" in rep.content.array_records:
                 self.shared_local[site] = rep.content["arrays"]
+            self._note_dp(site, dict(rep.content["metrics"]), "personalize")
+        self.ckpt.save_done("personalize", self._ckpt_state(),
+                            {s: {k: v.numpy() for k, v in a.items()} for s, a in self.shared_local.items()})
         self.steps_done += 1
         _say(f"site-held adapters ({', '.join(r for r in self.regimes if r in SITE_HELD)}) trained at "
              f"{len(ok)} sites {_bar(self.steps_done, self.steps_total)}")
@@ -440,10 +594,12 @@ class Study:
             dpo = self._timed("dpo", self.federated_rounds, dec, {"global-dpo": nodes}, "dpo", "train.dpo", sft,
                               int(self.cfg["dpo-rounds"]))["global-dpo"]
         t = time.time()
-        msgs = [Message(RecordDict({"global": dpo, "config": self._config()}), dst_node_id=n,
-                        message_type="train.gen_local") for n in nodes]
-        self._collect(nodes, list(self.grid.send_and_receive(msgs, timeout=float(self.cfg["round-timeout"]))),
-                      "local and personalized")
+        if not self.ckpt.is_done("gen_local"):
+            msgs = [Message(RecordDict({"global": dpo, "config": self._config()}), dst_node_id=n,
+                            message_type="train.gen_local") for n in nodes]
+            self._collect(nodes, list(self.grid.send_and_receive(msgs, timeout=float(self.cfg["round-timeout"]))),
+                          "local and personalized")
+            self.ckpt.save_done("gen_local", self._ckpt_state())
         self.timings["personalize"] = round(time.time() - t, 2)
         self.steps_done += 1
         t = time.time()
@@ -533,6 +689,8 @@ class Study:
         try:
             nodes = self._timed("wait", self.wait_for_nodes)
             self._timed("describe", self.describe, nodes)
+            if self.cfg.get("resume"):
+                self.restore()
             if self.cfg["task"] == "generative":
                 self.generative()
                 self.run["status"] = "completed"

@@ -131,3 +131,34 @@ def simulate(run_dir: str | Path, overrides: dict, n_sites: int, cpus_per_site: 
         errs = "; ".join(run.get("errors") or []) or "unknown error"
         raise SimulationError(f"the study {run.get('status', 'failed')}: {errs} (log: {log_path})")
     return run
+
+
+def resume_settings(run_dir: str | Path) -> tuple[dict, int]:
+    """(run-config overrides, number of sites) that continue an interrupted RUN_DIR.
+
+    The settings come from the checkpoint itself, so a resumed study cannot
+    silently run with different ones.
+    """
+    from common.config import defaults
+    from common.data import list_sites
+    from server.checkpoint import ResumeError
+
+    run_dir = Path(run_dir).resolve()
+    state = run_dir / "checkpoint" / "state.json"
+    if not run_dir.is_dir():
+        raise ResumeError(f"--resume {run_dir}: no such RUN_DIR folder")
+    if not state.exists():
+        raise ResumeError(f"--resume {run_dir}: no checkpoint/state.json there; a study writes it after its first "
+                          "completed round, so this run either never completed one or is not a clinfed RUN_DIR")
+    try:
+        saved = json.loads(state.read_text())["fingerprint"]
+    except (OSError, ValueError, KeyError) as err:
+        raise ResumeError(f"--resume {run_dir}: {state} is unreadable ({err})") from None
+    base = defaults()
+    overrides = {k: v for k, v in saved.items() if k in base and v != base[k]}
+    overrides["resume"] = True
+    data = Path(str(saved.get("data-dir") or ""))
+    sites = list_sites(data) if data.is_dir() else []
+    if not sites:
+        raise ResumeError(f"--resume {run_dir}: the study's hospital folder {data} is gone or empty")
+    return overrides, len(sites)

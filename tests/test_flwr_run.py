@@ -33,12 +33,54 @@ def test_clinfed_simulate_runs_a_study_with_flower(small_federation, tmp_path):
 
 @pytest.mark.slow
 def test_clinfed_simulate_exits_non_zero_when_the_study_fails(small_federation, tmp_path):
-    # min-sites above the number of hospitals: the ServerApp fails, flwr run exits 0, we must not.
+    # LoRA targets the model lacks: every site fails inside the study (not caught before it starts,
+    # unlike min-sites above the number of hospitals), flwr run exits 0, we must not.
     out = tmp_path / "run"
     res = subprocess.run(
         [sys.executable, "-m", "common.cli", "simulate", "--data", str(small_federation), "--out", str(out),
-         "--run-config", 'model="tiny-bert" min-sites=5 node-wait-timeout=3'],
+         "--run-config", 'model="tiny-bert" lora-targets="no_such_module" node-wait-timeout=3'],
         capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert res.returncode != 0
-    assert "min-sites=5" in res.stderr, res.stderr[-2000:]
+    assert "NoMatchingPeftModuleError" in res.stderr and "min-sites=2" in res.stderr, res.stderr[-2000:]
     assert json.loads((out / "run.json").read_text())["status"] == "failed"
+
+
+@pytest.mark.slow
+def test_interrupted_simulation_resumes_with_clinfed_simulate_resume(small_federation, tmp_path):
+    """Kill `clinfed simulate` once a round is checkpointed, then `--resume` finishes the study
+    without training the completed rounds again."""
+    import os
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    cfg = ('model="tiny-bert" num-server-rounds=4 local-steps=3 personalize-steps=2 bootstrap=20 '
+           'min-cell-size=5 regimes="global,local" subgroups=false')
+    proc = subprocess.Popen([sys.executable, "-m", "common.cli", "simulate", "--data", str(small_federation),
+                             "--out", str(out), "--run-config", cfg], cwd=ROOT, stdout=open(tmp_path / "log", "w"),
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    state = out / "checkpoint" / "state.json"
+    deadline = time.time() + 300
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if state.exists() and json.loads(state.read_text())["phases"].get("global", {}).get("round", 0) >= 1:
+                break
+            time.sleep(0.5)
+        assert proc.poll() is None, (tmp_path / "log").read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGINT)  # like Ctrl-C: clinfed stops its SuperLink on the way out
+            proc.wait(timeout=60)
+    done = json.loads(state.read_text())["phases"]["global"]["round"]
+    assert done < 4
+    res = subprocess.run([sys.executable, "-m", "common.cli", "simulate", "--resume", str(out)],
+                         capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    run = json.loads((out / "run.json").read_text())
+    assert run["status"] == "completed" and run["resumed"][0]["rounds_done"]["global"] == done
+    assert [r["round"] for r in run["rounds"]] == [1, 2, 3, 4]
+    assert pd.read_csv(out / "metrics.csv")["site"].nunique() == 3
+    # a resume with nothing to resume says so, without a traceback
+    bad = subprocess.run([sys.executable, "-m", "common.cli", "simulate", "--resume", str(tmp_path)],
+                         capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert bad.returncode != 0 and "no checkpoint" in bad.stderr and "Traceback" not in bad.stderr

@@ -105,3 +105,51 @@ def test_model_resolution(tmp_path):
     (tmp_path / "m").mkdir()
     with pytest.raises(ModelError, match="config.json"):
         resolve_model(str(tmp_path / "m"))
+
+
+def _trained_state(model, scale=0.05):
+    """The model's adapter with every LoRA B (and head) moved away from its start."""
+    state = adapter_state(model)
+    rng = np.random.default_rng(1)
+    return {k: (v + scale * rng.standard_normal(v.shape)).astype(np.float32) for k, v in state.items()}
+
+
+def test_an_inactive_adapter_is_caught_after_loading():
+    """The silent failure: an adapter that loads but does not change outputs (here: LoRA
+    scaling 0, as a wrong alpha or a disabled layer gives) is refused, naming why."""
+    from common.models import AdapterMismatch, LoraSettings, load_adapter_state, make_lora_model
+
+    model, _ = make_lora_model("tiny-bert", 0, LoraSettings(rank=4))
+    fresh = adapter_state(model)  # head copies still equal the base head
+    state = {k: (v + 0.05 if "lora_B" in k else v) for k, v in fresh.items()}
+    load_adapter_state(model, state)  # active: fine
+    for module in model.modules():
+        if hasattr(module, "scaling") and isinstance(module.scaling, dict):
+            module.scaling = {k: 0.0 for k in module.scaling}
+    with pytest.raises(AdapterMismatch, match="not active"):
+        load_adapter_state(model, state)
+
+
+def test_a_changed_adapter_file_or_another_base_is_refused(tmp_path):
+    import json
+
+    from safetensors.numpy import load_file, save_file
+
+    from common.models import AdapterMismatch, LoraSettings, make_lora_model, read_adapter, save_adapter
+
+    model, _ = make_lora_model("tiny-bert", 0, LoraSettings(rank=4))
+    state = _trained_state(model)
+    folder = save_adapter(model, state, tmp_path / "a", meta={"base_model": "tiny-bert@abc"})
+    got = read_adapter(model, folder, expected_base="tiny-bert@abc")
+    assert all(np.array_equal(got[k], state[k]) for k in state)
+    with pytest.raises(AdapterMismatch, match="trained on base model 'tiny-bert@abc'"):
+        read_adapter(model, folder, expected_base="minilm@def")
+    raw = load_file(str(folder / "adapter_model.safetensors"))
+    key = next(k for k in raw if "lora_B" in k)
+    raw[key] = raw[key] + 1.0
+    save_file(raw, str(folder / "adapter_model.safetensors"))
+    with pytest.raises(AdapterMismatch, match="do not match the hash"):
+        read_adapter(model, folder)
+    (folder / "clinfed_manifest.json").write_text("{not json")
+    with pytest.raises(AdapterMismatch, match="unreadable"):
+        read_adapter(model, folder)

@@ -1,0 +1,194 @@
+"""DP-SGD for a site's LoRA classifier training, and the site's privacy ledger.
+
+Why a plain loop around Opacus pieces rather than `PrivacyEngine.make_private`:
+the study trains a fixed number of *steps* from length-grouped token lists,
+not epochs over a DataLoader, so the loop draws its own Poisson batches
+(each training example joins a step with probability q = batch-size / n_train,
+which is what the RDP accountant's subsampled-Gaussian analysis assumes),
+wraps the PEFT model in Opacus' `GradSampleModule` for per-example gradients
+of the trainable LoRA + head weights, and lets Opacus' `DPOptimizer` clip each
+example's gradient to `max_grad_norm`, add Gaussian noise and divide by the
+expected batch size. The model is moved to its device *before* it is wrapped
+(a PEFT model wrapped first and moved later trains the wrong tensors), and the
+hooks are removed after every training call because one base model serves
+many simulated sites in turn.
+
+The noise and the batch sampling draw from the operating system's entropy,
+never from the study's public seed: noise anyone can regenerate protects
+nothing. DP runs are therefore not bit-reproducible, by design.
+
+The ledger keeps every DP training call the site ran in one study (all
+regimes count: every adapter trained on the data shapes what the site
+releases) in the site's private folder, so epsilon composes across rounds,
+phases and worker processes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+
+class DPBudgetExhausted(RuntimeError):
+    """The next training call would take the site past its epsilon budget."""
+
+
+@dataclass(frozen=True)
+class DPSettings:
+    noise_multiplier: float = 1.0
+    max_grad_norm: float = 1.0
+    delta: float = 1e-5
+    budget: float = 0.0  # epsilon; 0 = none
+    secret_seed: int | None = None  # tests only; None = the OS's entropy (never the study's public seed)
+
+
+def rdp_epsilon(history: list[tuple[float, float, int]], delta: float) -> float:
+    """Epsilon at `delta` of a sequence of subsampled-Gaussian steps (Opacus' RDP accountant)."""
+    from opacus.accountants import RDPAccountant
+
+    if not history:
+        return 0.0
+    acc = RDPAccountant()
+    acc.history = [(float(s), float(q), int(n)) for s, q, n in history]
+    with warnings.catch_warnings():  # "optimal order is the largest/smallest alpha": a looser bound, still valid
+        warnings.simplefilter("ignore", UserWarning)
+        return float(acc.get_epsilon(delta=float(delta)))
+
+
+@dataclass
+class DPLedger:
+    """The site's cumulative DP accounting for one study, kept in its private folder."""
+
+    path: Path
+    study: str = ""
+    history: list[tuple[float, float, int]] = field(default_factory=list)
+    events: list[dict] = field(default_factory=list)
+
+    @classmethod
+    def open(cls, out_dir: Path, study: str) -> "DPLedger":
+        """One file per study (keyed by the server's run folder, stable across a resume)."""
+        key = hashlib.sha256(study.encode()).hexdigest()[:16]
+        path = Path(out_dir) / "dp" / f"study-{key}.json"
+        if path.exists():
+            data = json.loads(path.read_text())
+            return cls(path, data.get("study", study), [tuple(h) for h in data.get("history", [])],
+                       list(data.get("events", [])))
+        return cls(path, study)
+
+    def epsilon(self, delta: float, extra: list[tuple[float, float, int]] | None = None) -> float:
+        return rdp_epsilon(self.history + list(extra or []), delta)
+
+    def spend(self, label: str, sigma: float, q: float, steps: int, delta: float) -> dict:
+        """Record a training call before it runs (a crash mid-training still counts)."""
+        step = (float(sigma), float(q), int(steps))
+        event = {"label": label, "noise_multiplier": step[0], "sample_rate": step[1], "steps": step[2],
+                 "delta": float(delta), "epsilon": rdp_epsilon([step], delta),
+                 "epsilon_total": self.epsilon(delta, [step]), "time": round(time.time(), 1)}
+        self.history.append(step)
+        self.events.append(event)
+        self.save()
+        return event
+
+    def save(self):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"study": self.study, "history": self.history, "events": self.events}, indent=1))
+        tmp.replace(self.path)
+
+
+def plan(ledger: DPLedger, dp: DPSettings, n_train: int, batch_size: int, steps: int, label: str) -> dict:
+    """Charge a training call to the ledger, or raise DPBudgetExhausted if it would
+    take the site past its budget (nothing is charged then)."""
+    q = min(1.0, batch_size / max(1, n_train))
+    step = (dp.noise_multiplier, q, int(steps))
+    total = ledger.epsilon(dp.delta, [step])
+    if dp.budget > 0 and total > dp.budget:
+        raise DPBudgetExhausted(
+            f"DP budget: {label} ({steps} steps) would bring the site's epsilon to {total:.3g}, past its "
+            f"budget {dp.budget:g} (spent so far {ledger.epsilon(dp.delta):.3g} at delta {dp.delta:.3g})")
+    return ledger.spend(label, dp.noise_multiplier, q, steps, dp.delta)
+
+
+def _secret_seed(dp: DPSettings) -> int:
+    return dp.secret_seed if dp.secret_seed is not None else int.from_bytes(os.urandom(8), "little")
+
+
+def train_classifier_dp(model, encoded: list[np.ndarray], labels: np.ndarray, settings, pad_id: int,
+                        dp: DPSettings, progress=None) -> dict:
+    """`settings.steps` DP-SGD steps with Poisson batches of expected size `settings.batch_size`."""
+    import torch
+    from opacus import GradSampleModule
+    from opacus.optimizers import DPOptimizer
+
+    from common.training import collate, pick_device
+
+    n = len(encoded)
+    if n == 0:
+        raise ValueError("no training examples")
+    device = pick_device(settings.device)
+    model.to(device)  # before wrapping: Opacus' hooks must see the tensors that train
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    q = min(1.0, settings.batch_size / n)
+    expected = q * n
+    gsm = GradSampleModule(model, batch_first=True, loss_reduction="mean", strict=True)
+    noise_gen = torch.Generator(device=device)
+    seed = _secret_seed(dp)
+    noise_gen.manual_seed(seed & ((1 << 63) - 1))
+    inner = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    opt = DPOptimizer(inner, noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm,
+                      expected_batch_size=expected, loss_reduction="mean", generator=noise_gen)
+    warm = max(1, int(settings.steps * settings.warmup_frac))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        inner, lambda s: min(1.0, (s + 1) / warm)
+        * (0.5 * (1 + math.cos(math.pi * min(1.0, s / max(1, settings.steps)))) * 0.9 + 0.1))
+    rng = np.random.default_rng([seed, 1])
+    y_all = torch.as_tensor(np.array(labels, dtype=np.int64))
+    losses, tokens, padded, sizes = [], 0, 0, []
+    t0 = time.perf_counter()
+    try:
+        for step in range(settings.steps):
+            opt.zero_grad(set_to_none=True)
+            idx = np.flatnonzero(rng.random(n) < q)
+            sizes.append(len(idx))
+            if len(idx) == 0:  # an empty Poisson batch still takes a (noise-only) step
+                for p in params:
+                    p.grad_sample = torch.zeros((0, *p.shape), device=device, dtype=p.dtype)
+                opt.step()
+                sched.step()
+                continue
+            ids, mask = collate(encoded, idx, pad_id, device)
+            y = y_all[idx].to(device)
+            # fp32: per-example gradients and their clipping are not trusted to bf16
+            logits = gsm(input_ids=ids, attention_mask=mask).logits
+            loss = torch.nn.functional.cross_entropy(logits.float(), y)
+            with warnings.catch_warnings():  # Opacus' hooks on modules whose inputs need no grad: expected
+                warnings.filterwarnings("ignore", message="Full backward hook is firing")
+                loss.backward()
+            opt.step()
+            sched.step()
+            losses.append(float(loss.detach()))
+            tokens += int(mask.sum())
+            padded += int(mask.numel())
+            if progress is not None:
+                progress(step + 1, settings.steps, losses[-1])
+    finally:
+        gsm._close()  # remove hooks and per-example buffers: the model is shared between sites
+        for p in params:
+            for attr in ("summed_grad", "grad_sample"):
+                if hasattr(p, attr):
+                    delattr(p, attr)
+            p.grad = None
+    seconds = time.perf_counter() - t0
+    model.eval()
+    tail = losses[-max(1, len(losses) // 4):] if losses else [float("nan")]
+    return {"train_loss": float(np.mean(tail)), "steps": settings.steps, "seconds": seconds,
+            "tokens": tokens, "padded_tokens": padded, "mean_batch": float(np.mean(sizes)) if sizes else 0.0}

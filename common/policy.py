@@ -1,0 +1,213 @@
+"""What may leave a site: the hospital's own policy file, and its merge with the study's.
+
+A hospital keeps a small TOML file next to its data (node config `policy-path`):
+
+    allow-adapters = true          # false: metrics-only; the site trains at home, is evaluated, sends no adapter
+    share-local-adapters = false   # may the site's local adapter leave for the cross-site matrix?
+    min-cell-size = 20             # k for small-cell suppression
+    dp-required = true             # refuse to train in a study without DP-SGD
+    dp-epsilon = 8.0               # the site's privacy budget for the whole study
+    dp-delta = 1e-5
+    refuse-instance-moving = true  # never take part in record-moving regimes (`augmented`)
+
+Every key is optional. The run config is written by the server, the file by
+the hospital: in `effective` the stricter side of each setting wins, so no
+run config can loosen a site's policy. The site reports its effective policy
+(numbers and 0/1 flags only) in its `describe` reply.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+class PolicyError(ValueError):
+    """A site policy file that cannot be used; the message names the file and the key."""
+
+
+class PolicyRefusal(RuntimeError):
+    """The site declines a request its policy forbids; the message is safe to send to the server."""
+
+
+@dataclass(frozen=True)
+class SitePolicy:
+    """The hospital's own policy as written in its file (None = the file does not set it)."""
+
+    allow_adapters: bool = True
+    share_local_adapters: bool = True
+    min_cell_size: int | None = None
+    dp_required: bool = False
+    dp_epsilon: float | None = None
+    dp_delta: float | None = None
+    refuse_instance_moving: bool = True
+    source: str = ""
+
+
+# file key: (attribute, kind, check, what the check says)
+_FIELDS: dict[str, tuple[str, type, Any, str]] = {
+    "allow-adapters": ("allow_adapters", bool, None, "true or false"),
+    "share-local-adapters": ("share_local_adapters", bool, None, "true or false"),
+    "min-cell-size": ("min_cell_size", int, lambda v: 1 <= v <= 100_000, "an integer from 1 to 100000"),
+    "dp-required": ("dp_required", bool, None, "true or false"),
+    "dp-epsilon": ("dp_epsilon", float, lambda v: 0 < v <= 1e6,
+                   "a number > 0 (omit the key for no budget)"),
+    "dp-delta": ("dp_delta", float, lambda v: 0 < v < 1, "a number strictly between 0 and 1"),
+    "refuse-instance-moving": ("refuse_instance_moving", bool, None, "true or false"),
+}
+POLICY_KEYS = tuple(_FIELDS)
+
+
+def _value(where: str, key: str, raw: Any) -> Any:
+    attr, kind, check, expected = _FIELDS[key]
+    bad = PolicyError(f"{where}: key '{key}': expected {expected}, got {raw!r}")
+    if kind is bool:
+        if not isinstance(raw, bool):
+            raise bad
+        return raw
+    if isinstance(raw, bool) or not isinstance(raw, (int, float)):
+        raise bad
+    if kind is int:
+        if isinstance(raw, float) and not raw.is_integer():
+            raise bad
+        raw = int(raw)
+    else:
+        raw = float(raw)
+        if not math.isfinite(raw):
+            raise bad
+    if check is not None and not check(raw):
+        raise bad
+    return raw
+
+
+def site_policy_from_dict(items: dict[str, Any], source: str = "site policy") -> SitePolicy:
+    """Check a parsed policy table; every problem names `source` and the key."""
+    if not isinstance(items, dict):
+        raise PolicyError(f"{source}: expected a table of policy keys, got {type(items).__name__}")
+    values: dict[str, Any] = {}
+    for key, raw in items.items():
+        if key not in _FIELDS:
+            close = difflib.get_close_matches(key, POLICY_KEYS, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise PolicyError(f"{source}: unknown key '{key}'{hint}; known keys: {', '.join(POLICY_KEYS)}")
+        values[_FIELDS[key][0]] = _value(source, key, raw)
+    return SitePolicy(**values, source=source)
+
+
+def load_site_policy(path) -> SitePolicy:
+    """Read and check a hospital's policy file (TOML). Raises PolicyError naming the file and the key."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as fh:
+            items = tomllib.load(fh)
+    except tomllib.TOMLDecodeError as err:
+        raise PolicyError(f"{path}: not valid TOML: {err}") from None
+    except UnicodeDecodeError:
+        raise PolicyError(f"{path}: not valid TOML: the file is not UTF-8 text") from None
+    except IsADirectoryError:
+        raise PolicyError(f"{path}: is a folder; policy-path must name the policy file (TOML)") from None
+    except OSError as err:
+        raise PolicyError(f"{path}: cannot read the site policy file: {err.strerror or err}") from None
+    return site_policy_from_dict(items, source=str(path))
+
+
+# A node without a policy file imposes nothing beyond the study (refuse-instance-moving
+# then follows deployment: a node with data-path always refuses).
+NO_SITE_POLICY = SitePolicy(refuse_instance_moving=False, source="")
+
+
+@dataclass(frozen=True)
+class Policy:
+    """A site's effective policy: the stricter of the study's run config and the site's file.
+
+    `dp_epsilon` 0 = no budget; `dp_delta` 0 = 1/n_train at the site.
+    """
+
+    allow_adapters: bool = True
+    share_local_adapters: bool = False
+    min_cell_size: int = 10
+    dp_required: bool = False
+    dp_epsilon: float = 0.0
+    dp_delta: float = 0.0
+    refuse_instance_moving: bool = False
+    site_file: bool = False
+
+    @classmethod
+    def effective(cls, run_cfg: dict[str, Any], site_policy: "SitePolicy | dict | None" = None,
+                  *, deployment: bool = False) -> "Policy":
+        return effective(run_cfg, site_policy, deployment=deployment)
+
+    def delta_for(self, n_train: int) -> float:
+        """The delta the site's accountant reports epsilon at."""
+        return self.dp_delta if self.dp_delta > 0 else 1.0 / max(1, int(n_train))
+
+    # The describe reply carries these, all numbers (MetricRecords hold no booleans).
+    def to_metrics(self, prefix: str = "policy/") -> dict[str, float | int]:
+        return {
+            f"{prefix}allow-adapters": int(self.allow_adapters),
+            f"{prefix}share-local-adapters": int(self.share_local_adapters),
+            f"{prefix}min-cell-size": int(self.min_cell_size),
+            f"{prefix}dp-required": int(self.dp_required),
+            f"{prefix}dp-epsilon": float(self.dp_epsilon),
+            f"{prefix}dp-delta": float(self.dp_delta),
+            f"{prefix}refuse-instance-moving": int(self.refuse_instance_moving),
+            f"{prefix}site-file": int(self.site_file),
+        }
+
+    @classmethod
+    def from_metrics(cls, metrics: dict, prefix: str = "policy/") -> "Policy | None":
+        """The server's view of a site's policy, from its describe reply (None if absent)."""
+        got = {k[len(prefix):]: v for k, v in metrics.items() if k.startswith(prefix)}
+        if not got:
+            return None
+        base = cls()
+        return cls(
+            allow_adapters=bool(got.get("allow-adapters", base.allow_adapters)),
+            share_local_adapters=bool(got.get("share-local-adapters", base.share_local_adapters)),
+            min_cell_size=int(got.get("min-cell-size", base.min_cell_size)),
+            dp_required=bool(got.get("dp-required", base.dp_required)),
+            dp_epsilon=float(got.get("dp-epsilon", base.dp_epsilon)),
+            dp_delta=float(got.get("dp-delta", base.dp_delta)),
+            refuse_instance_moving=bool(got.get("refuse-instance-moving", base.refuse_instance_moving)),
+            site_file=bool(got.get("site-file", base.site_file)),
+        )
+
+
+def _min_positive(*values) -> float:
+    pos = [float(v) for v in values if v is not None and float(v) > 0]
+    return min(pos) if pos else 0.0
+
+
+def effective(run_cfg: dict[str, Any], site_policy: "SitePolicy | dict | None" = None,
+              *, deployment: bool = False) -> Policy:
+    """Merge the study's run config with the site's policy; the stricter side always wins.
+
+    - adapters leave only if the site allows it; local adapters only if the study
+      asks for them, the site allows it and adapters may leave at all;
+    - k is the larger of the two; the epsilon budget and delta the smaller set one;
+    - DP is required if the site says so or sets a budget (a budget cannot be kept
+      without DP);
+    - record-moving regimes are refused if the site says so, and always in a deployment.
+    """
+    if isinstance(site_policy, dict):
+        site_policy = site_policy_from_dict(site_policy, source="site policy")
+    site = site_policy if site_policy is not None else NO_SITE_POLICY
+    allow = bool(site.allow_adapters)
+    return Policy(
+        allow_adapters=allow,
+        share_local_adapters=bool(run_cfg.get("share-local-adapters", False)) and site.share_local_adapters and allow,
+        min_cell_size=max(int(run_cfg.get("min-cell-size", 10)), int(site.min_cell_size or 1)),
+        dp_required=bool(site.dp_required or site.dp_epsilon is not None),
+        dp_epsilon=_min_positive(site.dp_epsilon, run_cfg.get("dp-epsilon", 0.0)),
+        dp_delta=_min_positive(site.dp_delta, run_cfg.get("dp-delta", 0.0)),
+        refuse_instance_moving=bool(site.refuse_instance_moving or deployment),
+        site_file=site_policy is not None,
+    )
+
+
+__all__ = ["POLICY_KEYS", "NO_SITE_POLICY", "Policy", "PolicyError", "PolicyRefusal", "SitePolicy", "effective",
+           "load_site_policy", "site_policy_from_dict"]

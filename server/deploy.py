@@ -1,0 +1,598 @@
+"""Deployment across real hospitals: certificates, node keys and the coordinator's Flower commands.
+
+The coordinating team runs one SuperLink over TLS with SuperNode authentication;
+each hospital runs one SuperNode (`client.node`). This module keeps Flower's
+flags and files away from both teams:
+
+- `make_certs`: a private CA, the SuperLink's server certificate (SAN: the given
+  host names plus localhost, 127.0.0.1, ::1) and one ECDSA P-384 key pair per
+  hospital in OpenSSH format (what `ssh-keygen -t ecdsa -b 384` writes, and what
+  `flower-supernode --auth-supernode-private-key` and `flwr supernode register`
+  read), made with the `cryptography` package so ssh-keygen is not needed;
+- `superlink_command`: `flower-superlink` with TLS, node authentication and no
+  runtime dependency installation (offline hospitals and servers);
+- `Connection`: an isolated FLWR_HOME whose config.toml holds one TLS
+  connection, so `flwr` commands never read or write a user's ~/.flwr;
+- `enroll`, `submit`, `wait_for_run`: `flwr supernode register`, `flwr run`
+  and the run's real status (`flwr run` exits 0 even when a run fails).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+CA_CERT, CA_KEY = "ca.crt", "ca.key"
+SERVER_CERT, SERVER_KEY = "server.crt", "server.key"
+NODES_DIR = "nodes"
+DEFAULT_PORT = 8000  # flower-superlink's own default
+CONNECTION = "clinfed"
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_HOST = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,62})(\.[A-Za-z0-9]([A-Za-z0-9-]{0,62}))*\.?$")
+
+
+class DeployError(RuntimeError):
+    """A deployment step failed; the message says what to do."""
+
+
+# ------------------------------------------------------------------ certificates and keys
+def _ec_key():
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    return ec.generate_private_key(ec.SECP384R1())
+
+
+def _write(path: Path, data: bytes, private: bool = False) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if private:
+        # Created 0600 from the start: a private key is never world-readable, even briefly.
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+    else:
+        path.write_bytes(data)
+
+
+def _san_entries(hosts: list[str]):
+    from cryptography import x509
+
+    names, seen = [], set()
+    for host in [*hosts, "localhost", "127.0.0.1", "::1"]:
+        host = host.strip().strip("[]")
+        if not host or host.lower() in seen:
+            continue
+        seen.add(host.lower())
+        try:
+            names.append(x509.IPAddress(ipaddress.ip_address(host)))
+        except ValueError:
+            if not _HOST.match(host):
+                raise DeployError(f"'{host}' is not a host name or IP address (give names such as "
+                                  "fl.hospital-network.org or 10.0.0.5, without scheme or port)") from None
+            names.append(x509.DNSName(host.rstrip(".").lower()))
+    return names
+
+
+def check_names(names: list[str], what: str = "hospital") -> list[str]:
+    """Hospital names become file names and SuperNode names: keep them plain."""
+    bad = [n for n in names if not _NAME.match(n)]
+    if bad:
+        raise DeployError(f"{what} name(s) {', '.join(repr(b) for b in bad)} are not allowed: use letters, "
+                          "digits, '.', '_' and '-' (up to 64 characters, starting with a letter or digit)")
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise DeployError(f"{what} name(s) given twice: {', '.join(dupes)}")
+    return names
+
+
+def node_key_paths(folder: str | Path, name: str) -> tuple[Path, Path]:
+    """Where a hospital's key pair lives: NAME.key (stays at the hospital) and NAME.pub (enrolled)."""
+    return Path(folder) / f"{name}.key", Path(folder) / f"{name}.pub"
+
+
+def make_node_key(folder: str | Path, name: str) -> tuple[Path, Path]:
+    """One SuperNode key pair, ECDSA P-384 in OpenSSH format (as `ssh-keygen -t ecdsa -b 384`)."""
+    from cryptography.hazmat.primitives import serialization
+
+    path, pub = node_key_paths(folder, name)
+    key = _ec_key()
+    _write(path, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                   serialization.NoEncryption()), private=True)
+    _write(pub, key.public_key().public_bytes(serialization.Encoding.OpenSSH,
+                                              serialization.PublicFormat.OpenSSH) + f" {name}\n".encode())
+    return path, pub
+
+
+def make_certs(out: str | Path, hosts: list[str], hospitals: list[str], days: int = 825,
+               force: bool = False) -> dict:
+    """Create the CA, the SuperLink's TLS certificate and one key pair per hospital in OUT.
+
+    Returns the paths written. Refuses to overwrite existing files unless `force`,
+    so a second call cannot silently invalidate certificates already handed out.
+    """
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    out = Path(out)
+    check_names(hospitals)
+    san = _san_entries(list(hosts))
+    targets = [out / CA_CERT, out / CA_KEY, out / SERVER_CERT, out / SERVER_KEY]
+    targets += [p for n in hospitals for p in node_key_paths(out / NODES_DIR, n)]
+    existing = [str(t) for t in targets if t.exists()]
+    if existing and not force:
+        raise DeployError(f"{existing[0]} already exists: certificates and keys already handed out would "
+                          "stop working if replaced (use --force to replace them, or another --out folder)")
+    out.mkdir(parents=True, exist_ok=True)
+    now = dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=5)
+    pem = serialization.Encoding.PEM
+    key_format = serialization.PrivateFormat.PKCS8
+
+    ca_key = _ec_key()
+    ca_name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "clinfed study"),
+                         x509.NameAttribute(NameOID.COMMON_NAME, "clinfed study CA")])
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
+          .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+          .not_valid_before(now).not_valid_after(now + dt.timedelta(days=days))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+          .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
+                                       content_commitment=False, key_encipherment=False,
+                                       data_encipherment=False, key_agreement=False,
+                                       encipher_only=False, decipher_only=False), critical=True)
+          .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
+          .sign(ca_key, hashes.SHA384()))
+
+    srv_key = _ec_key()
+    cn = next((h for h in hosts if h.strip()), "localhost").strip().strip("[]")
+    srv = (x509.CertificateBuilder()
+           .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
+           .issuer_name(ca_name).public_key(srv_key.public_key())
+           .serial_number(x509.random_serial_number())
+           .not_valid_before(now).not_valid_after(now + dt.timedelta(days=days))
+           .add_extension(x509.SubjectAlternativeName(san), critical=False)
+           .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+           .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+           .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+                          critical=False)
+           .sign(ca_key, hashes.SHA384()))
+
+    _write(out / CA_KEY, ca_key.private_bytes(pem, key_format, serialization.NoEncryption()), private=True)
+    _write(out / CA_CERT, ca.public_bytes(pem))
+    _write(out / SERVER_KEY, srv_key.private_bytes(pem, key_format, serialization.NoEncryption()), private=True)
+    _write(out / SERVER_CERT, srv.public_bytes(pem))
+    nodes = {name: make_node_key(out / NODES_DIR, name) for name in hospitals}
+    return {"ca": out / CA_CERT, "ca_key": out / CA_KEY, "server_cert": out / SERVER_CERT,
+            "server_key": out / SERVER_KEY, "nodes": nodes,
+            "san": [str(getattr(n, "value", n)) for n in san]}
+
+
+def check_root_cert(path: str | Path) -> Path:
+    """A readable PEM certificate, or a DeployError naming the file."""
+    from cryptography import x509
+
+    path = Path(path).expanduser().resolve()
+    if not path.is_file():
+        raise DeployError(f"root certificate {path} does not exist (it is the ca.crt the coordinating "
+                          "team sends with the study invitation)")
+    try:
+        x509.load_pem_x509_certificate(path.read_bytes())
+    except ValueError:
+        raise DeployError(f"{path} is not a PEM certificate (expected the study's ca.crt)") from None
+    return path
+
+
+def check_node_key(path: str | Path, private: bool) -> Path:
+    """An ECDSA key on a NIST curve in OpenSSH format, as Flower reads it."""
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    path = Path(path).expanduser().resolve()
+    kind = "private" if private else "public"
+    if not path.is_file():
+        raise DeployError(f"{kind} key {path} does not exist")
+    data = path.read_bytes()
+    try:
+        if private:
+            key = serialization.load_ssh_private_key(data, password=None)
+        else:
+            key = serialization.load_ssh_public_key(data)
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        hint = (" (this looks like the .pub file: give the private key, without .pub)"
+                if private and data.startswith(b"ecdsa-") else
+                " (this looks like a private key: give the .pub file)" if not private and b"PRIVATE" in data
+                else "")
+        raise DeployError(f"{path} is not an OpenSSH {kind} key{hint}; make one with "
+                          "`clinfed certs` or `ssh-keygen -t ecdsa -b 384 -N \"\" -f KEY`") from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey if private else ec.EllipticCurvePublicKey):
+        raise DeployError(f"{path} is a {type(key).__name__.lstrip('_')}, but Flower needs an ECDSA key "
+                          "(`ssh-keygen -t ecdsa -b 384 -N \"\" -f KEY`)")
+    return path
+
+
+def parse_address(text: str, default_port: int = DEFAULT_PORT) -> tuple[str, int]:
+    """HOST:PORT (or [v6]:PORT, or HOST alone) -> (host, port), without any scheme."""
+    text = (text or "").strip()
+    if "://" in text:
+        raise DeployError(f"SuperLink address '{text}': give HOST:PORT without a scheme "
+                          "(e.g. fl.example.org:8000)")
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        port = rest.lstrip(":")
+    elif text.count(":") == 1:
+        host, port = text.split(":")
+    elif text.count(":") > 1:  # bare IPv6 address
+        host, port = text, ""
+    else:
+        host, port = text, ""
+    if not host:
+        raise DeployError(f"SuperLink address '{text}' has no host (expected HOST:PORT)")
+    try:
+        port_n = int(port) if port else default_port
+        if not 0 < port_n < 65536:
+            raise ValueError
+    except ValueError:
+        raise DeployError(f"SuperLink address '{text}': port '{port}' is not a number from 1 to 65535") from None
+    return host, port_n
+
+
+def format_address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+# ------------------------------------------------------------------ SuperLink
+def certs_paths(certs: str | Path) -> dict:
+    """The SuperLink's files in a folder made by `make_certs`, checked to exist."""
+    certs = Path(certs).expanduser().resolve()
+    paths = {"ca": certs / CA_CERT, "cert": certs / SERVER_CERT, "key": certs / SERVER_KEY}
+    missing = [str(p) for p in paths.values() if not p.is_file()]
+    if missing:
+        raise DeployError(f"{certs} lacks {', '.join(missing)}: create it with "
+                          f"`clinfed certs --out {certs} --hosts HOST --hospitals A,B`")
+    return paths
+
+
+def superlink_command(certs: str | Path, host: str = "0.0.0.0", port: int = DEFAULT_PORT,
+                      state: str | Path | None = None, log_file: str | Path | None = None) -> list[str]:
+    """`flower-superlink` over TLS, admitting only enrolled SuperNodes, never installing packages."""
+    paths = certs_paths(certs)
+    exe = shutil.which("flower-superlink")
+    if not exe:
+        raise DeployError("flower-superlink is not on PATH: install clinfed (`pip install -e .`) "
+                          "in this environment first")
+    cmd = [exe, "--ssl-ca-certfile", str(paths["ca"]), "--ssl-certfile", str(paths["cert"]),
+           "--ssl-keyfile", str(paths["key"]), "--enable-supernode-auth",
+           "--disable-runtime-dependency-installation", "--host", host, "--port", str(port)]
+    if state:
+        # Enrolled nodes and runs survive a restart only with a database file.
+        state = Path(state).expanduser().resolve()
+        state.parent.mkdir(parents=True, exist_ok=True)
+        cmd += ["--database", str(state)]
+    if log_file:
+        cmd += ["--log-file", str(Path(log_file).expanduser().resolve())]
+    return cmd
+
+
+def flower_env(flwr_home: str | Path | None = None) -> dict:
+    """Environment for Flower processes: offline, quiet, no runtime installs, own FLWR_HOME."""
+    env = {**os.environ,
+           "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+           "FLWR_DISABLE_UPDATE_CHECK": "1",
+           "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
+           "TOKENIZERS_PARALLELISM": "false",
+           "PYTHONWARNINGS": "ignore"}
+    if flwr_home:
+        env["FLWR_HOME"] = str(flwr_home)
+    return env
+
+
+class ProcessTree:
+    """A Flower process started in its own session, and everything it starts, stopped together.
+
+    Flower's SuperExec can sit in a process group of its own and outlive its parent
+    (retrying forever against a SuperNode that already exited), so descendants are
+    recorded while the root lives and are all signalled by `stop`.
+    """
+
+    def __init__(self, cmd: list[str], **popen):
+        import threading
+
+        import psutil
+
+        self.proc = subprocess.Popen(cmd, start_new_session=True, **popen)
+        self._seen: dict[int, psutil.Process] = {}
+        self._done = threading.Event()
+        self._watch = threading.Thread(target=self._track, daemon=True)
+        self._watch.start()
+
+    def _track(self):
+        import psutil
+
+        try:
+            root = psutil.Process(self.proc.pid)
+            while not self._done.is_set() and self.proc.poll() is None:
+                for child in root.children(recursive=True):
+                    self._seen.setdefault(child.pid, child)
+                self._done.wait(0.5)
+        except psutil.Error:
+            pass
+
+    def wait(self, timeout: float | None = None) -> int:
+        """Wait for the root process; a SIGTERM to us (e.g. `systemctl stop`) stops the whole tree."""
+        import signal
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return self.proc.wait(timeout)
+        # Only signal from the handler: the interrupted wait() holds Popen's waitpid lock, so a
+        # handler that waited for the exit would never see it.
+        previous = signal.signal(signal.SIGTERM, lambda *_: self._signal(signal.SIGTERM))
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+    def _procs(self) -> list:
+        import psutil
+
+        procs = list(self._seen.values())
+        try:
+            procs += psutil.Process(self.proc.pid).children(recursive=True)
+        except psutil.Error:
+            pass
+        return procs
+
+    @staticmethod
+    def _living(procs) -> list:
+        """Processes still running; a zombie has exited (its reaper, maybe a container's init, is not ours)."""
+        import psutil
+
+        out = []
+        for p in procs:
+            try:
+                if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:  # is_running: pid + start time
+                    out.append(p)
+            except psutil.Error:
+                pass
+        return out
+
+    def _signal(self, sig) -> None:
+        import psutil
+
+        try:
+            os.killpg(self.proc.pid, sig)  # the group outlives its leader while members remain
+        except (ProcessLookupError, PermissionError):
+            pass
+        for p in self._living(self._procs()):
+            try:
+                p.send_signal(sig)
+            except psutil.Error:
+                pass
+
+    def stop(self, grace: float = 10.0) -> None:
+        """SIGTERM to the whole tree, SIGKILL to whatever is left after `grace` seconds."""
+        import signal
+
+        self._done.set()
+        procs = self._procs()
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            self._signal(sig)
+            deadline = time.time() + grace
+            while time.time() < deadline:
+                if self.proc.poll() is not None and not self._living(procs):
+                    return
+                time.sleep(0.1)
+        self.proc.poll()
+
+
+# ------------------------------------------------------------------ the coordinator's flwr commands
+class Connection:
+    """A private FLWR_HOME with one TLS connection to the SuperLink (name `clinfed`).
+
+    `flwr` reads connections only from $FLWR_HOME/config.toml; writing our own in
+    a temporary folder keeps the user's ~/.flwr untouched and the connection exact.
+    """
+
+    def __init__(self, superlink: str, root_cert: str | Path, home: str | Path | None = None):
+        host, port = parse_address(superlink)
+        self.address = format_address(host, port)
+        self.root_cert = check_root_cert(root_cert)
+        self._tmp = None if home else tempfile.TemporaryDirectory(prefix="clinfed-flwr-")
+        self.home = Path(home) if home else Path(self._tmp.name)
+        self.home.mkdir(parents=True, exist_ok=True)
+        (self.home / "config.toml").write_text(
+            f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
+            f"address = {json.dumps(self.address)}\nroot-certificates = {json.dumps(str(self.root_cert))}\n")
+        self.env = flower_env(self.home)
+        self._probed = False
+
+    def close(self):
+        if self._tmp:
+            self._tmp.cleanup()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def probe(self, timeout: float = 10) -> None:
+        """A TLS handshake with the root certificate, so that an unreachable SuperLink and a
+        certificate problem get their own message (flwr reports both as 'unavailable')."""
+        import socket
+        import ssl
+
+        host, port = parse_address(self.address)
+        ctx = ssl.create_default_context(cafile=str(self.root_cert))
+        try:
+            with socket.create_connection((host, port), timeout=timeout) as raw:
+                with ctx.wrap_socket(raw, server_hostname=host):
+                    return
+        except ssl.SSLCertVerificationError as exc:
+            raise DeployError(f"TLS check of the SuperLink at {self.address} failed: {exc.verify_message}. Its "
+                              f"certificate is not signed by {self.root_cert}, or not issued for '{host}': use "
+                              "the ca.crt of the same `clinfed certs` folder and a host name given to --hosts") from None
+        except ssl.SSLError as exc:
+            raise DeployError(f"no TLS at {self.address} ({exc.reason or exc}): is that the SuperLink's port, "
+                              "started with `clinfed superlink`?") from None
+        except OSError as exc:
+            raise DeployError(f"nothing answers at {self.address} ({exc.strerror or exc}): is `clinfed superlink` "
+                              "running there, and is the port reachable from here?") from None
+
+    def flwr(self, *args: str, timeout: float = 120, cwd: str | Path | None = None) -> subprocess.CompletedProcess:
+        if not self._probed:
+            self.probe()
+            self._probed = True
+        exe = shutil.which("flwr")
+        cmd = [exe] if exe else [sys.executable, "-m", "flwr.cli.app"]
+        try:
+            return subprocess.run([*cmd, *args], env=self.env, capture_output=True, text=True,
+                                  timeout=timeout, cwd=cwd)
+        except subprocess.TimeoutExpired:
+            raise DeployError(f"`flwr {args[0]}` got no answer from the SuperLink at {self.address} within "
+                              f"{timeout:.0f}s: is `clinfed superlink` running and reachable?") from None
+
+    def _json(self, res: subprocess.CompletedProcess, what: str) -> dict:
+        """Flower prints one JSON object with --format json, also on failure."""
+        for line in reversed(res.stdout.strip().splitlines()):
+            line = line.strip()
+            if line.startswith("{"):
+                try:
+                    return json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+        try:
+            return json.loads(res.stdout)
+        except json.JSONDecodeError:
+            raise DeployError(f"{what}: unexpected answer from flwr (exit {res.returncode}): "
+                              f"{_one_line(res.stdout + res.stderr)}") from None
+
+    def _check(self, data: dict, what: str) -> dict:
+        if not data.get("success", False):
+            msg = data.get("error-message") or data.get("error") or json.dumps(data)
+            raise DeployError(f"{what} failed: {_explain(_one_line(msg), self.address)}")
+        return data
+
+
+def _one_line(text: str, limit: int = 600) -> str:
+    text = re.sub(r"\x1b\[[0-9;]*m", "", text or "")
+    text = re.sub(r"Using SuperLink: \S+ \([^)]*\)\s*", "", text)
+    text = " ".join(t for t in text.split() if t not in {"│", "╭", "╰", "─"})
+    return text[-limit:] if len(text) > limit else text
+
+
+def _explain(msg: str, address: str) -> str:
+    low = msg.lower()
+    if "certificate verify failed" in low or "ssl" in low and "certificate" in low:
+        return (f"{msg} (TLS: the SuperLink's certificate does not match the root certificate given, or "
+                f"was not issued for the host in {address}; pass the ca.crt from the same `clinfed certs` folder)")
+    if "connection refused" in low or "connecterror" in low or "unavailable" in low:
+        return f"{msg} (nothing answers at {address}: is `clinfed superlink` running there?)"
+    return msg
+
+
+def enroll(conn: Connection, public_key: str | Path, name: str) -> str:
+    """Register a hospital's public key with the SuperLink; returns its node id."""
+    check_names([name])
+    key = check_node_key(public_key, private=False)
+    res = conn.flwr("supernode", "register", str(key), CONNECTION, "--name", name, "--format", "json")
+    data = conn._check(conn._json(res, "enrolling"), f"enrolling {name} ({key.name})")
+    return str(data.get("node-id", ""))
+
+
+def list_nodes(conn: Connection) -> list[dict]:
+    res = conn.flwr("supernode", "list", CONNECTION, "--format", "json")
+    data = conn._check(conn._json(res, "listing nodes"), "listing SuperNodes")
+    return data.get("nodes", [])
+
+
+def submit(conn: Connection, app: str | Path, run_config: str) -> int:
+    """`flwr run APP clinfed`: send the app and its run config; returns the run id."""
+    args = ["run", str(app), CONNECTION, "--format", "json"]
+    if run_config:
+        args += ["--run-config", run_config]
+    res = conn.flwr(*args, timeout=300, cwd=app)
+    data = conn._check(conn._json(res, "submitting the study"), "submitting the study")
+    if not data.get("run-id"):
+        raise DeployError(f"the SuperLink did not start a run: {json.dumps(data)}")
+    return int(data["run-id"])
+
+
+def run_status(conn: Connection, run_id: int) -> dict:
+    """The run's row from `flwr list --run-id ID --format json` (status like `finished:completed`)."""
+    res = conn.flwr("list", CONNECTION, "--run-id", str(run_id), "--format", "json")
+    data = conn._check(conn._json(res, "reading the run status"), f"reading the status of run {run_id}")
+    runs = data.get("runs") or []
+    if not runs:
+        raise DeployError(f"the SuperLink at {conn.address} knows no run {run_id}")
+    return runs[0]
+
+
+def stop_run(conn: Connection, run_id: int) -> None:
+    conn.flwr("stop", str(run_id), CONNECTION, "--format", "json", timeout=60)
+
+
+def wait_for_run(conn: Connection, run_id: int, timeout: float | None = None, poll: float = 3.0,
+                 on_status=None) -> dict:
+    """Poll until the run is finished; return its row. Stops the run and raises on timeout."""
+    t0, last = time.time(), None
+    while True:
+        row = run_status(conn, run_id)
+        status = row.get("status", "")
+        if status != last and on_status:
+            on_status(status, row)
+        last = status
+        if status.startswith("finished"):
+            return row
+        if timeout and time.time() - t0 > timeout:
+            stop_run(conn, run_id)
+            raise DeployError(f"run {run_id} was still '{status}' after {timeout:.0f}s and was stopped "
+                              "(are the hospitals' nodes connected? `clinfed enroll --list` shows them)")
+        time.sleep(poll)
+
+
+class LogFollower:
+    """`flwr log RUN --stream` into a file (and the terminal), while the run goes on."""
+
+    def __init__(self, conn: Connection, run_id: int, path: str | Path, echo: bool = True):
+        exe = shutil.which("flwr")
+        cmd = [exe] if exe else [sys.executable, "-m", "flwr.cli.app"]
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fh = open(self.path, "w")
+        self.proc = subprocess.Popen([*cmd, "log", str(run_id), CONNECTION, "--stream"], env=conn.env,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     start_new_session=True)
+        import threading
+
+        def pump():
+            for line in self.proc.stdout:
+                self._fh.write(line)
+                self._fh.flush()
+                if echo:
+                    sys.stdout.write(line)
+                    sys.stdout.flush()
+
+        self._thread = threading.Thread(target=pump, daemon=True)
+        self._thread.start()
+
+    def close(self):
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, 15)
+            except ProcessLookupError:
+                pass
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, 9)
+        self._thread.join(timeout=5)
+        self._fh.close()

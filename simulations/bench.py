@@ -1,0 +1,956 @@
+"""Performance benchmarks: `clinfed bench NAME [--json FILE] [--smoke]`.
+
+One function per benchmark (`throughput`, `overhead`, `comm`, `scale`,
+`generative`). Each measures everything it prints in the same run, prints the
+machine (cores, memory, device, load average), versions and settings with a
+table of figures, and returns a dict whose top level holds the headline figure.
+Comparisons are ratios measured side by side in one process, alternating,
+because the machine these run on is shared and absolute times drift.
+`--smoke` runs a tiny configuration (tiny random models, few steps, 2 sites)
+so CI can check the benchmarks still run, never how fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+BENCHES = ("throughput", "overhead", "comm", "scale", "generative")
+HEADLINE = {"throughput": "ratio", "overhead": "ratio", "comm": "fraction_of_full_model",
+            "scale": "peak_rss_mb", "generative": "sft_tokens_per_s"}
+
+
+# --------------------------------------------------------------------------
+# machine, versions, printing
+# --------------------------------------------------------------------------
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine() -> dict:
+    """What the figures were measured on; the load average says how shared the machine was."""
+    import psutil
+    import torch
+
+    bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
+    device = f"cuda ({torch.cuda.get_device_name(0)})" if torch.cuda.is_available() else "cpu (no GPU)"
+    return {"cores": os.cpu_count(), "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+            "cpu": _cpu_model(), "device": device, "avx512_bf16": bool(bf16),
+            "load_average": [round(x, 2) for x in os.getloadavg()]}
+
+
+def versions() -> dict:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for pkg in ("torch", "transformers", "peft", "trl", "flwr", "ray", "numpy"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        if not math.isfinite(v):
+            return str(v)
+        if v != 0 and abs(v) < 0.01:
+            return f"{v:.3g}"
+        return f"{v:,.3f}" if abs(v) < 10 else f"{v:,.1f}" if abs(v) < 1e4 else f"{v:,.0f}"
+    if isinstance(v, (list, tuple)):
+        return ", ".join(_fmt(x) for x in v)
+    return str(v)
+
+
+def print_kv(title: str, d: dict, out=sys.stdout):
+    print(f"\n{title}", file=out)
+    width = max((len(str(k)) for k in d), default=0)
+    for k, v in d.items():
+        print(f"  {str(k):<{width}}  {_fmt(v)}", file=out)
+
+
+def print_table(title: str, rows: list[dict], out=sys.stdout):
+    if not rows:
+        return
+    cols = list(dict.fromkeys(k for r in rows for k in r))
+    cells = [[_fmt(r.get(c, "")) for c in cols] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
+    print(f"\n{title}", file=out)
+    print("  " + "  ".join(c.ljust(w) for c, w in zip(cols, widths)), file=out)
+    print("  " + "  ".join("-" * w for w in widths), file=out)
+    for row in cells:
+        print("  " + "  ".join(v.rjust(w) for v, w in zip(row, widths)), file=out)
+
+
+def _median(xs):
+    xs = [x for x in xs if x is not None and math.isfinite(x)]
+    return statistics.median(xs) if xs else float("nan")
+
+
+def _quiet():
+    import warnings
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    import logging
+
+    logging.getLogger("flwr").setLevel(logging.WARNING)
+
+
+def _federation(folder: Path, sizes: list[int], seed: int) -> Path:
+    from simulations.generate import generate_federation
+
+    if not (folder / "truth.json").exists():
+        generate_federation(folder, n_hospitals=len(sizes), seed=seed, sizes=sizes)
+    return folder
+
+
+class ForwardCounter:
+    """Counts what a model really trains on, the same way for every arm: a forward
+    pre-hook sees each training forward's input (real tokens = attention-mask ones,
+    so padding never inflates a figure) and its start time (steady step time)."""
+
+    def __init__(self, model):
+        self.reset()
+        self._h = model.register_forward_pre_hook(self._hook, with_kwargs=True)
+
+    def reset(self):
+        self.samples = self.real = self.slots = 0
+        self.starts: list[float] = []
+
+    def _hook(self, module, args, kwargs):
+        import torch
+
+        if not torch.is_grad_enabled():
+            return None  # scoring, adapter checks, DPO reference passes
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        mask = kwargs.get("attention_mask")
+        if ids is None:
+            return None
+        self.samples += int(ids.shape[0])
+        self.slots += int(ids.numel())
+        self.real += int(mask.sum()) if mask is not None else int(ids.numel())
+        self.starts.append(time.perf_counter())
+        return None
+
+    def step_seconds(self) -> float:
+        gaps = [b - a for a, b in zip(self.starts, self.starts[1:])]
+        return _median(gaps)
+
+    def close(self):
+        self._h.remove()
+
+
+# --------------------------------------------------------------------------
+# 1. training throughput: clinfed's loop vs a naive HF Trainer
+# --------------------------------------------------------------------------
+def _naive_trainer(lm, dataset, steps: int, batch_size: int, lr: float, seed: int, out: str, bf16=False):
+    """Hugging Face `Trainer` with its defaults on the same model, data, steps and
+    hyperparameters (AdamW, linear warm-up 10 %, cosine decay, clip 1.0)."""
+    from transformers import Trainer, TrainingArguments
+
+    args = TrainingArguments(
+        output_dir=out, max_steps=steps, per_device_train_batch_size=batch_size, per_device_eval_batch_size=8,
+        learning_rate=lr, weight_decay=0.0, warmup_steps=max(1, int(steps * 0.1)), lr_scheduler_type="cosine",
+        max_grad_norm=1.0, logging_strategy="no", save_strategy="no", report_to=[], seed=seed,
+        disable_tqdm=True, dataloader_num_workers=0, use_cpu=True, bf16=bf16,
+    )
+    return Trainer(model=lm.model, args=args, train_dataset=dataset)
+
+
+class _Padded:
+    """Every note padded to max-length once, as a naive pipeline does."""
+
+    def __init__(self, tok, texts, labels, max_length):
+        enc = tok(list(texts), truncation=True, max_length=max_length, padding="max_length")
+        self.ids, self.mask, self.labels = enc["input_ids"], enc["attention_mask"], list(labels)
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        import torch
+
+        return {"input_ids": torch.tensor(self.ids[i]), "attention_mask": torch.tensor(self.mask[i]),
+                "labels": torch.tensor(int(self.labels[i]))}
+
+
+def throughput(model="minilm", steps=20, repeats=3, size=800, threads=0, seed=0, work: Path | None = None,
+               score=True, profile_steps=3, **_):
+    """Tokens and samples per second of one site's local training, clinfed vs a naive Trainer.
+
+    Arms alternate within one process (clinfed, clinfed in fp32, naive) `repeats`
+    times, each from the same initial adapter; the ratio is of the medians. The
+    fp32 arm splits the gain into the loop + padding part and the bf16 part.
+    """
+    import torch
+
+    from client.site import LoadedModel, Site, model_key
+    from common.config import resolve
+    from common.data import find_table
+    from common.training import TrainSettings, autocast_dtype, set_threads, train_classifier
+
+    _quiet()
+    cfg = resolve({"model": model, "seed": seed})
+    n_threads = set_threads(threads or None)
+    fed = _federation(work / "federation", [size, 100], seed)
+    site = Site("h01", find_table(fed / "h01"), work / "site", cfg)
+    t = time.perf_counter()
+    lm = LoadedModel(model_key(cfg))
+    load_s = time.perf_counter() - t
+    tok = lm.tokenizer
+    enc, y = site.encoded("train", tok), site.labels("train")
+    bs, lr, max_len = int(cfg["batch-size"]), float(cfg["learning-rate"]), int(cfg["max-length"])
+    padded = _Padded(tok, site.splits["train"]["note_text"].tolist(), y, max_len)
+    counter = ForwardCounter(lm.model)
+    amp = autocast_dtype("cpu" if not torch.cuda.is_available() else "cuda", cfg["precision"])
+    arms = {"clinfed": cfg["precision"], "clinfed-fp32": "fp32", "naive-trainer": None}
+    runs: dict[str, list[dict]] = {a: [] for a in arms}
+    for rep in range(-1, repeats):  # rep -1: an untimed warm-up block of each arm (first-call costs)
+        for arm, precision in arms.items():
+            lm.use(lm.init_state)
+            counter.reset()
+            if precision is not None:
+                settings = TrainSettings(steps=steps if rep >= 0 else 2, batch_size=bs, lr=lr, seed=seed + rep + 1,
+                                         precision=precision)
+                t = time.perf_counter()
+                info = train_classifier(lm.model, enc, y, settings, pad_id=tok.pad_token_id)
+                wall = time.perf_counter() - t
+                if info["tokens"] != counter.real:
+                    raise RuntimeError(f"token count mismatch: loop {info['tokens']} vs hook {counter.real}")
+            else:
+                with tempfile.TemporaryDirectory() as out:
+                    trainer = _naive_trainer(lm, padded, steps if rep >= 0 else 2, bs, lr, seed + rep + 1, out)
+                    t = time.perf_counter()
+                    trainer.train()
+                    wall = time.perf_counter() - t
+                    del trainer
+            runs[arm].append({"seconds": wall, "tokens": counter.real, "slots": counter.slots,
+                              "samples": counter.samples, "step_s": counter.step_seconds()})
+            if rep < 0:
+                runs[arm].pop()
+    counter.close()
+    rows = []
+    med = {}
+    for arm, rs in runs.items():
+        tps = [r["tokens"] / r["seconds"] for r in rs]
+        sps = [r["samples"] / r["seconds"] for r in rs]
+        med[arm] = {"tokens_per_s": _median(tps), "samples_per_s": _median(sps)}
+        rows.append({"arm": arm, "precision": arms[arm] or "fp32 (Trainer default)",
+                     "real tok/s": med[arm]["tokens_per_s"], "samples/s": med[arm]["samples_per_s"],
+                     "step s (median)": _median([r["step_s"] for r in rs]),
+                     "padding share": 1 - sum(r["tokens"] for r in rs) / max(1, sum(r["slots"] for r in rs)),
+                     "blocks": len(rs)})
+    base = med["naive-trainer"]
+    result = {
+        "ratio": med["clinfed"]["tokens_per_s"] / base["tokens_per_s"],
+        "samples_ratio": med["clinfed"]["samples_per_s"] / base["samples_per_s"],
+        "ratio_fp32_loop_vs_naive": med["clinfed-fp32"]["tokens_per_s"] / base["tokens_per_s"],
+        "ratio_bf16_vs_fp32_loop": med["clinfed"]["tokens_per_s"] / med["clinfed-fp32"]["tokens_per_s"],
+        "tokens_per_s": med["clinfed"]["tokens_per_s"], "samples_per_s": med["clinfed"]["samples_per_s"],
+        "naive_tokens_per_s": base["tokens_per_s"], "naive_samples_per_s": base["samples_per_s"],
+        "arms": runs, "model_load_s": load_s,
+        "settings": {"model": model, "site": "h01", "n_train": len(enc), "steps_per_block": steps,
+                     "repeats": repeats, "batch_size": bs, "learning_rate": lr, "max_length": max_len,
+                     "threads": n_threads, "autocast": str(amp).replace("torch.", "") if amp else "none"},
+    }
+    tables = [("training, medians of alternating blocks", rows)]
+    if profile_steps:
+        result["profile"] = _profile(lm, enc, y, padded, bs, lr, seed, cfg["precision"], profile_steps)
+        tables.append((f"where a training step's CPU time goes ({profile_steps} steps per arm, torch.profiler, "
+                       "share of self CPU time)", result["profile"]))
+    if score:
+        result["scoring"] = _scoring(lm, site, cfg, repeats, seed)
+        tables.append(("scoring (test + temporal splits), notes per second", result["scoring"]["rows"]))
+    result["_tables"] = tables
+    return result
+
+
+def _profile(lm, enc, y, padded, bs, lr, seed, precision, steps) -> list[dict]:
+    """Self CPU time by operator, clinfed's loop vs the naive Trainer: what a step is made of."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from common.training import TrainSettings, train_classifier
+
+    shares = {}
+    for arm in ("clinfed", "naive-trainer"):
+        lm.use(lm.init_state)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            if arm == "clinfed":
+                train_classifier(lm.model, enc, y, TrainSettings(steps=steps, batch_size=bs, lr=lr, seed=seed,
+                                                                 precision=precision), pad_id=lm.tokenizer.pad_token_id)
+            else:
+                with tempfile.TemporaryDirectory() as out:
+                    _naive_trainer(lm, padded, steps, bs, lr, seed, out).train()
+        events = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
+        total = sum(e.self_cpu_time_total for e in events) or 1
+        shares[arm] = ({e.key: e.self_cpu_time_total / total for e in events}, total / 1e6 / steps)
+    top = sorted(set().union(*(dict(sorted(d.items(), key=lambda kv: -kv[1])[:6]) for d, _ in shares.values())),
+                 key=lambda k: -shares["naive-trainer"][0].get(k, 0))
+    rows = [{"operator": k, **{f"{arm} share": shares[arm][0].get(k, 0.0) for arm in shares}} for k in top]
+    rows.append({"operator": "CPU s per step (all operators)", **{f"{arm} share": shares[arm][1] for arm in shares}})
+    return rows
+
+
+def _scoring(lm, site, cfg, repeats: int, seed: int) -> dict:
+    """No-grad, length-sorted, larger-batch scoring vs `Trainer.predict` on max-length padding."""
+    import numpy as np
+
+    from common.training import predict_proba
+
+    tok = lm.tokenizer
+    enc = site.encoded("test", tok) + site.encoded("temporal", tok)
+    texts = site.splits["test"]["note_text"].tolist() + site.splits["temporal"]["note_text"].tolist()
+    y = np.concatenate([site.labels("test"), site.labels("temporal")])
+    padded = _Padded(tok, texts, y, int(cfg["max-length"]))
+    lm.use(lm.init_state)
+    times = {"clinfed": [], "naive-trainer": []}
+    for _ in range(repeats):
+        t = time.perf_counter()
+        p1 = predict_proba(lm.model, enc, tok.pad_token_id, batch_size=int(cfg["eval-batch-size"]),
+                           precision=cfg["precision"])
+        times["clinfed"].append(time.perf_counter() - t)
+        with tempfile.TemporaryDirectory() as out:
+            trainer = _naive_trainer(lm, padded, 1, 16, 1e-3, seed, out)
+            t = time.perf_counter()
+            pred = trainer.predict(padded)
+            times["naive-trainer"].append(time.perf_counter() - t)
+    logits = np.asarray(pred.predictions)
+    p2 = np.exp(logits - logits.max(1, keepdims=True))
+    p2 = p2[:, 1] / p2.sum(1)
+    rows = [{"arm": a, "batch": int(cfg["eval-batch-size"]) if a == "clinfed" else 8,
+             "notes/s": len(enc) / _median(ts), "blocks": len(ts)} for a, ts in times.items()]
+    return {"rows": rows, "ratio": rows[0]["notes/s"] / rows[1]["notes/s"], "n_notes": len(enc),
+            "max_abs_prob_diff": float(np.max(np.abs(p1 - p2))) if len(p1) else 0.0}
+
+
+# --------------------------------------------------------------------------
+# 2. federation overhead: a real simulated study vs the same work in-process
+# --------------------------------------------------------------------------
+STUDY_REGIMES = "base,global,local,personalized"
+
+
+def _study_overrides(model, fed, rounds, local_steps, personalize_steps, threads, seed, bootstrap, extra=None):
+    return {"model": model, "data-dir": str(fed), "seed": seed, "num-server-rounds": rounds,
+            "local-steps": local_steps, "personalize-steps": personalize_steps, "regimes": STUDY_REGIMES,
+            "share-local-adapters": False, "report": False, "client-threads": threads, "bootstrap": bootstrap,
+            **(extra or {})}
+
+
+def _inprocess_study(fed: Path, cfg: dict, out: Path) -> dict:
+    """The sites' own work of the study, done by direct calls in this process: the same
+    sites, splits, seeds, steps, batch shapes and evaluation, one site after another."""
+    import numpy as np
+
+    from client.site import LoadedModel, Site, model_key
+    from common.data import find_table, list_sites
+    from common.training import set_threads
+
+    set_threads(int(cfg["client-threads"]) or None)
+    k = int(cfg["min-cell-size"])
+    timer = {"load-model": 0.0, "describe": 0.0, "federated": 0.0, "personalize": 0.0, "evaluate": 0.0}
+    t = time.perf_counter()
+    lm = LoadedModel(model_key(cfg))
+    timer["load-model"] = time.perf_counter() - t
+    cpu0 = time.process_time()
+    sites = []
+    for name, folder in list_sites(fed):
+        t = time.perf_counter()
+        site = Site(name, find_table(folder), out / "sites" / name, cfg)
+        site.descriptors(k)
+        timer["describe"] += time.perf_counter() - t
+        sites.append(site)
+    glob = lm.init_state
+    steps = int(cfg["local-steps"])
+    for rnd in range(1, int(cfg["num-server-rounds"]) + 1):
+        updates = []
+        for site in sites:
+            t = time.perf_counter()
+            state, _ = site.train(lm, glob, steps, seed_offset=rnd, label=f"round {rnd}")
+            timer["federated"] += time.perf_counter() - t
+            updates.append((state, len(site.splits["train"])))
+        total = sum(n for _, n in updates)
+        glob = {key: sum(s[key] * (n / total) for s, n in updates).astype(np.float32) for key in glob}
+    local_steps = int(cfg["local-regime-steps"]) or int(cfg["num-server-rounds"]) * steps
+    for site in sites:
+        t = time.perf_counter()
+        state, _ = site.train(lm, lm.init_state, local_steps, seed_offset=10_000, label="local")
+        site.save_private(lm, "local", state)
+        if int(cfg["personalize-steps"]) > 0:
+            state, _ = site.train(lm, glob, int(cfg["personalize-steps"]), seed_offset=20_000, label="personalized")
+            site.save_private(lm, "personalized", state)
+        timer["personalize"] += time.perf_counter() - t
+    for site in sites:
+        t = time.perf_counter()
+        states = {"base": lm.init_state, "global": glob}
+        for regime in ("local", "personalized"):
+            s = site.load_private(lm, regime)
+            if s is not None:
+                states[regime] = s
+        site.evaluate(lm, states, k=k, subgroups=bool(cfg["subgroups"]))
+        timer["evaluate"] += time.perf_counter() - t
+    timer["cpu"] = time.process_time() - cpu0
+    return timer
+
+
+def overhead(model="minilm", sizes=(500, 300, 200), rounds=3, local_steps=10, personalize_steps=10, threads=0,
+             bootstrap=500, seed=0, bracket=True, work: Path | None = None, **_):
+    """Wall time of a real `flwr run` study divided by the same work's pure compute.
+
+    Sites run one at a time (each simulated site gets every core and as many
+    threads), so 1.0 is the physical limit and the rest is federation overhead:
+    Flower/Ray start and stop, model loads in the server and in each worker,
+    messaging and the server's per-round bookkeeping. The in-process run comes
+    before and (with `bracket`) after the simulation, and the denominator is their
+    mean, so a change of the machine's load during the run shows and averages out.
+    """
+    from common.config import resolve
+    from simulations.local import simulate
+
+    _quiet()
+    cores = os.cpu_count() or 1
+    threads = int(threads or cores)
+    fed = _federation(work / "federation", list(sizes), seed)
+    overrides = _study_overrides(model, fed, rounds, local_steps, personalize_steps, threads, seed, bootstrap)
+    cfg = resolve(overrides)
+    phases = ("describe", "federated", "personalize", "evaluate")
+    load = {"start": os.getloadavg()[0]}
+    computes = [_inprocess_study(fed, cfg, work / "inprocess-1")]
+    load["after_inprocess_1"] = os.getloadavg()[0]
+    run_dir = work / "run"
+    with TreeRSS(run_dir.resolve() / ".flwr") as mon:
+        t = time.perf_counter()
+        run = simulate(run_dir, overrides, n_sites=len(sizes), cpus_per_site=min(threads, cores), echo=False)
+        wall = time.perf_counter() - t
+    load["after_simulation"] = os.getloadavg()[0]
+    if bracket:
+        computes.append(_inprocess_study(fed, cfg, work / "inprocess-2"))
+        load["after_inprocess_2"] = os.getloadavg()[0]
+    compute = {k: statistics.fmean(c[k] for c in computes) for k in computes[0]}
+    site_work = sum(compute[p] for p in phases)
+    timings = run.get("timings", {})
+    n = len(sizes)
+    msgs = {"describe": n, "federated": n * rounds, "personalize": n, "evaluate": n}
+    rows = [{"part": "Flower/Ray start and stop (outside the ServerApp)", "simulated s": wall - timings.get("total", 0),
+             "compute s": 0.0},
+            {"part": "wait for sites", "simulated s": timings.get("wait", 0.0), "compute s": 0.0},
+            {"part": "server model load", "simulated s": timings.get("load-model", 0.0), "compute s": 0.0}]
+    for phase in phases:
+        sim, comp = timings.get(phase, 0.0), compute[phase]
+        rows.append({"part": phase + (" (incl. the worker's model load)" if phase == "describe" else ""),
+                     "simulated s": sim, "compute s": comp, "messages": msgs[phase],
+                     "overhead per message s": (sim - comp) / msgs[phase]})
+    accounted = sum(r["simulated s"] for r in rows)
+    rows.append({"part": "other (checkpoints, metrics, run.json)", "simulated s": wall - accounted, "compute s": 0.0})
+    rows.append({"part": "total", "simulated s": wall, "compute s": site_work})
+    startup = rows[0]["simulated s"] + rows[1]["simulated s"]
+    return {
+        "ratio": wall / site_work,
+        "ratio_without_start": (wall - startup) / site_work,
+        "cpu_ratio": mon.cpu_seconds / compute["cpu"] if compute["cpu"] > 0 else None,
+        "simulated_wall_s": wall, "site_compute_s": site_work,
+        "site_compute_runs_s": [sum(c[p] for p in phases) for c in computes],
+        "simulated_cpu_s": mon.cpu_seconds, "site_compute_cpu_s": compute["cpu"],
+        "inprocess_model_load_s": computes[-1]["load-model"],
+        "round_seconds": [r["seconds"] for r in run.get("rounds", [])], "breakdown": rows,
+        "load_average_1min": load, "simulation_processes": mon.peak_procs,
+        "settings": {"model": model, "sites": n, "sizes": list(sizes), "num-server-rounds": rounds,
+                     "local-steps": local_steps, "local-regime-steps": rounds * local_steps,
+                     "personalize-steps": personalize_steps, "regimes": STUDY_REGIMES, "bootstrap": bootstrap,
+                     "threads_per_site": threads, "cpus_per_site": min(threads, cores), "report": False,
+                     "inprocess_runs": len(computes)},
+        "_tables": [("simulated study vs the same work in-process (seconds; compute = mean of the in-process runs)",
+                     rows)],
+    }
+
+
+# --------------------------------------------------------------------------
+# 3. communication: serialized Flower message sizes vs the full model
+# --------------------------------------------------------------------------
+def wire_bytes(msg) -> dict:
+    """Bytes of a message as Flower 1.41 moves it (its content-addressed objects, arrays in
+    chunks) and as one protobuf (`message_to_proto`)."""
+    from flwr.common.serde import message_to_proto
+    from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+
+    objects = get_all_nested_objects(msg)
+    return {"objects": int(sum(len(o.deflate()) for o in objects.values())),
+            "proto": int(message_to_proto(msg).ByteSize()), "n_objects": len(objects)}
+
+
+def _round_messages(state: dict, run_dir: str, n_train: int):
+    """The train message a site receives and the reply it sends, as client.app builds them."""
+    from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 1  # outside a Flower runtime
+    arrays = ArrayRecord({k: Array(v) for k, v in state.items()})
+    down = Message(RecordDict({"arrays": arrays, "config": ConfigRecord({"run-dir": run_dir, "server-round": 1})}),
+                   dst_node_id=1, message_type="train")
+    up = Message(RecordDict({"arrays": arrays, "metrics": MetricRecord({
+        "num-examples": n_train, "train-loss": 0.5, "train-steps": 20, "train-seconds": 10.0,
+        "train-tokens": 20000})}), reply_to=down)
+    return down, up
+
+
+def comm(model="minilm", ranks=(4, 8, 16), train_steps=60, size=800, seed=0, threads=0, adapter=None,
+         site_data=None, work: Path | None = None, **_):
+    """Bytes per client per round both ways for several LoRA ranks, vs a full-model message,
+    and what fp16 transfer of a trained adapter costs in AUC (the adapter trained here for
+    `train_steps`, or a study's adapter folder `adapter` scored on hospital folder `site_data`)."""
+    import numpy as np
+
+    from client.site import LoadedModel, ModelKey, model_key
+    from common.config import resolve
+    from common.models import LoraSettings, load_classifier
+    from common.training import set_threads
+
+    _quiet()
+    cfg = resolve({"model": model, "seed": seed})
+    set_threads(threads or None)
+    run_dir = str(Path.cwd() / "runs" / "20250101-000000")  # a typical RUN_DIR path in the config record
+    base, _ = load_classifier(model, seed)
+    full_state = {k: v.detach().float().numpy() for k, v in base.named_parameters()}  # full fine-tuning FedAvg
+    full_params = int(sum(p.numel() for p in base.parameters()))
+    del base
+    full_down, full_up = _round_messages(full_state, run_dir, 1000)
+    full = {"down": wire_bytes(full_down), "up": wire_bytes(full_up), "raw": int(sum(a.nbytes for a in full_state.values()))}
+    del full_state, full_down, full_up
+    default_rank = int(cfg["lora-rank"])
+    ranks = sorted({int(r) for r in ranks} | {default_rank})
+    rows, per_rank = [], {}
+    fp16 = None
+    rng = np.random.default_rng(seed)
+    for rank in ranks:
+        key = model_key(cfg)
+        key = ModelKey(key.model, key.seed, LoraSettings(rank, key.lora.alpha, key.lora.dropout, key.lora.targets))
+        lm = LoadedModel(key)
+        if rank == default_rank:
+            fp16, state = _fp16_round_trip(lm, cfg, train_steps, size, seed, work, adapter, site_data)
+        else:
+            # An untrained adapter's LoRA B is all zeros, and Flower stores identical chunks once:
+            # give B trained-like values so the sizes are those of a real round, not of round 1.
+            state = {k: (rng.normal(0, 1e-3, v.shape).astype(v.dtype) if "lora_B" in k else v)
+                     for k, v in lm.init_state.items()}
+        for dtype in ("float32", "float16"):
+            st = {k: v.astype(dtype) for k, v in state.items()}
+            down, up = _round_messages(st, run_dir, 1000)
+            d, u = wire_bytes(down), wire_bytes(up)
+            entry = {"rank": rank, "dtype": dtype, "adapter params": int(sum(v.size for v in st.values())),
+                     "lora params": int(sum(v.size for k, v in st.items() if "lora_" in k)),
+                     "raw bytes": int(sum(v.nbytes for v in st.values())),
+                     "received by site": d["objects"], "sent by site": u["objects"],
+                     "fraction of full": max(d["objects"], u["objects"]) / max(full["down"]["objects"], full["up"]["objects"]),
+                     "proto bytes (down)": d["proto"]}
+            rows.append(entry)
+            per_rank[f"{rank}/{dtype}"] = entry
+        del lm
+    headline = per_rank[f"{default_rank}/float32"]["fraction of full"]
+    return {
+        "fraction_of_full_model": headline,
+        "fraction_of_full_model_fp16": per_rank[f"{default_rank}/float16"]["fraction of full"],
+        "default_rank": default_rank,
+        "bytes_per_round_default": {"received": per_rank[f"{default_rank}/float32"]["received by site"],
+                                    "sent": per_rank[f"{default_rank}/float32"]["sent by site"]},
+        "full_model": {"parameters": full_params, "raw_bytes": full["raw"], "message_bytes": full["down"]["objects"],
+                       "proto_bytes": full["down"]["proto"]},
+        "per_rank": per_rank, "fp16_round_trip": fp16,
+        "settings": {"model": model, "ranks": ranks, "lora-alpha": int(cfg["lora-alpha"]),
+                     "targets": "per architecture" if not cfg["lora-targets"] else cfg["lora-targets"],
+                     "head_and_pooler_federated": True, "fp16_adapter": adapter or f"trained here, {train_steps} steps"},
+        "_tables": [(f"bytes per client per round (full model: {full_params:,} parameters, "
+                     f"{full['down']['objects']:,} bytes per message)", rows),
+                    ("fp16 round trip of a trained adapter (test + temporal splits)", [fp16])],
+    }
+
+
+def _fp16_round_trip(lm, cfg, steps, size, seed, work, adapter=None, site_data=None):
+    """Train an adapter at one site, score it as sent in fp32 and after an fp16 round trip;
+    returns the figures and the trained adapter (whose message sizes are those of a real round)."""
+    import numpy as np
+    from sklearn.metrics import roc_auc_score
+
+    from client.site import Site
+    from common.data import find_table
+    from common.training import predict_proba
+
+    from common.models import read_adapter
+
+    folder = Path(site_data) if site_data else _federation(work / "federation", [size, 100], seed) / "h01"
+    site = Site(folder.name, find_table(folder), work / "site", cfg)
+    if adapter:
+        state, steps = read_adapter(lm.model, adapter, lm.identity), f"study adapter {Path(adapter).name}"
+    else:
+        state, _ = site.train(lm, lm.init_state, steps, seed_offset=1, label="fp16 check")
+    half = {k: v.astype(np.float16).astype(np.float32) for k, v in state.items()}
+    enc = site.encoded("test", lm.tokenizer) + site.encoded("temporal", lm.tokenizer)
+    y = np.concatenate([site.labels("test"), site.labels("temporal")])
+    p32 = predict_proba(lm.use(state), enc, lm.tokenizer.pad_token_id, precision="fp32")
+    p16 = predict_proba(lm.use(half), enc, lm.tokenizer.pad_token_id, precision="fp32")
+    auc = lambda p: float(roc_auc_score(y, p)) if len(set(y)) == 2 else float("nan")  # noqa: E731
+    rel = max(float(np.max(np.abs(state[k] - half[k])) / (np.max(np.abs(state[k])) or 1.0)) for k in state)
+    return {"adapter": steps if adapter else f"trained here, {steps} steps", "site": folder.name, "n scored": len(y), "auc fp32": auc(p32), "auc fp16": auc(p16),
+            "auc difference": auc(p16) - auc(p32), "max |prob diff|": float(np.max(np.abs(p16 - p32))),
+            "max relative weight error": rel}, state
+
+
+# --------------------------------------------------------------------------
+# 4. scale: memory and time per round as the number of sites grows
+# --------------------------------------------------------------------------
+class TreeRSS:
+    """Samples the resident memory of every process of one simulated study: this
+    process's children (the `flwr` CLI) and every process whose FLWR_HOME is the
+    study's (the detached SuperLink, the ServerApp, Ray's raylet, GCS and workers).
+    RSS counts shared pages once per process, so the sum is an upper bound; PSS,
+    sampled less often, counts them once. Also keeps each process's CPU time, which a
+    shared machine's load distorts far less than wall time."""
+
+    def __init__(self, flwr_home: Path, interval: float = 0.5):
+        self.home = str(flwr_home)
+        self.interval = interval
+        self.peak_rss = self.peak_pss = 0
+        self.peak_procs = 0
+        self.samples = 0
+        self._cpu: dict[int, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _procs(self):
+        import psutil
+
+        me = psutil.Process()
+        found = {p.pid: p for p in me.children(recursive=True)}
+        for p in psutil.process_iter():
+            if p.pid in found or p.pid == me.pid:
+                continue
+            try:
+                if p.environ().get("FLWR_HOME") == self.home:
+                    found[p.pid] = p
+            except (psutil.Error, OSError):
+                continue
+        return list(found.values())
+
+    def _run(self):
+        import psutil
+
+        i = 0
+        while not self._stop.is_set():
+            procs = self._procs()
+            rss = pss = 0
+            for p in procs:
+                try:
+                    if i % 6 == 0:
+                        full = p.memory_full_info()
+                        rss += full.rss
+                        pss += getattr(full, "pss", full.rss)
+                    else:
+                        rss += p.memory_info().rss
+                    ct = p.cpu_times()
+                    self._cpu[p.pid] = ct.user + ct.system
+                except (psutil.Error, OSError):
+                    continue
+            self.peak_rss = max(self.peak_rss, rss)
+            self.peak_pss = max(self.peak_pss, pss)
+            self.peak_procs = max(self.peak_procs, len(procs))
+            self.samples += 1
+            i += 1
+            self._stop.wait(self.interval)
+
+    @property
+    def cpu_seconds(self) -> float:
+        """CPU time of the tree's processes as last seen (a process's last interval may be missed)."""
+        return float(sum(self._cpu.values()))
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def scale(model="minilm", sites=(5, 20, 50), size=120, data_factor=4, data_sites=20, rounds=2, local_steps=5,
+          personalize_steps=2, bootstrap=50, threads=1, cpus_per_site=1.0, regimes="base,global,local", seed=0,
+          work: Path | None = None, **_):
+    """Peak memory of the study's whole process tree and wall time per round for a
+    growing number of small synthetic hospitals (and one row with `data_factor` times
+    the data per site, to separate growth with data from growth with sites). Sites run
+    as the default study runs them: one CPU and one thread each."""
+    from simulations.local import simulate
+
+    _quiet()
+    configs = [(int(n), int(size)) for n in sites]
+    if data_factor and data_factor != 1 and data_sites:
+        configs.append((int(data_sites), int(size * data_factor)))
+    rows, peak = [], {}
+    for n, sz in configs:
+        tag = f"{n}x{sz}"
+        fed = _federation(work / f"federation-{tag}", [sz] * n, seed)
+        overrides = _study_overrides(model, fed, rounds, local_steps, personalize_steps, threads, seed, bootstrap,
+                                     {"subgroups": False, "regimes": regimes, "min-cell-size": 5})
+        run_dir = work / f"run-{tag}"
+        load0 = os.getloadavg()[0]
+        with TreeRSS(run_dir.resolve() / ".flwr") as mem:
+            t = time.perf_counter()
+            run = simulate(run_dir, overrides, n_sites=n, cpus_per_site=cpus_per_site, echo=False)
+            wall = time.perf_counter() - t
+        mon_cpu = mem.cpu_seconds
+        timings = run.get("timings", {})
+        per_round = [r["seconds"] for r in run.get("rounds", [])]
+        row = {"sites": n, "encounters per site": sz, "encounters": n * sz, "peak RSS MB": mem.peak_rss / 2**20,
+               "peak PSS MB": mem.peak_pss / 2**20, "processes": mem.peak_procs, "wall s": wall,
+               "CPU s": mon_cpu, "start/stop s": wall - timings.get("total", 0.0), "s per round": _median(per_round),
+               "s per round per site": _median(per_round) / n, "evaluate s": timings.get("evaluate", 0.0),
+               "load avg": load0}
+        rows.append(row)
+        print(f"scale: {json.dumps(_finite_json(row))}", flush=True)  # a long run's rows survive an interruption
+        (work / "scale-rows.json").write_text(json.dumps(_finite_json(rows), indent=1))
+        if sz == size:
+            peak[str(n)] = row["peak RSS MB"]
+        shutil.rmtree(run_dir / "sites", ignore_errors=True)
+    main = [r for r in rows if r["encounters per site"] == size]
+    growth = float("nan")
+    if len(main) >= 2 and main[0]["peak RSS MB"] > 0:
+        growth = math.log(main[-1]["peak RSS MB"] / main[0]["peak RSS MB"]) / math.log(main[-1]["sites"] / main[0]["sites"])
+    return {
+        "peak_rss_mb": peak,
+        "peak_pss_mb": {str(r["sites"]): r["peak PSS MB"] for r in main},
+        "rss_growth_exponent": growth,
+        "seconds_per_round": {str(r["sites"]): r["s per round"] for r in main},
+        "rows": rows,
+        "settings": {"model": model, "num-server-rounds": rounds, "local-steps": local_steps,
+                     "personalize-steps": personalize_steps, "regimes": regimes, "subgroups": False,
+                     "bootstrap": bootstrap, "client-threads": threads, "cpus_per_site": cpus_per_site,
+                     "sample_interval_s": 0.5},
+        "_tables": [("simulated study per number of sites (memory of the whole process tree)", rows)],
+    }
+
+
+# --------------------------------------------------------------------------
+# 5. generative: SFT and DPO on the default decoder
+# --------------------------------------------------------------------------
+def generative(decoder="smollm2", sft_steps=0, dpo_steps=0, threads=0, seed=0, compare_bf16=True,
+               work: Path | None = None, **_):
+    """SFT and DPO step time and trained tokens per second with the study's generative
+    settings (gen-*, sft-*, dpo-* defaults), one site, through the same code the site runs."""
+    import torch
+
+    from client.gensite import GenSite, get_decoder
+    from common.config import resolve
+    from common.data import find_table
+    from common.models import ModelError
+    from common.training import set_threads
+
+    _quiet()
+    cfg = resolve({"decoder": decoder, "seed": seed, "task": "generative"})
+    sft_steps = int(sft_steps or cfg["sft-steps"])
+    dpo_steps = int(dpo_steps or cfg["dpo-steps"])
+    n_threads = set_threads(threads or None)
+    fed = _federation(work / "federation", [300, 100], seed)
+    t = time.perf_counter()
+    try:
+        dec = get_decoder(cfg)
+    except ModelError as err:
+        return {"sft_tokens_per_s": None, "unavailable": str(err), "_tables": []}
+    load_s = time.perf_counter() - t
+    gsite = GenSite("h01", fed / "h01", find_table(fed / "h01"), cfg)
+    counter = ForwardCounter(dec.model)
+    rows, res = [], {}
+
+    def stage(name, fn, autocast=False):
+        counter.reset()
+        ctx = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+        t = time.perf_counter()
+        with ctx:
+            state, info = fn()
+        total = time.perf_counter() - t
+        steps = int(info["steps"])
+        row = {"stage": name, "steps": steps, "batch": int(cfg["gen-batch-size"]),
+               "step s (median)": counter.step_seconds() if steps > 1 else info["seconds"],
+               "step s (mean)": info["seconds"] / steps,
+               "trained tok/s": counter.real / info["seconds"], "sequences/s": counter.samples / info["seconds"],
+               "padding share": 1 - counter.real / max(1, counter.slots),
+               "outside trainer s": total - info["seconds"], "loss": info["train_loss"]}
+        rows.append(row)
+        return state, row
+
+    sft_state, res["sft"] = stage("SFT fp32", lambda: gsite.sft(dec, dec.init_state, sft_steps, 10_000))
+    _, res["dpo"] = stage("DPO fp32", lambda: gsite.dpo(dec, sft_state, dpo_steps, 20_000))
+    if compare_bf16 and getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)():
+        _, res["sft_bf16"] = stage("SFT bf16 autocast", lambda: gsite.sft(dec, dec.init_state, sft_steps, 10_000),
+                                   autocast=True)
+    counter.close()
+    n_params = int(sum(v.size for v in dec.init_state.values()))
+    return {
+        "sft_tokens_per_s": res["sft"]["trained tok/s"], "sft_step_s": res["sft"]["step s (median)"],
+        "dpo_tokens_per_s": res["dpo"]["trained tok/s"], "dpo_step_s": res["dpo"]["step s (median)"],
+        "sft_bf16_vs_fp32": (res["sft"]["step s (median)"] / res["sft_bf16"]["step s (median)"]
+                             if "sft_bf16" in res else None),
+        "stages": rows, "model_load_s": load_s, "adapter_parameters": n_params,
+        "settings": {"decoder": decoder, "sft-steps": sft_steps, "dpo-steps": dpo_steps,
+                     "gen-batch-size": int(cfg["gen-batch-size"]), "gen-max-length": int(cfg["gen-max-length"]),
+                     "gen-max-words": int(cfg["gen-max-words"]), "gen-tasks": cfg["gen-tasks"],
+                     "gen-learning-rate": cfg["gen-learning-rate"], "dpo-learning-rate": cfg["dpo-learning-rate"],
+                     "lora-rank": cfg["lora-rank"], "threads": n_threads,
+                     "dpo-self-rejected": cfg["dpo-self-rejected"]},
+        "_tables": [("instruction tuning at one site (trained tokens = attention-mask ones of training forwards)",
+                     rows)],
+    }
+
+
+# --------------------------------------------------------------------------
+# configurations, command line
+# --------------------------------------------------------------------------
+SMOKE = {
+    "throughput": dict(model="tiny-bert", steps=3, repeats=1, size=120, profile_steps=2),
+    "overhead": dict(model="tiny-bert", sizes=(120, 80), rounds=1, local_steps=2, personalize_steps=1, bootstrap=10,
+                     bracket=False),
+    "comm": dict(model="tiny-bert", ranks=(2, 4), train_steps=3, size=120),
+    "scale": dict(model="tiny-bert", sites=(2,), size=60, data_factor=0, rounds=1, local_steps=2,
+                  personalize_steps=1, bootstrap=10),
+    "generative": dict(decoder="tiny-llama", sft_steps=2, dpo_steps=1, compare_bf16=False),
+}
+FUNCS = {"throughput": throughput, "overhead": overhead, "comm": comm, "scale": scale, "generative": generative}
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        vals = tuple(int(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers, got {text!r}") from None
+    if not vals or min(vals) < 1:
+        raise argparse.ArgumentTypeError(f"expected whole numbers of at least 1, got {text!r}")
+    return vals
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The `clinfed bench` options (also `python -m simulations.bench`)."""
+    p.add_argument("name", choices=BENCHES, help="which benchmark")
+    p.add_argument("--json", help="write the figures to this JSON file")
+    p.add_argument("--smoke", action="store_true", help="a tiny configuration that only checks the benchmark runs")
+    p.add_argument("--work", help="keep working files (federations, runs) in this folder (default: a temporary one)")
+    p.add_argument("--model", help="classifier base model (default: minilm; smoke: tiny-bert)")
+    p.add_argument("--decoder", help="generative: decoder (default: smollm2; smoke: tiny-llama)")
+    p.add_argument("--steps", type=int,
+                   help="throughput: steps per block; comm: training steps of the fp16 check; generative: SFT steps")
+    p.add_argument("--repeats", type=int, help="throughput: blocks per arm")
+    p.add_argument("--sites", type=_ints, help="scale: numbers of sites, e.g. 5,20,50")
+    p.add_argument("--sizes", type=_ints, help="overhead: encounters per hospital, e.g. 600,400,250")
+    p.add_argument("--size", type=int, help="throughput, comm: encounters at the measured site; scale: per site")
+    p.add_argument("--ranks", type=_ints, help="comm: LoRA ranks besides the default, e.g. 4,16")
+    p.add_argument("--rounds", type=int, help="overhead, scale: federated rounds")
+    p.add_argument("--local-steps", type=int, help="overhead, scale: steps per site per round")
+    p.add_argument("--threads", type=int, help="torch threads (default: all cores; scale: 1 per site)")
+    p.add_argument("--no-bf16-compare", action="store_true", help="generative: skip the bf16 autocast SFT block")
+    p.add_argument("--no-data-row", action="store_true", help="scale: skip the row with more data per site")
+    p.add_argument("--regimes", help="scale: the study's regimes (default base,global,local)")
+    p.add_argument("--no-score", action="store_true", help="throughput: skip the scoring comparison")
+    p.add_argument("--profile-steps", type=int, help="throughput: steps per arm under torch.profiler (0 = none)")
+    p.add_argument("--adapter", help="comm: a study's adapter folder for the fp16 check (default: train one)")
+    p.add_argument("--site-data", help="comm: the hospital folder the fp16 check scores on (with --adapter)")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def options(args) -> dict:
+    opts = dict(SMOKE[args.name]) if args.smoke else {}
+    for name in ("model", "decoder", "repeats", "sites", "sizes", "size", "ranks", "rounds", "local_steps",
+                 "threads", "seed", "regimes", "adapter", "site_data", "profile_steps"):
+        value = getattr(args, name, None)
+        if value is not None:
+            opts[name] = value
+    if getattr(args, "no_bf16_compare", False):
+        opts["compare_bf16"] = False
+    if getattr(args, "no_score", False):
+        opts["score"] = False
+    if getattr(args, "no_data_row", False):
+        opts["data_factor"] = 0
+    if args.steps is not None:
+        opts[{"generative": "sft_steps", "comm": "train_steps"}.get(args.name, "steps")] = args.steps
+    return opts
+
+
+def _finite_json(obj):
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): _finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite_json(v) for v in obj]
+    if hasattr(obj, "item"):
+        return _finite_json(obj.item())
+    return obj
+
+
+def run(name: str, opts: dict, json_path: str | None = None, work: str | None = None, smoke: bool = False,
+        out=sys.stdout) -> dict:
+    """Run one benchmark, print its tables, write JSON; returns the JSON's content."""
+    if name not in FUNCS:
+        raise ValueError(f"unknown benchmark {name!r}; one of {', '.join(BENCHES)}")
+    folder = Path(work).resolve() if work else Path(tempfile.mkdtemp(prefix=f"clinfed-bench-{name}-"))
+    folder.mkdir(parents=True, exist_ok=True)
+    info = {"machine": machine(), "versions": versions()}
+    t = time.perf_counter()
+    try:
+        res = FUNCS[name](work=folder, **opts)
+    finally:
+        if not work:
+            shutil.rmtree(folder, ignore_errors=True)
+    info["machine"]["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
+    tables = res.pop("_tables", [])
+    head = HEADLINE[name]
+    doc = {head: res.pop(head, None), **res, "benchmark": name, "smoke": smoke,
+           "seconds": time.perf_counter() - t, **info, "options": {k: v for k, v in opts.items()}}
+    print(f"clinfed bench {name}", file=out)
+    print_kv("machine", {**info["machine"]}, out)
+    print_kv("versions", info["versions"], out)
+    print_kv("settings", doc.get("settings", {}), out)
+    for title, rows in tables:
+        print_table(title, rows, out)
+    heads = {k: v for k, v in doc.items() if not isinstance(v, (list, dict)) or k == head}
+    heads = {k: v for k, v in heads.items() if k not in ("benchmark", "smoke")}
+    print_kv("figures", {k: (json.dumps(_finite_json(v)) if isinstance(v, dict) else v) for k, v in heads.items()}, out)
+    doc = _finite_json(doc)
+    if json_path:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(json.dumps(doc, indent=1, default=str))
+        print(f"\nwrote {json_path}", file=out)
+    return doc
+
+
+def run_from_args(args) -> int:
+    doc = run(args.name, options(args), args.json, args.work, smoke=bool(args.smoke))
+    return 0 if doc.get(HEADLINE[args.name]) is not None else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m simulations.bench", description=__doc__.splitlines()[0])
+    add_arguments(p)
+    return run_from_args(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,84 @@
+"""Benchmarks' smoke configurations: they run and write their headline figures.
+
+Not timed tests: nothing here asserts a speed, only that each benchmark still
+runs end to end (tiny random models, few steps, 2 sites) and that the JSON's
+headline keys exist and are finite, so the benchmarks do not rot.
+"""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _bench(name: str, tmp_path) -> dict:
+    from simulations.bench import SMOKE, run
+
+    out = tmp_path / f"{name}.json"
+    doc = run(name, dict(SMOKE[name]), str(out), smoke=True)
+    on_disk = json.loads(out.read_text())
+    assert on_disk["benchmark"] == name and on_disk["smoke"] is True
+    assert on_disk["machine"]["cores"] >= 1 and on_disk["versions"]["torch"]
+    assert len(on_disk["machine"]["load_average"]) == 3
+    return doc
+
+
+def test_throughput_smoke(tmp_path):
+    doc = _bench("throughput", tmp_path)
+    for key in ("ratio", "samples_ratio", "tokens_per_s", "naive_tokens_per_s", "ratio_bf16_vs_fp32_loop"):
+        assert _finite(doc[key]) and doc[key] > 0, key
+    # both arms counted only real tokens, and the naive arm padded more
+    arms = doc["arms"]
+    assert arms["clinfed"][0]["tokens"] > 0 and arms["naive-trainer"][0]["tokens"] > 0
+    assert arms["naive-trainer"][0]["slots"] >= arms["clinfed"][0]["slots"]
+    assert _finite(doc["scoring"]["ratio"])
+
+
+def test_comm_smoke(tmp_path):
+    doc = _bench("comm", tmp_path)
+    assert _finite(doc["fraction_of_full_model"]) and 0 < doc["fraction_of_full_model"] < 1
+    assert doc["fraction_of_full_model_fp16"] < doc["fraction_of_full_model"]
+    ranks = {v["rank"] for v in doc["per_rank"].values()}
+    assert len(ranks) == 3 and doc["default_rank"] in ranks  # the default and two others
+    assert _finite(doc["fp16_round_trip"]["auc difference"])
+
+
+def test_generative_smoke(tmp_path):
+    doc = _bench("generative", tmp_path)
+    for key in ("sft_tokens_per_s", "sft_step_s", "dpo_tokens_per_s", "dpo_step_s"):
+        assert _finite(doc[key]) and doc[key] > 0, key
+
+
+@pytest.mark.slow
+def test_overhead_smoke(tmp_path):
+    doc = _bench("overhead", tmp_path)
+    assert _finite(doc["ratio"]) and doc["ratio"] > 0
+    assert _finite(doc["simulated_wall_s"]) and _finite(doc["site_compute_s"])
+    assert doc["breakdown"][-1]["part"] == "total"
+
+
+@pytest.mark.slow
+def test_scale_smoke(tmp_path):
+    doc = _bench("scale", tmp_path)
+    assert set(doc["peak_rss_mb"]) == {"2"}
+    assert all(_finite(v) and v > 0 for v in doc["peak_rss_mb"].values())
+    assert doc["rows"][0]["processes"] >= 2  # the study's tree, not just the launcher
+
+
+def test_clinfed_bench_command_parses_and_refuses_unknown_names():
+    from common.cli import build_parser
+
+    args = build_parser().parse_args(["bench", "comm", "--smoke", "--json", "x.json", "--ranks", "2,4"])
+    assert args.name == "comm" and args.smoke and args.ranks == (2, 4)
+    res = subprocess.run([sys.executable, "-m", "common.cli", "bench", "nope"], capture_output=True, text=True,
+                         cwd=ROOT, timeout=120)
+    assert res.returncode == 2 and "invalid choice" in res.stderr
