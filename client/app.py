@@ -20,6 +20,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from common import privacy
+from common.models import check_base_identity, wire_hash
 from common.config import regimes, resolve
 from common.policy import Policy, PolicyRefusal, effective, load_site_policy
 from common.data import find_table, list_sites
@@ -190,6 +191,7 @@ def train(msg: Message, context: Context) -> Message:
 
     site, cfg, policy, lm = _prepare(msg, context)
     _may_train(cfg, policy, sends_adapter=True, what="the federated round")
+    check_base_identity(msg.content["config"], lm.identity)
     rnd = int(msg.content["config"].get("server-round", 1))
     start = _arrays_to_state(msg.content["arrays"])
     dp = site.dp_settings(policy)
@@ -209,6 +211,7 @@ def train(msg: Message, context: Context) -> Message:
         "train-steps": info["steps"],
         "train-seconds": info["seconds"],
         "train-tokens": info["tokens"],
+        "adapter-hash": wire_hash(state),
         **_dp_metrics(info, site, policy),
     })
     return Message(RecordDict({"arrays": _state_to_arrays(state), "metrics": metrics}), reply_to=msg)
@@ -334,6 +337,7 @@ def _self_rejected_share(info: dict, k: int) -> dict:
 def _gen_reply(msg, gsite, state, info, k: int) -> Message:
     metrics = MetricRecord({"num-examples": gsite.n_train(), "train-loss": info["train_loss"],
                             "train-steps": info["steps"], "train-seconds": info["seconds"],
+                            "adapter-hash": wire_hash(state),
                             **_self_rejected_share(info, k)})
     return Message(RecordDict({"arrays": _state_to_arrays(state), "metrics": metrics}), reply_to=msg)
 
@@ -344,6 +348,7 @@ def train_sft(msg: Message, context: Context) -> Message:
     """One federated SFT round on the site's instruction mixture."""
     gsite, cfg, policy, dec, _ = _prepare_gen(msg, context)
     _may_train(cfg, policy, sends_adapter=True, what="the federated SFT round")
+    check_base_identity(msg.content["config"], dec.identity)
     rnd = int(msg.content["config"].get("server-round", 1))
     state, info = gsite.sft(dec, _arrays_to_state(msg.content["arrays"]), int(cfg["sft-steps"]), rnd)
     return _gen_reply(msg, gsite, state, info, policy.min_cell_size)
@@ -355,6 +360,7 @@ def train_dpo(msg: Message, context: Context) -> Message:
     """One federated DPO round; the reference policy is the adapter received (see common.instruct)."""
     gsite, cfg, policy, dec, _ = _prepare_gen(msg, context)
     _may_train(cfg, policy, sends_adapter=True, what="the federated DPO round")
+    check_base_identity(msg.content["config"], dec.identity)
     rnd = int(msg.content["config"].get("server-round", 1))
     state, info = gsite.dpo(dec, _arrays_to_state(msg.content["arrays"]), int(cfg["dpo-steps"]), 100 + rnd)
     return _gen_reply(msg, gsite, state, info, policy.min_cell_size)

@@ -379,6 +379,20 @@ def state_hash(state: dict[str, np.ndarray]) -> str:
     return h.hexdigest()
 
 
+def wire_hash(state: dict[str, np.ndarray]) -> int:
+    """The first 52 bits of `state_hash`: exact as a float, so it travels in a MetricRecord
+    next to the arrays it describes and the server can check what arrived."""
+    return int(state_hash(state)[:13], 16)
+
+
+def check_base_identity(msg_config, identity: str):
+    """Refuse an adapter meant for another base model (the server names the one it trains)."""
+    expected = str(msg_config.get("base-model", "") or "")
+    if expected and expected != identity:
+        raise AdapterMismatch(f"the server trains adapters of base model {expected!r}, but this site loaded "
+                              f"{identity!r}: check both use the same model files")
+
+
 def state_nbytes(state: dict[str, np.ndarray]) -> int:
     return int(sum(a.nbytes for a in state.values()))
 

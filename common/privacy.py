@@ -37,6 +37,7 @@ ALLOWED_METRIC_KEYS = [
         r"train-steps",
         r"train-seconds",
         r"train-tokens",
+        r"adapter-hash",
         r"(local-)?dpo-self-rejected-share",
         r"(local|personalized|similarity-weighted|augmented)-train-(loss|seconds)",
         # DP-SGD accounting of the site's own training (epsilon per call, cumulative, budget)

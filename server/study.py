@@ -145,7 +145,7 @@ class Study:
                  starts: dict[str, ArrayRecord] | None = None) -> dict[str, Message]:
         """Drop updates whose keys, shapes or values do not fit the adapter, or whose size
         (distance from the adapter the site started from) is far outside the round's, naming the site."""
-        from common.models import AdapterMismatch, check_adapter_state
+        from common.models import AdapterMismatch, check_adapter_state, wire_hash
 
         kept, norms = {}, {}
         for site, rep in ok.items():
@@ -154,6 +154,10 @@ class Study:
                     raise AdapterMismatch(f"site {site} sent no adapter")
                 state = {k: v.numpy() for k, v in rep.content["arrays"].items()}
                 check_adapter_state(reference, state, who=f"update from site {site}")
+                sent_hash = rep.content["metrics"].get("adapter-hash") if "metrics" in rep.content.metric_records else None
+                if sent_hash is not None and int(sent_hash) != wire_hash(state):
+                    raise AdapterMismatch(f"update from site {site}: the arrays that arrived do not match the "
+                                          "hash the site computed before sending (changed in transit)")
                 kept[site] = rep
                 if starts and site in starts:
                     start = starts[site]
@@ -245,7 +249,8 @@ class Study:
             _say(f"{phase}: rounds 1-{done} restored from the checkpoint")
         for rnd in range(done + 1, R + 1):
             t = time.time()
-            msgs = [Message(RecordDict({"arrays": arrays[group_of[node]], "config": self._config(**{"server-round": rnd})}),
+            msgs = [Message(RecordDict({"arrays": arrays[group_of[node]],
+                                        "config": self._config(**{"server-round": rnd, "base-model": lm.identity})}),
                             dst_node_id=node, message_type=message_type) for node in sorted(group_of)]
             sent = sum(_arrays_bytes(arrays[group_of[n]]) for n in group_of)
             replies = list(self.grid.send_and_receive(msgs, timeout=float(self.cfg["round-timeout"])))

@@ -195,7 +195,9 @@ def test_deployment_nodes_read_data_path_and_refuse_augmented(small_federation, 
 
 
 def test_an_outsized_update_is_rejected_and_the_site_named(small_federation, tmp_path):
-    from flwr.app import Array, ArrayRecord, Message, RecordDict
+    from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+
+    from common.models import wire_hash
 
     sites = list_sites(small_federation)
     cfg = resolve({"model": "tiny-bert", "data-dir": str(small_federation), "num-server-rounds": 1,
@@ -207,8 +209,10 @@ def test_an_outsized_update_is_rejected_and_the_site_named(small_federation, tmp
             reply = client_app(msg, ctx)
             if msg.metadata.message_type == "train" and ctx.node_config["partition-id"] == 0:
                 arrays = {k: v.numpy() * 1000.0 for k, v in reply.content["arrays"].items()}
+                # a hostile site signs what it sends: only the size check can catch it
+                metrics = MetricRecord({**dict(reply.content["metrics"]), "adapter-hash": wire_hash(arrays)})
                 return Message(RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
-                                           "metrics": reply.content["metrics"]}), reply_to=msg)
+                                           "metrics": metrics}), reply_to=msg)
             return reply
 
     grid = LocalGrid(Scaled(), [{"partition-id": i, "num-partitions": len(sites)} for i in range(len(sites))], cfg)
@@ -217,3 +221,37 @@ def test_an_outsized_update_is_rejected_and_the_site_named(small_federation, tmp
     big = sites[0][0]
     assert big not in run["rounds"][0]["sites"]
     assert "far outside" in run["rounds"][0]["failures"][big]
+
+
+def test_an_update_changed_in_transit_or_for_another_base_is_rejected(small_federation, tmp_path):
+    """The site hashes what it sends; arrays that arrive different (here: one value nudged
+    after hashing) are refused, naming the site. A site whose base model differs from the
+    server's refuses the round."""
+    from flwr.app import Array, ArrayRecord, Message, RecordDict
+
+    sites = list_sites(small_federation)
+    cfg = resolve({"model": "tiny-bert", "data-dir": str(small_federation), "num-server-rounds": 1,
+                   "local-steps": 2, "personalize-steps": 1, "bootstrap": 10, "min-cell-size": 5,
+                   "regimes": "base,global,local", "min-sites": 1})
+
+    class InTransit:
+        def __call__(self, msg, ctx):
+            pid = ctx.node_config["partition-id"]
+            if msg.metadata.message_type == "train" and pid == 2:
+                msg.content["config"]["base-model"] = "some-other-model@0"
+            reply = client_app(msg, ctx)
+            if msg.metadata.message_type == "train" and pid == 1:
+                arrays = {k: v.numpy().copy() for k, v in reply.content["arrays"].items()}
+                key = next(iter(arrays))
+                arrays[key].flat[0] += 1e-3
+                return Message(RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
+                                           "metrics": reply.content["metrics"]}), reply_to=msg)
+            return reply
+
+    grid = LocalGrid(InTransit(), [{"partition-id": i, "num-partitions": len(sites)} for i in range(len(sites))], cfg)
+    Study(grid, cfg, tmp_path).execute()
+    run = json.loads((tmp_path / "run.json").read_text())
+    changed, other_base = sites[1][0], sites[2][0]
+    assert run["rounds"][0]["sites"] == [sites[0][0]]
+    assert "changed in transit" in run["rounds"][0]["failures"][changed]
+    assert "base model" in run["rounds"][0]["failures"][other_base]
