@@ -80,14 +80,16 @@ def _fmt(v) -> str:
     return str(v)
 
 
-def print_kv(title: str, d: dict, out=sys.stdout):
+def print_kv(title: str, d: dict, out=None):
+    out = out or sys.stdout
     print(f"\n{title}", file=out)
     width = max((len(str(k)) for k in d), default=0)
     for k, v in d.items():
         print(f"  {str(k):<{width}}  {_fmt(v)}", file=out)
 
 
-def print_table(title: str, rows: list[dict], out=sys.stdout):
+def print_table(title: str, rows: list[dict], out=None):
+    out = out or sys.stdout
     if not rows:
         return
     cols = list(dict.fromkeys(k for r in rows for k in r))
@@ -501,18 +503,21 @@ def wire_bytes(msg) -> dict:
             "proto": int(message_to_proto(msg).ByteSize()), "n_objects": len(objects)}
 
 
-def _round_messages(state: dict, run_dir: str, n_train: int):
-    """The train message a site receives and the reply it sends, as client.app builds them."""
+def _round_messages(state: dict, run_dir: str, n_train: int, base_model: str = ""):
+    """The train message a site receives and the reply it sends, as server.study and
+    client.app build them (same records and keys; the values' sizes do not depend on a run)."""
     from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
     from flwr.supercore.task_identity import TaskIdentity
 
+    from common.models import wire_hash
+
     TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 1  # outside a Flower runtime
     arrays = ArrayRecord({k: Array(v) for k, v in state.items()})
-    down = Message(RecordDict({"arrays": arrays, "config": ConfigRecord({"run-dir": run_dir, "server-round": 1})}),
-                   dst_node_id=1, message_type="train")
+    config = {"run-dir": run_dir, "server-round": 1, "base-model": base_model}
+    down = Message(RecordDict({"arrays": arrays, "config": ConfigRecord(config)}), dst_node_id=1, message_type="train")
     up = Message(RecordDict({"arrays": arrays, "metrics": MetricRecord({
         "num-examples": n_train, "train-loss": 0.5, "train-steps": 20, "train-seconds": 10.0,
-        "train-tokens": 20000})}), reply_to=down)
+        "train-tokens": 20000, "adapter-hash": wire_hash(state)})}), reply_to=down)
     return down, up
 
 
@@ -525,7 +530,7 @@ def comm(model="minilm", ranks=(4, 8, 16), train_steps=60, size=800, seed=0, thr
 
     from client.site import LoadedModel, ModelKey, model_key
     from common.config import resolve
-    from common.models import LoraSettings, load_classifier
+    from common.models import LoraSettings, load_classifier, model_identity
     from common.training import set_threads
 
     _quiet()
@@ -536,7 +541,7 @@ def comm(model="minilm", ranks=(4, 8, 16), train_steps=60, size=800, seed=0, thr
     full_state = {k: v.detach().float().numpy() for k, v in base.named_parameters()}  # full fine-tuning FedAvg
     full_params = int(sum(p.numel() for p in base.parameters()))
     del base
-    full_down, full_up = _round_messages(full_state, run_dir, 1000)
+    full_down, full_up = _round_messages(full_state, run_dir, 1000, model_identity(model))
     full = {"down": wire_bytes(full_down), "up": wire_bytes(full_up), "raw": int(sum(a.nbytes for a in full_state.values()))}
     del full_state, full_down, full_up
     default_rank = int(cfg["lora-rank"])
@@ -557,7 +562,7 @@ def comm(model="minilm", ranks=(4, 8, 16), train_steps=60, size=800, seed=0, thr
                      for k, v in lm.init_state.items()}
         for dtype in ("float32", "float16"):
             st = {k: v.astype(dtype) for k, v in state.items()}
-            down, up = _round_messages(st, run_dir, 1000)
+            down, up = _round_messages(st, run_dir, 1000, lm.identity)
             d, u = wire_bytes(down), wire_bytes(up)
             entry = {"rank": rank, "dtype": dtype, "adapter params": int(sum(v.size for v in st.values())),
                      "lora params": int(sum(v.size for k, v in st.items() if "lora_" in k)),
@@ -868,6 +873,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-bf16-compare", action="store_true", help="generative: skip the bf16 autocast SFT block")
     p.add_argument("--no-data-row", action="store_true", help="scale: skip the row with more data per site")
     p.add_argument("--regimes", help="scale: the study's regimes (default base,global,local)")
+    p.add_argument("--no-bracket", action="store_true",
+                   help="overhead: run the in-process work once (before the simulation), not before and after")
+    p.add_argument("--bootstrap", type=int, help="overhead, scale: bootstrap resamples of the evaluation")
+    p.add_argument("--personalize-steps", type=int, help="overhead, scale: personalized steps per site")
     p.add_argument("--no-score", action="store_true", help="throughput: skip the scoring comparison")
     p.add_argument("--profile-steps", type=int, help="throughput: steps per arm under torch.profiler (0 = none)")
     p.add_argument("--adapter", help="comm: a study's adapter folder for the fp16 check (default: train one)")
@@ -878,12 +887,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def options(args) -> dict:
     opts = dict(SMOKE[args.name]) if args.smoke else {}
     for name in ("model", "decoder", "repeats", "sites", "sizes", "size", "ranks", "rounds", "local_steps",
-                 "threads", "seed", "regimes", "adapter", "site_data", "profile_steps"):
+                 "threads", "seed", "regimes", "adapter", "site_data", "profile_steps", "bootstrap",
+                 "personalize_steps"):
         value = getattr(args, name, None)
         if value is not None:
             opts[name] = value
     if getattr(args, "no_bf16_compare", False):
         opts["compare_bf16"] = False
+    if getattr(args, "no_bracket", False):
+        opts["bracket"] = False
     if getattr(args, "no_score", False):
         opts["score"] = False
     if getattr(args, "no_data_row", False):
@@ -906,8 +918,9 @@ def _finite_json(obj):
 
 
 def run(name: str, opts: dict, json_path: str | None = None, work: str | None = None, smoke: bool = False,
-        out=sys.stdout) -> dict:
+        out=None) -> dict:
     """Run one benchmark, print its tables, write JSON; returns the JSON's content."""
+    out = out or sys.stdout  # looked up per call: pytest swaps sys.stdout per test
     if name not in FUNCS:
         raise ValueError(f"unknown benchmark {name!r}; one of {', '.join(BENCHES)}")
     folder = Path(work).resolve() if work else Path(tempfile.mkdtemp(prefix=f"clinfed-bench-{name}-"))

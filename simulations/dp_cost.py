@@ -90,6 +90,7 @@ def main(argv=None) -> int:
     ap.add_argument("--noise", default="0.5,1.0,2.0", help="DP-SGD noise multipliers to run besides no DP")
     ap.add_argument("--run-config", default="", help="extra run-config overrides for every setting")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (sites run one after another)")
+    ap.add_argument("--skip-baseline", action="store_true", help="run only the DP settings (no `no DP` run)")
     args = ap.parse_args(argv)
 
     from common.config import parse_overrides, resolve
@@ -101,7 +102,7 @@ def main(argv=None) -> int:
     data_dir = Path(args.data) if args.data else default_federation_dir(resolve(base))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    settings = [("no DP", {})] + [(f"DP-SGD σ={float(s):g}", {"dp": True, "dp-noise-multiplier": float(s)})
+    settings = ([] if args.skip_baseline else [("no DP", {})]) + [(f"DP-SGD σ={float(s):g}", {"dp": True, "dp-noise-multiplier": float(s)})
                                   for s in args.noise.split(",") if s.strip()]
     machine = _machine(args.threads)
     print(f"machine: {machine}")
