@@ -7,7 +7,7 @@ Each setting runs the study in process (the real ClientApp and ServerApp logic
 through `tests/inprocess_grid.py`'s Grid, sites one after another, no Ray), on
 the default synthetic federation unless `--data` is given, with the default run
 config plus `--run-config`. It prints, per setting, the mean AUC over sites of
-`global` and `local` on the random and temporal tests, and the sites' epsilon
+`base` (the untrained floor), `global` and `local` on the random and temporal tests, and the sites' epsilon
 (median and max) after the global rounds and in total (global rounds + local
 training), with the machine and settings, and writes `DIR/dp_cost.csv` and
 `DIR/dp_cost.md`. Epsilon is at delta = 1/n_train of each site unless
@@ -65,7 +65,7 @@ def run_setting(cfg: dict, data_dir: Path, run_dir: Path) -> dict:
     run = json.loads((run_dir / "run.json").read_text())
     out = {"seconds": round(seconds)}
     auc = df[(df.metric == "auc") & (df.subgroup == "all") & (df.status == "ok")]
-    for regime in ("global", "local"):
+    for regime in ("base", "global", "local"):
         for split in ("test", "temporal"):
             vals = auc[(auc.regime == regime) & (auc.split == split)]["value"]
             out[f"{regime} AUC {split}"] = float(vals.mean()) if len(vals) else float("nan")

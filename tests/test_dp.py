@@ -243,3 +243,20 @@ def test_dp_is_refused_where_it_is_not_built():
     with pytest.raises(ConfigError, match="'dp'.*classifier study only"):
         resolve({"dp": True, "task": "generative"})
     assert resolve({"dp": True})["dp"] is True
+
+
+@pytest.mark.slow
+def test_dp_cost_command_runs(small_federation, tmp_path, capsys):
+    import pandas as pd
+
+    from simulations.dp_cost import main
+
+    assert main(["--out", str(tmp_path), "--data", str(small_federation), "--noise", "1.0", "--threads", "1",
+                 "--run-config", "model=tiny-bert num-server-rounds=1 local-steps=2 bootstrap=10 min-cell-size=5 "
+                                 "batch-size=8"]) == 0
+    table = pd.read_csv(tmp_path / "dp_cost.csv")
+    assert list(table["setting"]) == ["no DP", "DP-SGD σ=1"]
+    assert np.isnan(table["ε total (max)"][0]) and table["ε total (max)"][1] > table["ε total (median)"][1] > 0
+    assert table["global AUC test"].between(0, 1).all()
+    out = capsys.readouterr().out
+    assert "machine:" in out and "| DP-SGD σ=1 |" in out
