@@ -24,7 +24,7 @@ from common.models import check_base_identity, wire_hash
 from common.config import regimes, resolve
 from common.policy import Policy, PolicyRefusal, effective, load_site_policy
 from common.data import find_table, list_sites
-from common.training import encode_texts, set_threads
+from common.training import set_threads
 from client.site import Site, get_model, model_key
 
 log = logging.getLogger("clinfed.client")
@@ -60,16 +60,32 @@ def in_simulation(context: Context) -> bool:
     return "data-path" not in context.node_config and "partition-id" in context.node_config
 
 
-def open_site(context: Context, run_dir: str = "") -> tuple[Site, dict, Policy]:
-    """The classifier study's view of this node's hospital."""
-    name, folder, table, out_dir, cfg, policy = locate_site(context, run_dir)
+def open_site(context: Context, run_dir: str = "", arm: str = "") -> tuple[Site, dict, Policy]:
+    """The classifier study's view of this node's hospital (for one arm of a comparison)."""
+    name, folder, table, out_dir, cfg, policy = locate_site(context, run_dir, arm)
     return Site.get(name, table, out_dir, cfg), cfg, policy
 
 
-def locate_site(context: Context, run_dir: str = ""):
-    """Find this node's hospital: `data-path` (deployment) or partition id (simulation)."""
+def arm_config(cfg: dict, arm: str) -> dict:
+    """The run config with the arm's overrides applied. A site runs only arms its study's
+    run config lists (the server cannot ask for another model or method)."""
+    from common.arms import parse_arm, parse_arms
+
+    wanted = parse_arm(arm)
+    if wanted.name not in [a.name for a in parse_arms(cfg.get("arms", ""))]:
+        from common.config import ConfigError
+
+        raise ConfigError(f"arm {wanted.name} is not one of the study's arms (run config 'arms')")
+    return wanted.config(cfg)
+
+
+def locate_site(context: Context, run_dir: str = "", arm: str = ""):
+    """Find this node's hospital: `data-path` (deployment) or partition id (simulation).
+    With an arm, its run config and its own sub-folder (`<site folder>/arms/<arm>`)."""
     _quiet()
     cfg = resolve(dict(context.run_config))
+    if arm:
+        cfg = arm_config(cfg, arm)
     nc = dict(context.node_config)
     set_threads(int(cfg["client-threads"]) or None)
     if "data-path" in nc:
@@ -98,7 +114,33 @@ def locate_site(context: Context, run_dir: str = ""):
     else:
         raise ValueError("node config has neither 'data-path' (deployment) nor 'partition-id' (simulation)")
     policy = effective(cfg, _site_policy(nc), deployment="data-path" in nc)
+    if arm:
+        from common.arms import parse_arm
+
+        out_dir = Path(out_dir) / "arms" / parse_arm(arm).safe_name
     return name, folder, table, out_dir, cfg, policy
+
+
+def _may_send_state(cfg: dict, policy: Policy, lm, what: str):
+    """Refuse, before training, an update the site's policy or the study's bytes budget forbids:
+    full fine-tuning sends every weight of the model each round."""
+    from common.models import state_nbytes
+
+    nbytes = state_nbytes(lm.init_state)
+    method = cfg.get("arm-method", "lora")
+    if method == "full" and not policy.allow_full_weights:
+        raise PolicyRefusal(f"the site's policy forbids sending the whole model (allow-full-weights = false); "
+                            f"full fine-tuning of {cfg['model']} would send {nbytes:,} bytes each round: "
+                            f"the site declines {what}")
+    if policy.max_update_bytes and nbytes > policy.max_update_bytes:
+        raise PolicyRefusal(f"the site's policy caps an update at {policy.max_update_bytes:,} bytes "
+                            f"(max-update-bytes) but this one ({method} of {cfg['model']}) is {nbytes:,} bytes: "
+                            f"the site declines {what}")
+    budget = int(cfg.get("max-bytes-per-round", 0) or 0)
+    if budget and 2 * nbytes > budget:
+        raise PolicyRefusal(f"the study's max-bytes-per-round = {budget:,} but a round of {method} on "
+                            f"{cfg['model']} moves {2 * nbytes:,} bytes to and from the site: "
+                            f"the site declines {what}")
 
 
 def _may_train(cfg: dict, policy: Policy, *, sends_adapter: bool, what: str):
@@ -131,11 +173,14 @@ def _dp_metrics(info: dict, site, policy: Policy, prefix: str = "") -> dict:
     return out
 
 
-def _prepare(msg: Message, context: Context):
-    run_dir = ""
+def _msg_config(msg: Message, key: str) -> str:
     if "config" in msg.content.config_records:
-        run_dir = str(msg.content["config"].get("run-dir", ""))
-    site, cfg, policy = open_site(context, run_dir)
+        return str(msg.content["config"].get(key, "") or "")
+    return ""
+
+
+def _prepare(msg: Message, context: Context):
+    site, cfg, policy = open_site(context, _msg_config(msg, "run-dir"), _msg_config(msg, "arm"))
     lm = get_model(model_key(cfg))
     privacy.declare(site.name, lm.shapes, policy.allow_adapters, policy.min_cell_size)
     return site, cfg, policy, lm
@@ -191,6 +236,7 @@ def train(msg: Message, context: Context) -> Message:
 
     site, cfg, policy, lm = _prepare(msg, context)
     _may_train(cfg, policy, sends_adapter=True, what="the federated round")
+    _may_send_state(cfg, policy, lm, "the federated round")
     check_base_identity(msg.content["config"], lm.identity)
     rnd = int(msg.content["config"].get("server-round", 1))
     start = _arrays_to_state(msg.content["arrays"])
@@ -211,6 +257,7 @@ def train(msg: Message, context: Context) -> Message:
         "train-steps": info["steps"],
         "train-seconds": info["seconds"],
         "train-tokens": info["tokens"],
+        "train-peak-rss": info["peak_rss_mb"],
         "adapter-hash": wire_hash(state),
         **_dp_metrics(info, site, policy),
     })
@@ -248,13 +295,18 @@ def personalize(msg: Message, context: Context) -> Message:
         site.save_private(lm, regime, state)
         metrics[f"{regime}-train-loss"] = info["train_loss"]
         metrics[f"{regime}-train-seconds"] = info["seconds"]
+        metrics[f"{regime}-train-peak-rss"] = info["peak_rss_mb"]
         metrics.update(_dp_metrics(info, site, policy, prefix=f"{regime}-"))
         return state
 
     if "local" in regs or policy.share_local_adapters:
         local_state = run("local", lm.init_state, local_steps, 10_000)
         if policy.share_local_adapters and local_state is not None:
-            content["arrays"] = _state_to_arrays(local_state)
+            try:
+                _may_send_state(cfg, policy, lm, "sharing its local adapter")
+                content["arrays"] = _state_to_arrays(local_state)
+            except PolicyRefusal as err:  # the local adapter stays; the site still trains and is scored
+                log.warning("site %s: %s", site.name, err)
     if "personalized" in regs and pers_steps > 0:
         run("personalized", _arrays_to_state(msg.content["global"]), pers_steps, 20_000)
     if "similarity-weighted" in regs and "simw" in msg.content.array_records and pers_steps > 0:
@@ -268,7 +320,7 @@ def personalize(msg: Message, context: Context) -> Message:
 
             data_dir = Path(cfg["data-dir"]) if cfg["data-dir"] else default_federation_dir(cfg)
             extra = borrow(site, data_dir, lm, int(cfg["augment-k"]), cfg["augment-space"], int(cfg["seed"]))
-            enc = encode_texts(lm.tokenizer, extra["note_text"], int(cfg["max-length"]))
+            enc = site.encode_notes(extra["note_text"].tolist(), lm.tokenizer)
             run("augmented", lm.init_state, local_steps, 40_000,
                 extra=(enc, extra["readmitted_30d"].to_numpy(dtype="int64")))
     content["metrics"] = MetricRecord(metrics)
@@ -295,6 +347,32 @@ def evaluate(msg: Message, context: Context) -> Message:
     cross = {name[2:]: _arrays_to_state(rec) for name, rec in msg.content.array_records.items()
              if name.startswith("x.")}
     metrics = site.evaluate(lm, states, k=policy.min_cell_size, subgroups=bool(cfg["subgroups"]), cross=cross)
+    return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+
+
+@app.evaluate("compare")
+@_guarded("comparison of arms")
+def evaluate_compare(msg: Message, context: Context) -> Message:
+    """Paired differences between the arms of a comparison, from the per-item scores each arm
+    left in this site's folder at its evaluation (common.compare): per pair of arms, regime and
+    split, the AUC difference and its paired-bootstrap interval, with small-cell suppression."""
+    from common.arms import parse_arms
+    from common.compare import compare_metrics
+    from client.site import site_seed
+
+    run_dir = _msg_config(msg, "run-dir")
+    name, _, _, root_out, cfg, policy = locate_site(context, run_dir)
+    arms = parse_arms(_msg_config(msg, "compare-arms"))
+    listed = [a.name for a in parse_arms(cfg.get("arms", ""))]
+    unknown = [a.name for a in arms if a.name not in listed]
+    if unknown:
+        from common.config import ConfigError
+
+        raise ConfigError(f"arm(s) {', '.join(unknown)} are not among the study's arms (run config 'arms')")
+    dirs = [Path(root_out) / "arms" / a.safe_name for a in arms]
+    privacy.declare(name, {}, policy.allow_adapters, policy.min_cell_size)
+    metrics = compare_metrics(dirs, k=policy.min_cell_size, n_boot=int(cfg["bootstrap"]),
+                              seed=site_seed(cfg, name))
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
 
 

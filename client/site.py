@@ -30,14 +30,23 @@ from common.metrics import (
 )
 from common.models import (
     LoraSettings,
+    adapter_file,
     adapter_state,
+    builder,
     load_adapter_state,
-    make_lora_model,
     model_identity,
     read_adapter,
     save_adapter,
 )
-from common.training import TrainSettings, encode_texts, predict_proba, train_classifier
+from common.training import (
+    PeakRSS,
+    TrainSettings,
+    encode_texts,
+    predict_proba,
+    predict_yes_proba,
+    train_classifier,
+    train_prompt_classifier,
+)
 
 log = logging.getLogger("clinfed.site")
 
@@ -49,20 +58,34 @@ class ModelKey:
     model: str
     seed: int
     lora: LoraSettings
+    method: str = "lora"  # lora | head-only | full (an arm of a comparison)
+    form: str = "cls"  # cls | prompt
 
 
 class LoadedModel:
-    """A base model with its LoRA adapter, loaded once per process; adapters are swapped in.
+    """A base model with its trainable state (LoRA adapter + head, the head alone, or every
+    weight), loaded once per process; states are swapped in.
 
-    `build` makes the PeftModel: the classifier by default, the causal LM for
-    instruction tuning (client.gensite)."""
+    `build` makes the model; by default the one the key's method and form call for (the
+    LoRA classifier unless an arm says otherwise); the causal LM for instruction tuning
+    (client.gensite) passes its own."""
 
-    def __init__(self, key: ModelKey, build=make_lora_model):
+    def __init__(self, key: ModelKey, build=None):
         self.key = key
+        build = build or builder(key.method, key.form)
         self.model, self.tokenizer = build(key.model, key.seed, key.lora)
         self.init_state = adapter_state(self.model)
         self.shapes = {k: tuple(v.shape) for k, v in self.init_state.items()}
         self.identity = model_identity(key.model)
+        self.answer_ids = None
+        if key.form == "prompt":  # the first token of "yes" and of "no": the prompt form's score
+            self.answer_ids = (self.tokenizer.encode("yes", add_special_tokens=False)[0],
+                               self.tokenizer.encode("no", add_special_tokens=False)[0])
+
+    @property
+    def parameters(self) -> int:
+        """Trainable parameters: what one update carries."""
+        return int(sum(v.size for v in self.init_state.values()))
 
     def use(self, state: dict[str, np.ndarray]):
         load_adapter_state(self.model, state, reference=self.init_state)
@@ -83,7 +106,8 @@ def get_model(key: ModelKey) -> LoadedModel:
 def model_key(cfg: dict) -> ModelKey:
     targets = tuple(t.strip() for t in cfg["lora-targets"].split(",") if t.strip())
     lora = LoraSettings(cfg["lora-rank"], cfg["lora-alpha"], cfg["lora-dropout"], targets)
-    return ModelKey(cfg["model"], int(cfg["seed"]), lora)
+    return ModelKey(cfg["model"], int(cfg["seed"]), lora, str(cfg.get("arm-method", "lora")),
+                    str(cfg.get("arm-form", "cls")))
 
 
 class Site:
@@ -99,14 +123,18 @@ class Site:
                                  test_frac=cfg["test-frac"], val_frac=cfg["val-frac"])
         if len(self.splits["train"]) == 0:
             raise ValueError(f"site {name}: no training encounters after splitting")
+        cap = int(cfg.get("eval-items", 0) or 0)
+        if cap:
+            self.splits.update({s: _first_by_hash(self.splits[s], int(cfg["seed"]), cap)
+                                for s in ("val",) + EVAL_SPLITS})
         self._encoded: dict[str, list[np.ndarray]] = {}
-        self.site_seed = int(cfg["seed"]) * 1000003 + zlib.crc32(name.encode()) % 1000003
+        self.site_seed = site_seed(cfg, name)
 
     @classmethod
     def get(cls, name: str, table: Path, out_dir: Path, cfg: dict) -> "Site":
         stamp = Path(table).stat().st_mtime_ns if Path(table).is_file() else 0
-        key = (name, str(table), stamp, str(out_dir), cfg["seed"], cfg["temporal-frac"],
-               cfg["test-frac"], cfg["val-frac"], cfg["max-length"], cfg["model"])
+        # the whole run config: an arm's model, form and training settings are the Site's
+        key = (name, str(table), stamp, str(out_dir), tuple(sorted(cfg.items())))
         if key not in _SITES:
             if len(_SITES) > 64:
                 _SITES.clear()
@@ -116,9 +144,25 @@ class Site:
     # ------------------------------------------------------------------ data
     def encoded(self, split: str, tokenizer) -> list[np.ndarray]:
         if split not in self._encoded:
-            texts = self.splits[split]["note_text"].tolist()
-            self._encoded[split] = encode_texts(tokenizer, texts, int(self.cfg["max-length"]))
+            self._encoded[split] = self.encode_notes(self.splits[split]["note_text"].tolist(), tokenizer)
         return self._encoded[split]
+
+    def encode_notes(self, texts, tokenizer) -> list[np.ndarray]:
+        """Token ids per note: the note's first `max-length` tokens; in the prompt form, those
+        tokens inside the readmission yes/no question (common.tasks), ready for the answer."""
+        if self.cfg.get("arm-form", "cls") != "prompt":
+            return encode_texts(tokenizer, texts, int(self.cfg["max-length"]))
+        from common.tasks import TASKS
+
+        cut = tokenizer(list(texts), truncation=True, max_length=int(self.cfg["max-length"]),
+                        add_special_tokens=False)["input_ids"]
+        out = []
+        for ids in cut:
+            note = tokenizer.decode(ids, skip_special_tokens=True)
+            messages = TASKS["readmission"].prompt({"note_text": note}, max_words=10**6)
+            out.append(np.asarray(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                                return_dict=False), dtype=np.int64))
+        return out
 
     def labels(self, split: str) -> np.ndarray:
         return self.splits[split]["readmitted_30d"].to_numpy(dtype=np.int64)
@@ -158,6 +202,9 @@ class Site:
             steps=int(steps), batch_size=int(cfg["batch-size"]), lr=float(cfg["learning-rate"]),
             seed=self.site_seed + seed_offset, precision=cfg["precision"],
         )
+        prompt = lm.answer_ids is not None
+        if prompt and dp is not None:
+            raise ValueError("DP-SGD is built for classifier heads, not for the prompt form")
         marks = {max(1, steps // 4 * i) for i in range(1, 5)}
 
         def progress(step, total, loss):
@@ -167,8 +214,14 @@ class Site:
                 flwr_log(logging.INFO, "[clinfed] site %s %s: step %d/%d loss %.3f",
                          self.name, label, step, total, loss)
 
-        info = train_classifier(model, encoded, labels, settings, pad_id=lm.tokenizer.pad_token_id,
-                                progress=progress, dp=dp)
+        with PeakRSS() as rss:
+            if prompt:
+                info = train_prompt_classifier(model, encoded, labels, settings, pad_id=lm.tokenizer.pad_token_id,
+                                               answer_ids=lm.answer_ids, progress=progress)
+            else:
+                info = train_classifier(model, encoded, labels, settings, pad_id=lm.tokenizer.pad_token_id,
+                                        progress=progress, dp=dp)
+        info["peak_rss_mb"] = rss.peak_mb
         if event is not None:
             info["dp"] = event
         return adapter_state(model), info
@@ -180,7 +233,7 @@ class Site:
 
     def load_private(self, lm: LoadedModel, regime: str) -> dict[str, np.ndarray] | None:
         folder = self.out_dir / "adapters" / regime
-        if not (folder / "adapter_model.safetensors").exists():
+        if adapter_file(folder) is None:
             return None
         return read_adapter(lm.model, folder, lm.identity)
 
@@ -208,8 +261,11 @@ class Site:
         edges = parse_edges(cfg["word-bands"])
         labels = {s: subgroup_labels(self.splits[s], edges) for s in EVAL_SPLITS} if subgroups else {}
         global_preds = {}
+        keep_scores = bool(str(cfg.get("arms", "")).strip())
         for regime, state in list(states.items()) + list((cross or {}).items()):
             preds = self._predict(lm, state)
+            if keep_scores and regime in states:
+                self.save_scores(regime, preds)
             thr = best_f1_threshold(self.labels("val"), preds["val"])
             for i, split in enumerate(EVAL_SPLITS):
                 y = self.labels(split)
@@ -226,7 +282,7 @@ class Site:
                             out.update(flatten_cell(regime, split, f"{group}={value}", cell))
             if regime == "global":
                 global_preds = preds
-        if global_preds:
+        if global_preds and cfg.get("drivers", True):
             df = pd.concat([self.splits[s] for s in EVAL_SPLITS])
             y = np.concatenate([self.labels(s) for s in EVAL_SPLITS])
             p = np.concatenate([global_preds[s] for s in EVAL_SPLITS])
@@ -236,10 +292,41 @@ class Site:
                 out.update({f"drv/{name}": float(v) for name, v in imp.items()})
         return out
 
+    def save_scores(self, regime: str, preds: dict[str, np.ndarray]):
+        """A comparison's arm keeps its per-item scores here, at the site (common.compare):
+        the paired differences are computed from them; they never leave."""
+        from common.compare import save_scores
+
+        save_scores(self.out_dir, regime, {
+            s: (self.splits[s]["encounter_id"].astype(str).to_numpy(), self.labels(s), preds[s])
+            for s in EVAL_SPLITS}, seed=self.site_seed)
+
     def _predict(self, lm: LoadedModel, state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         model = lm.use(state)
+        if lm.answer_ids is not None:
+            return {split: predict_yes_proba(model, self.encoded(split, lm.tokenizer), lm.tokenizer.pad_token_id,
+                                             lm.answer_ids, batch_size=int(self.cfg["eval-batch-size"]),
+                                             precision=self.cfg["precision"])
+                    for split in ("val",) + EVAL_SPLITS}
         return {
             split: predict_proba(model, self.encoded(split, lm.tokenizer), lm.tokenizer.pad_token_id,
                                  batch_size=int(self.cfg["eval-batch-size"]), precision=self.cfg["precision"])
             for split in ("val",) + EVAL_SPLITS
         }
+
+
+def site_seed(cfg: dict, name: str) -> int:
+    """The site's seed of batches and bootstrap: the same for every arm of a comparison."""
+    return int(cfg["seed"]) * 1000003 + zlib.crc32(name.encode()) % 1000003
+
+
+def _first_by_hash(df, seed: int, cap: int):
+    """At most `cap` rows: those first by a stable hash of (seed, encounter id), in their
+    original order. The same rows for every arm and every run with this seed."""
+    from common.data import stable_uniform
+
+    if cap <= 0 or len(df) <= cap:
+        return df
+    u = stable_uniform(int(seed) + 7919, df["encounter_id"].astype(str).tolist())
+    keep = np.sort(np.argsort(u, kind="stable")[:cap])
+    return df.iloc[keep].reset_index(drop=True)

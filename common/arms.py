@@ -42,13 +42,53 @@ class Arm:
         method = f"lora-r{self.rank}" if self.method == "lora" and self.rank else self.method
         return ":".join([self.model, method] + (["prompt"] if self.form == "prompt" else []))
 
+    @property
+    def safe_name(self) -> str:
+        """The arm's name as a folder name (RUN_DIR/arms/<safe_name>, a site's arms/<safe_name>)."""
+        return safe_name(self.name)
+
     def overrides(self, cfg: dict) -> dict:
-        """The run-config values this arm runs with."""
-        out = {"model": self.model, "arm-method": self.method}
+        """The run-config values this arm runs with (on top of the study's run config)."""
+        out = {"model": self.model, "arm-method": self.method, "arm-form": self.form}
         if self.rank:
             out["lora-rank"] = self.rank
             out["lora-alpha"] = 2 * self.rank
+        if self.method == "full":
+            out["learning-rate"] = float(cfg.get("full-learning-rate", 5e-5))
         return out
+
+    def config(self, cfg: dict) -> dict:
+        """The study's resolved run config with this arm applied (checked like any run config)."""
+        from common.config import resolve
+
+        base = {k: v for k, v in cfg.items() if k != "arms"}
+        return {**resolve({**base, **self.overrides(cfg)}), "arms": cfg.get("arms", "")}
+
+
+# The default comparison (`arms = "default"`, `clinfed compare`): the default encoder with
+# LoRA and with its head alone, the default decoder with LoRA as a classifier and as a prompt.
+DEFAULT_ARMS = "minilm:lora,minilm:head-only,smollm2:lora,smollm2:lora:prompt"
+
+
+# The default comparison's budgets (`clinfed compare`), chosen to fit 45 minutes on a 2-core
+# CPU with the two SmolLM2 arms: every arm gets the same rounds, steps, batch, note length and
+# scored items, so the comparison is of methods at equal compute steps, not of budgets.
+DEFAULT_COMPARISON = {
+    "arms": "default",
+    "regimes": "base,global,local",
+    "num-server-rounds": 3,
+    "local-steps": 10,
+    "batch-size": 16,
+    "max-length": 64,
+    "eval-items": 150,
+    "subgroups": False,
+    "gen-eval-items": 12,
+    "gen-max-new-tokens": 32,
+}
+
+
+def safe_name(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.+-]+", "_", text.replace(":", "__")).strip("_") or "arm"
 
 
 def parse_arm(text: str) -> Arm:
@@ -77,10 +117,16 @@ def parse_arm(text: str) -> Arm:
 
 def parse_arms(text: str) -> list[Arm]:
     """The study's arms, in order; an empty string means no comparison (one arm: the run's model)."""
+    if str(text or "").strip() == "default":
+        text = DEFAULT_ARMS
     items = [t for t in str(text or "").split(",") if t.strip()]
     arms = [parse_arm(t) for t in items]
     names = [a.name for a in arms]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
         raise ConfigError(f"run config 'arms': {', '.join(dup)} listed twice")
+    safe = [a.safe_name for a in arms]
+    clash = sorted({n for a, n in zip(arms, safe) if safe.count(n) > 1})
+    if clash:
+        raise ConfigError(f"run config 'arms': two arms share the folder name {clash[0]!r}; rename one")
     return arms

@@ -192,6 +192,14 @@ def cmd_simulate(args) -> int:
     from common.config import check_for_sites, resolve
 
     check_for_sites(resolve(overrides), len(sites), explicit=set(overrides))
+    if str(overrides.get("arms", "")).strip():
+        from server.compare import plan_costs
+
+        # a comparison's arms: prompt form on an encoder, or an arm above the bytes budget,
+        # is refused here, before Flower starts
+        for plan in plan_costs(resolve(overrides)):
+            print(f"clinfed: arm {plan['arm']}: {plan['parameters']:,} trainable parameters, "
+                  f"{plan['round_bytes_per_site']:,} bytes per site per round")
     overrides = {**overrides, "data-dir": str(data)}  # the folder just validated, whoever named it
     if not args.data:
         # Generated data is synthetic: let local adapters travel for the full cross-site matrix.
@@ -204,6 +212,20 @@ def cmd_simulate(args) -> int:
     return 0
 
 
+def cmd_compare(args) -> int:
+    """A comparison study: the default arms and budgets, overridable, run like `simulate`."""
+    from common.arms import DEFAULT_COMPARISON
+    from common.config import parse_overrides, to_toml_overrides
+
+    given = parse_overrides(args.run_config or "")
+    if args.arms and "arms" in given and given["arms"] != args.arms:
+        raise CliError(f"--arms {args.arms} and run config 'arms={given['arms']}' disagree; give only one of them")
+    overrides = {**DEFAULT_COMPARISON, **({"arms": args.arms} if args.arms else {}), **given}
+    args.run_config = to_toml_overrides(overrides)
+    args.task, args.resume = None, None
+    return cmd_simulate(args)
+
+
 def cmd_bench(args) -> int:
     from simulations.bench import run_from_args
 
@@ -211,6 +233,7 @@ def cmd_bench(args) -> int:
 
 
 def cmd_report(args) -> int:
+    from server.compare_report import build_comparison_report, is_comparison
     from server.genreport import build_generative_report, is_generative
     from server.report import build_report
 
@@ -220,6 +243,9 @@ def cmd_report(args) -> int:
     if not (run_dir / "metrics.csv").exists():
         raise CliError(f"{run_dir} has no metrics.csv: is it a clinfed RUN_DIR?")
     _check_metrics_header(run_dir / "metrics.csv")
+    if is_comparison(run_dir):
+        print(build_comparison_report(run_dir))
+        return 0
     print((build_generative_report if is_generative(run_dir) else build_report)(run_dir))
     return 0
 
@@ -447,6 +473,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--resume", metavar="RUN_DIR",
                    help="continue an interrupted study from its last completed round (same settings)")
     s.set_defaults(func=cmd_simulate)
+
+    c = sub.add_parser("compare", help="run a comparison study of arms (base model x method x task form) "
+                                       "with the default budgets, like `simulate`")
+    c.add_argument("--arms", help="comma-separated model:method[:form] arms, or 'default' (the default: "
+                                  "minilm:lora, minilm:head-only, smollm2:lora, smollm2:lora:prompt)")
+    c.add_argument("--data", help="folder of hospital folders (default: generate a synthetic federation)")
+    c.add_argument("--out", help="RUN_DIR for outputs (default: runs/<timestamp>)")
+    c.add_argument("--run-config", default="", help="overrides of the comparison's budgets, e.g. \"local-steps=5\"")
+    c.add_argument("--hospitals", type=_int_in(2, 500), default=6, help="hospitals to generate when --data is absent")
+    c.add_argument("--seed", type=_SEED, default=0)
+    c.add_argument("--cpus-per-site", type=_positive_float, default=1.0,
+                   help="CPU share of each simulated site (sites run in parallel when cores allow)")
+    c.set_defaults(func=cmd_compare)
 
     r = sub.add_parser("report", help="rebuild report.html from a RUN_DIR")
     r.add_argument("run_dir")

@@ -55,6 +55,8 @@ KEYS: dict[str, tuple[Any, type, Any, str]] = {
                       "`augmented`: similarity in patient-feature space or the base model's embedding space"),
     "word-bands": ("117,163,197", str, None, "words-per-note band edges, the same at every site (q1..q4)"),
     "subgroups": (True, bool, None, "score every regime per subgroup (age, comorbidity, insurance, region, words)"),
+    "drivers": (True, bool, None,
+                "fit each site's error-driver model on the global adapter's predictions (patient-level drivers)"),
     "dp": (False, bool, None,
            "DP-SGD (Opacus: per-example clipping, Gaussian noise, Poisson sampling) for all classifier training at every site"),
     "dp-noise-multiplier": (1.0, float, (0.05, 100.0), "DP-SGD noise multiplier (noise std / clipping norm)"),
@@ -91,6 +93,18 @@ KEYS: dict[str, tuple[Any, type, Any, str]] = {
     "gen-max-new-tokens": (48, int, (1, 4096), "generative: tokens generated per answer"),
     "public-eval": (True, bool, None,
                     "generative: the server also scores base and global adapters on public PubMedQA and MeQSum test items"),
+    "arms": ("", str, None,
+             "comparison study: comma-separated arms `model:method[:form]` (e.g. minilm:lora, minilm:head-only, "
+             "smollm2:lora:prompt) or `default`; each runs the same regimes on the same splits and seeds; empty = one arm, the run's model"),
+    "arm-method": ("lora", str, ("lora", "head-only", "full"),
+                   "how the model is tuned: lora (adapters + head), head-only (the head alone), full (every weight); an arm sets it"),
+    "arm-form": ("cls", str, ("cls", "prompt"),
+                 "task form: cls (classification head) or prompt (the readmission yes/no question to a decoder, scored by p(yes)); an arm sets it"),
+    "full-learning-rate": (5e-5, float, (1e-8, 1.0), "peak learning rate of `full` fine-tuning arms (every weight moves)"),
+    "max-bytes-per-round": (0, int, (0, 2**62),
+                            "bytes budget of one site's round (model arrays sent to it + received from it); an arm above it is refused before anything runs; 0 = none"),
+    "eval-items": (0, int, (0, 10**9),
+                   "at most this many items of each scored split (val, test, temporal) per site, picked by a stable hash of (seed, encounter id), so every arm scores the same ones; 0 = all"),
     "report": (True, bool, None, "build report.html at the end"),
     "resume": (False, bool, None,
                "continue the study in out-dir from its checkpoint (last completed round); `clinfed simulate --resume RUN_DIR` sets it"),
@@ -189,7 +203,35 @@ def resolve(overrides: dict[str, Any] | None = None) -> dict[str, Any]:
         raise ConfigError("run config 'dp': DP-SGD is built for the classifier study only; the generative "
                           "study (TRL SFT/DPO) cannot train with it (see the README's privacy section)")
     _check_models(cfg)
+    _check_arms(cfg)
     return cfg
+
+
+def _check_arms(cfg: dict[str, Any]) -> None:
+    """A comparison's arms are parsed and checked with everything else, before anything runs."""
+    if not str(cfg.get("arms", "")).strip():
+        return
+    from common.arms import parse_arms
+    from common.models import ModelError, check_model_source
+
+    arms = parse_arms(cfg["arms"])
+    if len(arms) < 2:
+        raise ConfigError(f"run config 'arms': one arm ({arms[0].name}) is not a comparison; list two or more, "
+                          "or set `model` and leave `arms` empty for a single-model study")
+    if cfg["task"] != "classifier":
+        raise ConfigError("run config 'arms': comparisons run the readmission study (task = classifier); "
+                          "the generative study compares its regimes itself")
+    if cfg.get("resume"):
+        raise ConfigError("run config 'arms': a comparison cannot be resumed yet; run it again "
+                          "(every arm is seeded, so the numbers repeat)")
+    for arm in arms:
+        try:
+            check_model_source(arm.model)
+        except ModelError as err:
+            raise ConfigError(f"run config 'arms': arm {arm.name}: {err}") from None
+        if arm.form == "prompt" and cfg["dp"]:
+            raise ConfigError(f"run config 'arms': arm {arm.name}: DP-SGD (dp = true) is built for classifier "
+                              "heads; the prompt form cannot train with it")
 
 
 def _check_models(cfg: dict[str, Any]) -> None:

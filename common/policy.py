@@ -9,6 +9,8 @@ A hospital keeps a small TOML file next to its data (node config `policy-path`):
     dp-epsilon = 8.0               # the site's privacy budget for the whole study
     dp-delta = 1e-5
     refuse-instance-moving = true  # never take part in record-moving regimes (`augmented`)
+    allow-full-weights = false     # never send the whole model (full fine-tuning arms of a comparison)
+    max-update-bytes = 10000000    # never send an update larger than this many bytes
 
 Every key is optional. The run config is written by the server, the file by
 the hospital: in `effective` the stricter side of each setting wins, so no
@@ -45,6 +47,8 @@ class SitePolicy:
     dp_epsilon: float | None = None
     dp_delta: float | None = None
     refuse_instance_moving: bool = True
+    allow_full_weights: bool = True
+    max_update_bytes: int | None = None
     source: str = ""
 
 
@@ -58,6 +62,8 @@ _FIELDS: dict[str, tuple[str, type, Any, str]] = {
                    "a number > 0 (omit the key for no budget)"),
     "dp-delta": ("dp_delta", float, lambda v: 0 < v < 1, "a number strictly between 0 and 1"),
     "refuse-instance-moving": ("refuse_instance_moving", bool, None, "true or false"),
+    "allow-full-weights": ("allow_full_weights", bool, None, "true or false"),
+    "max-update-bytes": ("max_update_bytes", int, lambda v: v >= 1, "a whole number of bytes >= 1 (omit for no cap)"),
 }
 POLICY_KEYS = tuple(_FIELDS)
 
@@ -134,6 +140,8 @@ class Policy:
     dp_epsilon: float = 0.0
     dp_delta: float = 0.0
     refuse_instance_moving: bool = False
+    allow_full_weights: bool = True
+    max_update_bytes: int = 0  # 0 = no cap
     site_file: bool = False
 
     @classmethod
@@ -155,6 +163,8 @@ class Policy:
             f"{prefix}dp-epsilon": float(self.dp_epsilon),
             f"{prefix}dp-delta": float(self.dp_delta),
             f"{prefix}refuse-instance-moving": int(self.refuse_instance_moving),
+            f"{prefix}allow-full-weights": int(self.allow_full_weights),
+            f"{prefix}max-update-bytes": int(self.max_update_bytes),
             f"{prefix}site-file": int(self.site_file),
         }
 
@@ -173,6 +183,8 @@ class Policy:
             dp_epsilon=float(got.get("dp-epsilon", base.dp_epsilon)),
             dp_delta=float(got.get("dp-delta", base.dp_delta)),
             refuse_instance_moving=bool(got.get("refuse-instance-moving", base.refuse_instance_moving)),
+            allow_full_weights=bool(got.get("allow-full-weights", base.allow_full_weights)),
+            max_update_bytes=int(got.get("max-update-bytes", base.max_update_bytes)),
             site_file=bool(got.get("site-file", base.site_file)),
         )
 
@@ -205,6 +217,9 @@ def effective(run_cfg: dict[str, Any], site_policy: "SitePolicy | dict | None" =
         dp_epsilon=_min_positive(site.dp_epsilon, run_cfg.get("dp-epsilon", 0.0)),
         dp_delta=_min_positive(site.dp_delta, run_cfg.get("dp-delta", 0.0)),
         refuse_instance_moving=bool(site.refuse_instance_moving or deployment),
+        # full weights leave only if the site allows adapters at all and full weights in particular
+        allow_full_weights=bool(site.allow_full_weights and allow),
+        max_update_bytes=int(site.max_update_bytes or 0),
         site_file=site_policy is not None,
     )
 

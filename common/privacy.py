@@ -23,6 +23,7 @@ import threading
 
 import numpy as np
 
+from common.compare import PREFIX as CMP_PREFIX
 from common.metrics import COUNT_METRICS, PREFIX, SEP
 
 log = logging.getLogger("clinfed.privacy")
@@ -37,15 +38,16 @@ ALLOWED_METRIC_KEYS = [
         r"train-steps",
         r"train-seconds",
         r"train-tokens",
+        r"train-peak-rss",
         r"adapter-hash",
         r"(local-)?dpo-self-rejected-share",
-        r"(local|personalized|similarity-weighted|augmented)-train-(loss|seconds)",
+        r"(local|personalized|similarity-weighted|augmented)-train-(loss|seconds|peak-rss)",
         # DP-SGD accounting of the site's own training (epsilon per call, cumulative, budget)
         r"((local|personalized|similarity-weighted|augmented)-)?dp-(epsilon|budget-exhausted)",
         r"dp-(epsilon-total|epsilon-budget|delta)",
         # the site's effective policy, reported in `describe` (0/1 flags and numbers)
         r"policy/(allow-adapters|share-local-adapters|min-cell-size|dp-required|dp-epsilon|dp-delta|"
-        r"refuse-instance-moving|site-file)",
+        r"refuse-instance-moving|allow-full-weights|max-update-bytes|site-file)",
         r"site-n-(train|val|test|temporal)",
         rf"desc{SEP}(n|readmission_rate|mortality_rate|words_mean|words_q1|words_median|words_q3)",
         rf"desc{SEP}(age|comorbidity|insurance|region)={_NAME}",
@@ -55,6 +57,10 @@ ALLOWED_METRIC_KEYS = [
         r"[a-z_0-9]+",
         rf"{PREFIX}{SEP}{_NAME}{SEP}(test|temporal|val){SEP}{_NAME}{SEP}"
         r"(n|positives|auc|auc_lo|auc_hi|pr_auc|f1|brier|suppressed|not_computable)",
+        # paired differences between the arms of a comparison (common.compare): pair of arm
+        # numbers, regime, split, then the difference, its interval, n, positives or a flag
+        rf"{CMP_PREFIX}{SEP}[0-9]{{1,3}}-[0-9]{{1,3}}{SEP}{_NAME}{SEP}(test|temporal){SEP}"
+        r"(n|positives|diff|diff_lo|diff_hi|suppressed|not_computable)",
     )
 ]
 COUNT_KEYS = ("num-examples", "site-n-train", "site-n-val", "site-n-test", "site-n-temporal",
@@ -164,7 +170,7 @@ def _check_metrics(items: dict, k: int) -> list[str]:
             problems.append(f"metric '{key}' is not finite")
         if (key in COUNT_KEYS or (key.startswith(f"gen{SEP}") and key.endswith(f"{SEP}n"))) and val < k:
             problems.append(f"count '{key}' is below the minimum cell size")
-        if key.startswith(PREFIX + SEP):
+        if key.startswith(PREFIX + SEP) or key.startswith(CMP_PREFIX + SEP):
             cell, metric = key.rsplit(SEP, 1)
             cells.setdefault(cell, {})[metric] = val
     for cell, vals in cells.items():

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 import time
 from dataclasses import dataclass
 
@@ -202,3 +203,145 @@ def predict_proba(model, encoded: list[np.ndarray], pad_id: int, batch_size: int
                 logits = model(input_ids=ids, attention_mask=mask).logits
             out[idx] = torch.softmax(logits.float(), dim=-1)[:, 1].cpu().numpy()
     return out
+
+
+# --------------------------------------------------------------------------
+# the readmission question as a prompt to a decoder (arm form `prompt`)
+# --------------------------------------------------------------------------
+def collate_left(encoded: list[np.ndarray], idx: np.ndarray, pad_id: int, device: str):
+    """Left-padded batch with position ids that skip the padding, so the last position of
+    every row is its prompt's last token (where the answer's first token is predicted)."""
+    import torch
+
+    seqs = [encoded[i] for i in idx]
+    width = max(len(s) for s in seqs)
+    ids = np.full((len(seqs), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(seqs), width), dtype=np.int64)
+    for row, s in enumerate(seqs):
+        ids[row, width - len(s):] = s
+        mask[row, width - len(s):] = 1
+    pos = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
+    return (torch.from_numpy(ids).to(device), torch.from_numpy(mask).to(device),
+            torch.from_numpy(pos).to(device))
+
+
+def _answer_logits(model, ids, mask, pos):
+    """Next-token logits at each row's last prompt position only (not the whole sequence's
+    vocabulary-sized logits, which would dominate memory and time)."""
+    return model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=1).logits[:, -1, :]
+
+
+def train_prompt_classifier(model, encoded: list[np.ndarray], labels: np.ndarray, settings: TrainSettings,
+                            pad_id: int, answer_ids: tuple[int, int], progress=None) -> dict:
+    """`settings.steps` steps of the causal-LM loss on the answer: cross-entropy of the first
+    answer token ("yes" for readmitted, "no" otherwise) over the whole vocabulary, given the
+    prompt. The same batching, schedule and seeding as `train_classifier`."""
+    import torch
+
+    if len(encoded) == 0:
+        raise ValueError("no training examples")
+    device = pick_device(settings.device)
+    model.to(device)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    warm = max(1, int(settings.steps * settings.warmup_frac))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warm) * (0.5 * (1 + math.cos(math.pi * min(1.0, s / max(1, settings.steps)))) * 0.9 + 0.1)
+    )
+    amp = autocast_dtype(device, settings.precision)
+    rng = np.random.default_rng(settings.seed)
+    torch.manual_seed(settings.seed)
+    lengths = np.array([len(e) for e in encoded])
+    yes_id, no_id = answer_ids
+    target_all = torch.as_tensor(np.where(np.asarray(labels, dtype=np.int64) == 1, yes_id, no_id))
+    batches: list[np.ndarray] = []
+    losses, tokens, padded = [], 0, 0
+    t0 = time.perf_counter()
+    for step in range(settings.steps):
+        if not batches:
+            batches = length_grouped_batches(lengths, settings.batch_size, rng)
+        idx = batches.pop()
+        ids, mask, pos = collate_left(encoded, idx, pad_id, device)
+        with torch.autocast(device_type=device, dtype=amp, enabled=amp is not None):
+            logits = _answer_logits(model, ids, mask, pos)
+        loss = torch.nn.functional.cross_entropy(logits.float(), target_all[idx].to(device))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if settings.grad_clip:
+            torch.nn.utils.clip_grad_norm_(params, settings.grad_clip)
+        opt.step()
+        sched.step()
+        losses.append(float(loss.detach()))
+        tokens += int(mask.sum())
+        padded += int(mask.numel())
+        if progress is not None:
+            progress(step + 1, settings.steps, losses[-1])
+    seconds = time.perf_counter() - t0
+    model.eval()
+    tail = losses[-max(1, len(losses) // 4):]
+    return {"train_loss": float(np.mean(tail)), "steps": settings.steps, "seconds": seconds,
+            "tokens": tokens, "padded_tokens": padded}
+
+
+def predict_yes_proba(model, encoded: list[np.ndarray], pad_id: int, answer_ids: tuple[int, int],
+                      batch_size: int = 64, device: str = "auto", precision: str = "auto") -> np.ndarray:
+    """P(yes) / (P(yes) + P(no)) of the first answer token per prompt, in input order (the
+    score `common.instruct.answer_probability` computes one prompt at a time)."""
+    import torch
+
+    if len(encoded) == 0:
+        return np.zeros(0)
+    device = pick_device(device)
+    model.to(device)
+    model.eval()
+    amp = autocast_dtype(device, precision)
+    lengths = np.array([len(e) for e in encoded])
+    order = np.argsort(-lengths, kind="stable")
+    out = np.empty(len(encoded), dtype=np.float64)
+    pair = list(answer_ids)
+    with torch.inference_mode():
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            ids, mask, pos = collate_left(encoded, idx, pad_id, device)
+            with torch.autocast(device_type=device, dtype=amp, enabled=amp is not None):
+                logits = _answer_logits(model, ids, mask, pos)
+            out[idx] = torch.softmax(logits.float()[:, pair], dim=-1)[:, 0].cpu().numpy()
+    return out
+
+
+# --------------------------------------------------------------------------
+# cost: peak memory of a training call
+# --------------------------------------------------------------------------
+class PeakRSS:
+    """Peak resident memory (MB) of this process while the block runs, sampled every
+    `interval` seconds by a background thread (the peak inside a backward pass included).
+    In a simulation one worker process serves several sites and arms, so the figure is the
+    process's, which may still hold memory from work done before the block."""
+
+    def __init__(self, interval: float = 0.05):
+        self.interval = interval
+        self.peak_mb = 0.0
+        self._stop = threading.Event()
+
+    def _sample(self):
+        import psutil
+
+        proc = psutil.Process()
+        while True:
+            self.peak_mb = max(self.peak_mb, proc.memory_info().rss / 2**20)
+            if self._stop.wait(self.interval):
+                break
+
+    def __enter__(self):
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        import psutil
+
+        self.peak_mb = max(self.peak_mb, psutil.Process().memory_info().rss / 2**20)
+        return False

@@ -30,4 +30,9 @@ def main(grid: Grid, context: Context) -> None:
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     cfg = resolve(dict(context.run_config))
+    if str(cfg.get("arms", "")).strip():
+        from server.compare import Comparison
+
+        Comparison(grid, cfg, run_dir_for(cfg)).execute()
+        return
     Study(grid, cfg, run_dir_for(cfg)).execute()

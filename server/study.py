@@ -75,10 +75,15 @@ def _bar(done: int, total: int, width: int = 24) -> str:
 
 
 class Study:
-    def __init__(self, grid, cfg: dict, run_dir: Path):
+    def __init__(self, grid, cfg: dict, run_dir: Path, arm=None, site_run_dir: Path | None = None):
+        """`arm` (common.arms.Arm): this study is one arm of a comparison; every message names it
+        and `cfg` is the arm's run config. `site_run_dir`: the run folder the sites are told
+        (a comparison's top RUN_DIR; each arm writes its own files to `run_dir`)."""
         self.grid = grid
         self.cfg = cfg
+        self.arm = arm
         self.run_dir = Path(run_dir)
+        self.site_run_dir = Path(site_run_dir) if site_run_dir is not None else self.run_dir
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.sites: dict[int, str] = {}
         self.site_counts: dict[str, dict] = {}
@@ -105,7 +110,8 @@ class Study:
 
     # ------------------------------------------------------------ messaging
     def _config(self, **extra) -> ConfigRecord:
-        return ConfigRecord({"run-dir": str(self.run_dir.resolve()), **extra})
+        arm = {"arm": self.arm.name} if self.arm is not None else {}
+        return ConfigRecord({"run-dir": str(self.site_run_dir.resolve()), **arm, **extra})
 
     def _send(self, nodes, message_type: str, arrays: ArrayRecord | None, phase: str,
               **config) -> dict[str, Message]:
@@ -249,6 +255,7 @@ class Study:
             _say(f"{phase}: rounds 1-{done} restored from the checkpoint")
         for rnd in range(done + 1, R + 1):
             t = time.time()
+            arrays_sent = {node: arrays[group_of[node]] for node in group_of}
             msgs = [Message(RecordDict({"arrays": arrays[group_of[node]],
                                         "config": self._config(**{"server-round": rnd, "base-model": lm.identity})}),
                             dst_node_id=node, message_type=message_type) for node in sorted(group_of)]
@@ -277,12 +284,19 @@ class Study:
             for site, rep in ok.items():
                 self.last_states.setdefault(phase, {})[site] = {k: v.numpy() for k, v in rep.content["arrays"].items()}
             received = sum(_arrays_bytes(r.content["arrays"]) for r in ok.values())
+            site_bytes = {self.sites[n]: {"sent": _arrays_bytes(arrays_sent[n]),
+                                          "received": _arrays_bytes(ok[self.sites[n]].content["arrays"])
+                                          if self.sites[n] in ok else 0} for n in group_of}
+            costs = {s: {k: float(r.content["metrics"][m]) for k, m in (("train_seconds", "train-seconds"),
+                                                                        ("peak_rss_mb", "train-peak-rss"))
+                         if m in r.content["metrics"]} for s, r in ok.items()}
             losses = {s: float(r.content["metrics"]["train-loss"]) for s, r in ok.items()}
             own = {s: float(r.content["metrics"]["dpo-self-rejected-share"]) for s, r in ok.items()
                    if "dpo-self-rejected-share" in r.content["metrics"]}
             self.rounds.append({
                 "phase": phase, "round": rnd, "sites": list(ok), "failures": self.phase_failures[label],
-                "bytes_sent": sent, "bytes_received": received, "train_loss": losses,
+                "bytes_sent": sent, "bytes_received": received, "site_bytes": site_bytes, "site_costs": costs,
+                "train_loss": losses,
                 **({"dpo_self_rejected_share": own} if own else {}),
                 **self._dp_round(ok, declined, label),
                 "seconds": round(time.time() - t, 2),
@@ -501,7 +515,10 @@ class Study:
         for site, rep in ok.items():
             if "arrays" in rep.content.array_records:
                 self.shared_local[site] = rep.content["arrays"]
-            self._note_dp(site, dict(rep.content["metrics"]), "personalize")
+            m = dict(rep.content["metrics"])
+            self._note_dp(site, m, "personalize")
+            self.run.setdefault("site_held", {})[site] = {
+                k: float(v) for k, v in m.items() if k.endswith(("-train-seconds", "-train-peak-rss"))}
         self.ckpt.save_done("personalize", self._ckpt_state(),
                             {s: {k: v.numpy() for k, v in a.items()} for s, a in self.shared_local.items()})
         self.steps_done += 1
@@ -687,13 +704,25 @@ class Study:
                                       "note": "public data, scored at the server", "task": task, "stage": stage})
         _say(f"public PubMedQA and MeQSum scored on {n} items each")
 
+    def adopt_sites(self, other: "Study"):
+        """Take the sites another study (a comparison's first arm) already waited for and
+        described: the same sites, names, counts, descriptors and policies for every arm."""
+        self.sites = dict(other.sites)
+        self.site_counts = dict(other.site_counts)
+        self.descriptors = dict(other.descriptors)
+        if hasattr(other, "site_policies"):
+            self.site_policies = dict(other.site_policies)
+            self.run["site_policies"] = dict(other.run.get("site_policies", {}))
+        self._adopted = True
+
     def execute(self):
         from client.site import LoadedModel, model_key
 
         random.seed(int(self.cfg["seed"]))
         try:
-            nodes = self._timed("wait", self.wait_for_nodes)
-            self._timed("describe", self.describe, nodes)
+            if not getattr(self, "_adopted", False):
+                nodes = self._timed("wait", self.wait_for_nodes)
+                self._timed("describe", self.describe, nodes)
             if self.cfg.get("resume"):
                 self.restore()
             if self.cfg["task"] == "generative":
@@ -703,12 +732,19 @@ class Study:
             lm = self._timed("load-model", LoadedModel, model_key(self.cfg))
             self.run["adapter"] = {"keys": len(lm.init_state), "bytes": state_nbytes(lm.init_state),
                                    "parameters": int(sum(v.size for v in lm.init_state.values())),
-                                   "base_model": lm.identity}
+                                   "base_model": lm.identity,
+                                   "total_parameters": int(sum(p.numel() for n, p in lm.model.named_parameters()
+                                                               if "lora_" not in n and "modules_to_save" not in n)),
+                                   "method": lm.key.method, "form": lm.key.form}
+            if self.arm is not None:
+                self.run["arm"] = self.arm.name
+            self.lm = lm
             groups = {"global": list(self.sites)}
             clusters = self.make_clusters() if "cluster" in self.regimes else None
             if clusters:
                 self.steps_total += int(self.cfg["num-server-rounds"])
             arrays = self._timed("federated", self.federated_rounds, lm, groups, "global")["global"]
+            self.final_global = arrays
             cluster_arrays = self._timed("cluster", self.federated_rounds, lm, clusters, "cluster") if clusters else {}
             self._timed("personalize", self.personalize, arrays)
             self._timed("evaluate", self.evaluate, arrays, cluster_arrays)
