@@ -82,7 +82,7 @@ DEFAULT_COMPARISON = {
     "max-length": 64,
     "eval-items": 150,
     "subgroups": False,
-    "gen-eval-items": 12,
+    "gen-eval-items": 10,
     "gen-max-new-tokens": 32,
 }
 

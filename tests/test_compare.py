@@ -366,3 +366,41 @@ def test_a_site_refuses_an_arm_its_study_does_not_list(comparison):
     grid.push_messages([msg])
     rep = grid.replies.pop()
     assert rep.has_error() and "not one of the study's arms" in rep.error.reason
+
+
+# ------------------------------------------------------------ through Flower itself
+@pytest.mark.slow
+def test_clinfed_compare_runs_through_the_flower_simulation_engine(small_federation, tmp_path):
+    """The documented command, with tiny models: every arm through Ray and Flower's messages,
+    the comparison section in the report, a decoder classifier arm scored on the public tasks."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    out = tmp_path / "run"
+    res = subprocess.run(
+        [sys.executable, "-m", "common.cli", "compare", "--arms", "tiny-bert:lora,tiny-llama:lora,tiny-llama:lora:prompt",
+         "--data", str(small_federation), "--out", str(out),
+         "--run-config", "num-server-rounds=2 local-steps=2 bootstrap=30 min-cell-size=5 eval-items=40 "
+                         "gen-eval-items=2 gen-max-new-tokens=4 drivers=false"],
+        capture_output=True, text=True, cwd=root, timeout=900)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    run = json.loads((out / "run.json").read_text())
+    assert run["status"] == "completed" and len(run["arms_completed"]) == 3
+    assert run["config"]["regimes"] == "base,global,local" and run["config"]["subgroups"] is False
+    df = pd.read_csv(out / "metrics.csv")
+    assert set(df[df["task"] == "readmission"]["arm"]) == set(run["arms_completed"])
+    pub = df[(df["site"] == "public") & (df["arm"] == "tiny-llama:lora") & (df["regime"] == "global")]
+    assert (pub["status"] == "ok").all() and pub["note"].str.contains("classifier arm's LoRA").all()
+    diffs = pd.read_csv(out / "comparison.csv")
+    assert (diffs["site"] == "overall").any() and set(diffs["reference"]) >= {"tiny-bert:lora"}
+    costs = pd.read_csv(out / "costs.csv")
+    assert (costs["status"] == "completed").all() and (costs["bytes_per_round_per_site"] > 0).all()
+    assert 'id="comparison"' in (out / "report.html").read_text()
+    # `clinfed report` rebuilds the comparison report from the files alone
+    (out / "report.html").unlink()
+    res = subprocess.run([sys.executable, "-m", "common.cli", "report", str(out)], capture_output=True, text=True,
+                         cwd=root, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert 'id="comparison"' in (out / "report.html").read_text()
