@@ -158,7 +158,10 @@ def _ledger(site, msg: Message):
     from common.dp import DPLedger
 
     study = str(msg.content["config"].get("run-dir", "")) if "config" in msg.content.config_records else ""
-    return DPLedger.open(site.out_dir, study or "study")
+    # the arms of a comparison train on the same patients: one ledger at the site's root folder,
+    # so epsilon adds up across arms
+    folder = site.out_dir.parent.parent if _msg_config(msg, "arm") else site.out_dir
+    return DPLedger.open(folder, study or "study")
 
 
 def _dp_metrics(info: dict, site, policy: Policy, prefix: str = "") -> dict:

@@ -82,6 +82,7 @@ DEFAULT_COMPARISON = {
     "max-length": 64,
     "eval-items": 150,
     "subgroups": False,
+    "share-local-adapters": False,  # no cross-site matrix: the arms, not the sites, are compared
     "gen-eval-items": 10,
     "gen-max-new-tokens": 32,
 }

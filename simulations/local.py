@@ -91,6 +91,12 @@ def simulate(run_dir: str | Path, overrides: dict, n_sites: int, cpus_per_site: 
         "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
         "RAY_DEDUP_LOGS": "1",
         "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+        # On a saturated machine (or a study run under `nice`), Ray's raylet can miss its
+        # default health checks (10 s timeout, 5 failures) and the GCS then declares the only
+        # node dead and kills every site mid-study: measured here at a load average of ~95 on
+        # 2 cores. A local simulation has one node; give it minutes, not seconds.
+        "RAY_health_check_timeout_ms": os.environ.get("RAY_health_check_timeout_ms", "60000"),
+        "RAY_health_check_failure_threshold": os.environ.get("RAY_health_check_failure_threshold", "20"),
     }
     run_json = run_dir / "run.json"
     if run_json.exists():

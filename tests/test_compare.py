@@ -404,3 +404,18 @@ def test_clinfed_compare_runs_through_the_flower_simulation_engine(small_federat
                          cwd=root, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     assert 'id="comparison"' in (out / "report.html").read_text()
+
+
+def test_dp_epsilon_adds_up_across_arms(small_federation, tmp_path):
+    """Every arm trains on the same patients: with DP-SGD the site's one ledger composes the
+    arms' training, so the second arm's running epsilon starts where the first arm's ended."""
+    sites = list_sites(small_federation)
+    cfg = resolve({**BASE, "arms": "tiny-bert:lora,tiny-bert:head-only", "data-dir": str(small_federation),
+                   "num-server-rounds": 1, "local-steps": 2, "regimes": "base,global", "dp": True})
+    grid = LocalGrid(client_app, _nodes(sites), cfg)
+    Comparison(grid, cfg, tmp_path / "run").execute()
+    first, second = (json.loads((tmp_path / "run" / "arms" / parse_arm(a).safe_name / "run.json").read_text())
+                     for a in ("tiny-bert:lora", "tiny-bert:head-only"))
+    for site in (s for s, _ in sites):
+        e1, e2 = first["dp"][site]["epsilon_total"], second["dp"][site]["epsilon_total"]
+        assert 0 < e1 < e2, (site, e1, e2)
