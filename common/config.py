@@ -185,9 +185,9 @@ def resolve(overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     if cfg["test-frac"] + cfg["val-frac"] >= 1.0:
         raise ConfigError(f"run config 'test-frac' + 'val-frac' = {cfg['test-frac'] + cfg['val-frac']:g} "
                           "leaves no encounters for training; their sum must be below 1")
-    if cfg["dp"] and cfg["task"] != "classifier":
-        raise ConfigError("run config 'dp': DP-SGD is built for the classifier study only; the generative "
-                          "study (TRL SFT/DPO) cannot train with it (see the README's privacy section)")
+    if cfg["dp"] and cfg["task"] == "generative" and int(cfg["dpo-rounds"]) > 0:
+        raise ConfigError("run config 'dp': the generative study trains SFT with DP-SGD, but DPO has no DP "
+                          "path (see the README's privacy section); set dpo-rounds = 0 with dp = true")
     _check_models(cfg)
     return cfg
 
