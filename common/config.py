@@ -56,7 +56,8 @@ KEYS: dict[str, tuple[Any, type, Any, str]] = {
     "word-bands": ("117,163,197", str, None, "words-per-note band edges, the same at every site (q1..q4)"),
     "subgroups": (True, bool, None, "score every regime per subgroup (age, comorbidity, insurance, region, words)"),
     "dp": (False, bool, None,
-           "DP-SGD (Opacus: per-example clipping, Gaussian noise, Poisson sampling) for all training at every site: the classifier, and generative SFT (needs dpo-rounds = 0)"),
+           "DP-SGD (Opacus: per-example clipping, Gaussian noise, Poisson sampling) for all training at every "
+           "site: the classifier, and generative SFT (needs dpo-rounds = 0)"),
     "dp-noise-multiplier": (1.0, float, (0.05, 100.0), "DP-SGD noise multiplier (noise std / clipping norm)"),
     "dp-max-grad-norm": (1.0, float, (1e-6, 1e6), "DP-SGD per-example gradient clipping norm"),
     "dp-epsilon": (0.0, float, (0.0, 1e6),
