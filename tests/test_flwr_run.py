@@ -101,3 +101,14 @@ def test_interrupted_simulation_resumes_with_clinfed_simulate_resume(small_feder
     bad = subprocess.run([sys.executable, "-m", "common.cli", "simulate", "--resume", str(tmp_path)],
                          capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert bad.returncode != 0 and "no checkpoint" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_small_federations_run_all_sites_at_once():
+    """Ray gets the cores, or all sites when that oversubscribes by at most half (no lone last wave)."""
+    from simulations.local import ray_cpus
+
+    assert ray_cpus(3, 1, cores=2) == 3      # the generative default: one wave of 3, not 2 + 1
+    assert ray_cpus(2, 1, cores=2) == 2
+    assert ray_cpus(6, 1, cores=2) == 2      # the classifier default: 3 even waves of 2
+    assert ray_cpus(5, 1, cores=4) == 5 and ray_cpus(7, 1, cores=4) == 4
+    assert ray_cpus(3, 2, cores=4) == 6 and ray_cpus(4, 2, cores=4) == 4
