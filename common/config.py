@@ -84,7 +84,7 @@ KEYS: dict[str, tuple[Any, type, Any, str]] = {
     "dpo-steps": (4, int, (1, 100000), "generative: DPO steps per site per round"),
     "dpo-beta": (0.1, float, (1e-4, 100.0), "generative: DPO beta"),
     "gen-learning-rate": (1e-3, float, (1e-7, 1.0), "generative: peak learning rate of SFT"),
-    "dpo-learning-rate": (1e-3, float, (1e-7, 1.0), "generative: peak learning rate of DPO"),
+    "dpo-learning-rate": (2e-4, float, (1e-7, 1.0), "generative: peak learning rate of DPO"),
     "gen-batch-size": (4, int, (1, 1024), "generative: batch size of SFT and DPO"),
     "gen-max-length": (256, int, (16, 8192), "generative: tokens per example"),
     "gen-max-words": (60, int, (5, 5000), "generative: words of each input kept in the prompt"),
