@@ -112,6 +112,18 @@ def sft_token_lists(tok, examples: list[dict], max_length: int) -> list[tuple[li
     return out
 
 
+def _undo_trl_training_setup(peft_model):
+    """TRL's trainers leave the shared model with gradient checkpointing on and a hook
+    that makes the embeddings' output require grad; per-example gradients need neither
+    (recomputed forwards fire Opacus' hooks again, so sample counts stop matching)."""
+    base = peft_model.get_base_model()
+    if getattr(base, "is_gradient_checkpointing", False):
+        base.gradient_checkpointing_disable()
+    for m in (peft_model, base):
+        if getattr(m, "_require_grads_hook", None) is not None:
+            m.disable_input_require_grads()
+
+
 def sft_train_dp(peft_model, tok, examples: list[dict], settings: InstructSettings, dp) -> dict:
     """SFT as DP-SGD (common.dp.train_dp): a plain loop, because TRL's trainers have no
     per-example clipping. Each example's loss is the mean over its own answer tokens
@@ -142,6 +154,7 @@ def sft_train_dp(peft_model, tok, examples: list[dict], settings: InstructSettin
         return per_example.mean(), mask.sum(), mask.numel()
 
     torch.manual_seed(int(settings.seed))
+    _undo_trl_training_setup(peft_model)
     info = train_dp(peft_model, len(seqs), batch_loss, settings, dp)
     info["examples"] = len(seqs)
     return info

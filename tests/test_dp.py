@@ -263,7 +263,8 @@ def test_dp_sft_changes_the_decoder_adapter_and_learns():
     import torch
     from sklearn.metrics import roc_auc_score
 
-    from common.instruct import InstructSettings, answer_probability, make_lora_causal_lm, sft_train_dp
+    from common.instruct import (InstructSettings, answer_probability, make_lora_causal_lm, sft_train,
+                                 sft_train_dp)
     from common.models import LoraSettings, adapter_state
     from common.tasks import TASKS
 
@@ -273,6 +274,8 @@ def test_dp_sft_changes_the_decoder_adapter_and_learns():
     task = TASKS["readmission"]
     train, test = _yes_no_records(300, rng), _yes_no_records(100, rng)
     y = [r["readmitted_30d"] for r in test]
+    # the shared model has been through TRL first (gradient checkpointing, input hook), as in a study
+    sft_train(model, tok, [task.build_example(r) for r in train[:8]], InstructSettings(steps=1, batch_size=4))
     before = adapter_state(model)
     auc0 = roc_auc_score(y, answer_probability(model, tok, [task.prompt(r) for r in test]))
     info = sft_train_dp(model, tok, [task.build_example(r) for r in train],
