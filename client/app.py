@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict, Error
@@ -145,7 +146,7 @@ def _may_send_state(cfg: dict, policy: Policy, lm, what: str):
 
 def _may_train(cfg: dict, policy: Policy, *, sends_adapter: bool, what: str):
     """Refuse, with a reason the server may read, training the site's policy forbids."""
-    if policy.dp_required and not (cfg["dp"] and cfg["task"] == "classifier"):
+    if policy.dp_required and not cfg["dp"]:
         raise PolicyRefusal(f"the site's policy requires DP-SGD (dp-required or a dp-epsilon budget) but the "
                             f"study runs without it (run config dp = false): the site declines {what}")
     if sends_adapter and not policy.allow_adapters:
@@ -153,25 +154,25 @@ def _may_train(cfg: dict, policy: Policy, *, sends_adapter: bool, what: str):
                             f"so the site declines {what}")
 
 
-def _ledger(site, msg: Message):
+def _ledger(out_dir, msg: Message):
     """The site's DP ledger for this study (keyed by the server's run folder, stable across a resume)."""
     from common.dp import DPLedger
 
     study = str(msg.content["config"].get("run-dir", "")) if "config" in msg.content.config_records else ""
     # the arms of a comparison train on the same patients: one ledger at the site's root folder,
     # so epsilon adds up across arms
-    folder = site.out_dir.parent.parent if _msg_config(msg, "arm") else site.out_dir
+    folder = Path(out_dir).parent.parent if _msg_config(msg, "arm") else Path(out_dir)
     return DPLedger.open(folder, study or "study")
 
 
-def _dp_metrics(info: dict, site, policy: Policy, prefix: str = "") -> dict:
+def _dp_metrics(info: dict, n_train: int, policy: Policy, prefix: str = "") -> dict:
     """Epsilon of this training call and the site's total so far (aggregates of the site's own accounting)."""
     ev = info.get("dp")
     if not ev:
         return {}
     out = {f"{prefix}dp-epsilon": float(ev["epsilon"]), "dp-epsilon-total": float(ev["epsilon_total"])}
     # delta = 1/n_train would reveal n_train: released only if n_train may be released anyway
-    if policy.dp_delta > 0 or len(site.splits["train"]) >= policy.min_cell_size:
+    if policy.dp_delta > 0 or n_train >= policy.min_cell_size:
         out["dp-delta"] = float(ev["delta"])
     return out
 
@@ -244,7 +245,7 @@ def train(msg: Message, context: Context) -> Message:
     rnd = int(msg.content["config"].get("server-round", 1))
     start = _arrays_to_state(msg.content["arrays"])
     dp = site.dp_settings(policy)
-    ledger = _ledger(site, msg) if dp is not None else None
+    ledger = _ledger(site.out_dir, msg) if dp is not None else None
     try:
         state, info = site.train(lm, start, int(cfg["local-steps"]), seed_offset=rnd, label=f"round {rnd}",
                                  dp=dp, ledger=ledger)
@@ -262,7 +263,7 @@ def train(msg: Message, context: Context) -> Message:
         "train-tokens": info["tokens"],
         "train-peak-rss": info["peak_rss_mb"],
         "adapter-hash": wire_hash(state),
-        **_dp_metrics(info, site, policy),
+        **_dp_metrics(info, len(site.splits["train"]), policy),
     })
     return Message(RecordDict({"arrays": _state_to_arrays(state), "metrics": metrics}), reply_to=msg)
 
@@ -284,7 +285,7 @@ def personalize(msg: Message, context: Context) -> Message:
     metrics = {"num-examples": len(site.splits["train"])}
     content = RecordDict()
     dp = site.dp_settings(policy)
-    ledger = _ledger(site, msg) if dp is not None else None
+    ledger = _ledger(site.out_dir, msg) if dp is not None else None
 
     def run(regime, start, steps, offset, extra=None):
         try:
@@ -299,7 +300,7 @@ def personalize(msg: Message, context: Context) -> Message:
         metrics[f"{regime}-train-loss"] = info["train_loss"]
         metrics[f"{regime}-train-seconds"] = info["seconds"]
         metrics[f"{regime}-train-peak-rss"] = info["peak_rss_mb"]
-        metrics.update(_dp_metrics(info, site, policy, prefix=f"{regime}-"))
+        metrics.update(_dp_metrics(info, len(site.splits["train"]), policy, prefix=f"{regime}-"))
         return state
 
     if "local" in regs or policy.share_local_adapters:
@@ -415,24 +416,41 @@ def _self_rejected_share(info: dict, k: int) -> dict:
     return {"dpo-self-rejected-share": info["self_rejected"] / pairs} if "self_rejected" in info and pairs >= k else {}
 
 
-def _gen_reply(msg, gsite, state, info, k: int) -> Message:
+def _gen_reply(msg, gsite, state, info, policy: Policy) -> Message:
     metrics = MetricRecord({"num-examples": gsite.n_train(), "train-loss": info["train_loss"],
                             "train-steps": info["steps"], "train-seconds": info["seconds"],
                             "adapter-hash": wire_hash(state),
-                            **_self_rejected_share(info, k)})
+                            **_self_rejected_share(info, policy.min_cell_size),
+                            **_dp_metrics(info, gsite.n_train(), policy)})
     return Message(RecordDict({"arrays": _state_to_arrays(state), "metrics": metrics}), reply_to=msg)
+
+
+def _budget_spent(msg, ledger, dp, name: str, err) -> Message:
+    """Declined, not failed: no arrays; the server leaves the site out of this round's average."""
+    log.warning("site %s: %s", name, err)
+    return Message(RecordDict({"metrics": MetricRecord({
+        "dp-budget-exhausted": 1, "dp-epsilon-total": ledger.epsilon(dp.delta),
+        "dp-epsilon-budget": float(dp.budget)})}), reply_to=msg)
 
 
 @app.train("sft")
 @_guarded("federated SFT round")
 def train_sft(msg: Message, context: Context) -> Message:
-    """One federated SFT round on the site's instruction mixture."""
-    gsite, cfg, policy, dec, _ = _prepare_gen(msg, context)
+    """One federated SFT round on the site's instruction mixture (DP-SGD with `dp`)."""
+    from common.dp import DPBudgetExhausted
+
+    gsite, cfg, policy, dec, out_dir = _prepare_gen(msg, context)
     _may_train(cfg, policy, sends_adapter=True, what="the federated SFT round")
     check_base_identity(msg.content["config"], dec.identity)
     rnd = int(msg.content["config"].get("server-round", 1))
-    state, info = gsite.sft(dec, _arrays_to_state(msg.content["arrays"]), int(cfg["sft-steps"]), rnd)
-    return _gen_reply(msg, gsite, state, info, policy.min_cell_size)
+    dp = gsite.dp_settings(policy)
+    ledger = _ledger(out_dir, msg) if dp is not None else None
+    try:
+        state, info = gsite.sft(dec, _arrays_to_state(msg.content["arrays"]), int(cfg["sft-steps"]), rnd,
+                                dp=dp, ledger=ledger, label=f"sft round {rnd}")
+    except DPBudgetExhausted as err:
+        return _budget_spent(msg, ledger, dp, gsite.name, err)
+    return _gen_reply(msg, gsite, state, info, policy)
 
 
 @app.train("dpo")
@@ -444,7 +462,7 @@ def train_dpo(msg: Message, context: Context) -> Message:
     check_base_identity(msg.content["config"], dec.identity)
     rnd = int(msg.content["config"].get("server-round", 1))
     state, info = gsite.dpo(dec, _arrays_to_state(msg.content["arrays"]), int(cfg["dpo-steps"]), 100 + rnd)
-    return _gen_reply(msg, gsite, state, info, policy.min_cell_size)
+    return _gen_reply(msg, gsite, state, info, policy)
 
 
 @app.train("gen_local")
@@ -454,18 +472,46 @@ def train_gen_local(msg: Message, context: Context) -> Message:
     global DPO adapter fine-tuned with SFT at the site. All stay here."""
     from common.models import save_adapter
 
+    from common.dp import DPBudgetExhausted
+
     gsite, cfg, policy, dec, out_dir = _prepare_gen(msg, context)
     _may_train(cfg, policy, sends_adapter=False, what="local and personalized instruction tuning")
     rounds = int(cfg["num-server-rounds"])
-    local_sft, i1 = gsite.sft(dec, dec.init_state, rounds * int(cfg["sft-steps"]), 10_000)
-    local_dpo, i2 = gsite.dpo(dec, local_sft, max(1, int(cfg["dpo-rounds"])) * int(cfg["dpo-steps"]), 20_000)
-    pers, i3 = gsite.sft(dec, _arrays_to_state(msg.content["global"]), int(cfg["sft-steps"]), 30_000)
-    for regime, state in (("local-sft", local_sft), ("local-dpo", local_dpo), ("personalized-dpo", pers)):
-        save_adapter(dec.model, state, Path(out_dir) / "adapters" / regime,
-                     meta={"site": gsite.name, "regime": regime, "base_model": dec.identity})
-    metrics = {"num-examples": gsite.n_train(), "local-train-loss": i2["train_loss"],
-               "personalized-train-loss": i3["train_loss"]}
-    metrics.update({f"local-{k}": v for k, v in _self_rejected_share(i2, policy.min_cell_size).items()})
+    dp = gsite.dp_settings(policy)
+    ledger = _ledger(out_dir, msg) if dp is not None else None
+    metrics: dict = {"num-examples": gsite.n_train()}
+    adapters = {}
+
+    def sft(regime, start, steps, offset):
+        try:
+            state, info = gsite.sft(dec, start, steps, offset, dp=dp, ledger=ledger, label=f"gen_local {regime}")
+        except DPBudgetExhausted as err:  # this regime is not trained (nor scored) here
+            log.warning("site %s: %s", gsite.name, err)
+            metrics[f"{regime}-dp-budget-exhausted"] = 1
+            metrics["dp-epsilon-total"] = ledger.epsilon(dp.delta)
+            return None, None
+        metrics.update(_dp_metrics(info, gsite.n_train(), policy, prefix=f"{regime}-"))
+        return state, info
+
+    local_sft, _ = sft("local", dec.init_state, rounds * int(cfg["sft-steps"]), 10_000)
+    if local_sft is not None:
+        adapters["local-sft"] = local_sft
+        if dp is None:  # DPO has no DP path (common.instruct): with dp the local regime stops at SFT
+            adapters["local-dpo"], i2 = gsite.dpo(dec, local_sft,
+                                                  max(1, int(cfg["dpo-rounds"])) * int(cfg["dpo-steps"]), 20_000)
+            metrics["local-train-loss"] = i2["train_loss"]
+            metrics.update({f"local-{k}": v for k, v in _self_rejected_share(i2, policy.min_cell_size).items()})
+    pers, i3 = sft("personalized", _arrays_to_state(msg.content["global"]), int(cfg["sft-steps"]), 30_000)
+    if pers is not None:
+        adapters["personalized-dpo"] = pers
+        metrics["personalized-train-loss"] = i3["train_loss"]
+    for regime in ("local-sft", "local-dpo", "personalized-dpo"):
+        folder = Path(out_dir) / "adapters" / regime
+        if regime in adapters:
+            save_adapter(dec.model, adapters[regime], folder,
+                         meta={"site": gsite.name, "regime": regime, "base_model": dec.identity})
+        elif folder.exists():  # an older study's adapter must not be scored as this one's
+            shutil.rmtree(folder)
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
 
 

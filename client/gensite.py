@@ -117,9 +117,32 @@ class GenSite:
                           "rejected": [{"role": "assistant", "content": wrong}]})
         return pairs, sum(m is not None for m in own)
 
-    def sft(self, dec: LoadedModel, start, steps: int, offset: int):
+    def dp_settings(self, policy):
+        """DP-SGD settings when the study runs with `dp` (delta from the effective policy)."""
+        from common.dp import DPSettings
+
+        if not self.cfg["dp"]:
+            return None
+        return DPSettings(noise_multiplier=float(self.cfg["dp-noise-multiplier"]),
+                          max_grad_norm=float(self.cfg["dp-max-grad-norm"]),
+                          delta=policy.delta_for(self.n_train()), budget=float(policy.dp_epsilon))
+
+    def sft(self, dec: LoadedModel, start, steps: int, offset: int, dp=None, ledger=None, label: str = "sft"):
+        """SFT from `start`; with `dp`, DP-SGD charged to the site's ledger first
+        (common.dp.plan raises DPBudgetExhausted before any training past the budget)."""
+        examples = self.sft_examples()
+        settings = self.settings(steps, offset)
+        if dp is None:
+            model = dec.use(start)
+            info = sft_train(model, dec.tokenizer, examples, settings)
+            return decoder_adapter_state(model), info
+        from common.dp import plan
+        from common.instruct import sft_train_dp
+
+        event = plan(ledger, dp, len(examples), settings.batch_size, settings.steps, label)
         model = dec.use(start)
-        info = sft_train(model, dec.tokenizer, self.sft_examples(), self.settings(steps, offset))
+        info = sft_train_dp(model, dec.tokenizer, examples, settings, dp)
+        info["dp"] = event
         return decoder_adapter_state(model), info
 
     def dpo(self, dec: LoadedModel, start, steps: int, offset: int):

@@ -58,7 +58,8 @@ KEYS: dict[str, tuple[Any, type, Any, str]] = {
     "drivers": (True, bool, None,
                 "fit each site's error-driver model on the global adapter's predictions (patient-level drivers)"),
     "dp": (False, bool, None,
-           "DP-SGD (Opacus: per-example clipping, Gaussian noise, Poisson sampling) for all classifier training at every site"),
+           "DP-SGD (Opacus: per-example clipping, Gaussian noise, Poisson sampling) for all training at every "
+           "site: the classifier, and generative SFT (needs dpo-rounds = 0)"),
     "dp-noise-multiplier": (1.0, float, (0.05, 100.0), "DP-SGD noise multiplier (noise std / clipping norm)"),
     "dp-max-grad-norm": (1.0, float, (1e-6, 1e6), "DP-SGD per-example gradient clipping norm"),
     "dp-epsilon": (0.0, float, (0.0, 1e6),
@@ -199,9 +200,9 @@ def resolve(overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     if cfg["test-frac"] + cfg["val-frac"] >= 1.0:
         raise ConfigError(f"run config 'test-frac' + 'val-frac' = {cfg['test-frac'] + cfg['val-frac']:g} "
                           "leaves no encounters for training; their sum must be below 1")
-    if cfg["dp"] and cfg["task"] != "classifier":
-        raise ConfigError("run config 'dp': DP-SGD is built for the classifier study only; the generative "
-                          "study (TRL SFT/DPO) cannot train with it (see the README's privacy section)")
+    if cfg["dp"] and cfg["task"] == "generative" and int(cfg["dpo-rounds"]) > 0:
+        raise ConfigError("run config 'dp': the generative study trains SFT with DP-SGD, but DPO has no DP "
+                          "path (see the README's privacy section); set dpo-rounds = 0 with dp = true")
     _check_models(cfg)
     _check_arms(cfg)
     return cfg

@@ -121,19 +121,24 @@ def _secret_seed(dp: DPSettings) -> int:
     return dp.secret_seed if dp.secret_seed is not None else int.from_bytes(os.urandom(8), "little")
 
 
-def train_classifier_dp(model, encoded: list[np.ndarray], labels: np.ndarray, settings, pad_id: int,
-                        dp: DPSettings, progress=None) -> dict:
-    """`settings.steps` DP-SGD steps with Poisson batches of expected size `settings.batch_size`."""
+def train_dp(model, n: int, batch_loss, settings, dp: DPSettings, progress=None) -> dict:
+    """`settings.steps` DP-SGD steps over `n` examples with Poisson batches of expected
+    size `settings.batch_size`.
+
+    `batch_loss(gsm, idx, device)` returns (loss averaged over the batch's examples,
+    real tokens, padded tokens): each example's loss must be its own mean, so that
+    per-example gradients are what gets clipped (the classifier's cross-entropy is;
+    for a language model see `common.instruct.sft_train_dp`).
+    """
     import torch
     from opacus import GradSampleModule
     from opacus.optimizers import DPOptimizer
 
-    from common.training import collate, pick_device
+    from common.training import pick_device
 
-    n = len(encoded)
     if n == 0:
         raise ValueError("no training examples")
-    device = pick_device(settings.device)
+    device = pick_device(getattr(settings, "device", "auto"))
     model.to(device)  # before wrapping: Opacus' hooks must see the tensors that train
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -143,15 +148,14 @@ def train_classifier_dp(model, encoded: list[np.ndarray], labels: np.ndarray, se
     noise_gen = torch.Generator(device=device)
     seed = _secret_seed(dp)
     noise_gen.manual_seed(seed & ((1 << 63) - 1))
-    inner = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    inner = torch.optim.AdamW(params, lr=settings.lr, weight_decay=getattr(settings, "weight_decay", 0.0))
     opt = DPOptimizer(inner, noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm,
                       expected_batch_size=expected, loss_reduction="mean", generator=noise_gen)
-    warm = max(1, int(settings.steps * settings.warmup_frac))
+    warm = max(1, int(settings.steps * getattr(settings, "warmup_frac", 0.1)))
     sched = torch.optim.lr_scheduler.LambdaLR(
         inner, lambda s: min(1.0, (s + 1) / warm)
         * (0.5 * (1 + math.cos(math.pi * min(1.0, s / max(1, settings.steps)))) * 0.9 + 0.1))
     rng = np.random.default_rng([seed, 1])
-    y_all = torch.as_tensor(np.array(labels, dtype=np.int64))
     losses, tokens, padded, sizes = [], 0, 0, []
     t0 = time.perf_counter()
     try:
@@ -165,19 +169,16 @@ def train_classifier_dp(model, encoded: list[np.ndarray], labels: np.ndarray, se
                 opt.step()
                 sched.step()
                 continue
-            ids, mask = collate(encoded, idx, pad_id, device)
-            y = y_all[idx].to(device)
             # fp32: per-example gradients and their clipping are not trusted to bf16
-            logits = gsm(input_ids=ids, attention_mask=mask).logits
-            loss = torch.nn.functional.cross_entropy(logits.float(), y)
+            loss, real, pad = batch_loss(gsm, idx, device)
             with warnings.catch_warnings():  # Opacus' hooks on modules whose inputs need no grad: expected
                 warnings.filterwarnings("ignore", message="Full backward hook is firing")
                 loss.backward()
             opt.step()
             sched.step()
             losses.append(float(loss.detach()))
-            tokens += int(mask.sum())
-            padded += int(mask.numel())
+            tokens += int(real)
+            padded += int(pad)
             if progress is not None:
                 progress(step + 1, settings.steps, losses[-1])
     finally:
@@ -192,3 +193,21 @@ def train_classifier_dp(model, encoded: list[np.ndarray], labels: np.ndarray, se
     tail = losses[-max(1, len(losses) // 4):] if losses else [float("nan")]
     return {"train_loss": float(np.mean(tail)), "steps": settings.steps, "seconds": seconds,
             "tokens": tokens, "padded_tokens": padded, "mean_batch": float(np.mean(sizes)) if sizes else 0.0}
+
+
+def train_classifier_dp(model, encoded: list[np.ndarray], labels: np.ndarray, settings, pad_id: int,
+                        dp: DPSettings, progress=None) -> dict:
+    """DP-SGD steps of the sequence classifier (cross-entropy is a mean over examples)."""
+    import torch
+
+    from common.training import collate
+
+    y_all = torch.as_tensor(np.array(labels, dtype=np.int64))
+
+    def batch_loss(gsm, idx, device):
+        ids, mask = collate(encoded, idx, pad_id, device)
+        logits = gsm(input_ids=ids, attention_mask=mask).logits
+        loss = torch.nn.functional.cross_entropy(logits.float(), y_all[idx].to(device))
+        return loss, mask.sum(), mask.numel()
+
+    return train_dp(model, len(encoded), batch_loss, settings, dp, progress)

@@ -6,6 +6,12 @@ classifier. DPO is handed that PeftModel with the stage's starting adapter
 copies `default` into a frozen `ref` adapter, so the reference policy is the
 model the DPO stage starts from, not the bare base. The `ref` copy is
 deleted afterwards so it never reaches a saved folder or the wire.
+
+With DP-SGD (run config `dp`), SFT runs as a plain loop through Opacus
+(`sft_train_dp`) instead of TRL. DPO has no DP path: its loss couples each
+pair with the reference policy's log-probabilities, which TRL computes inside
+the trainer, and Opacus would need the pair's whole two-sequence forward to be
+one "example" of a plain loop; not built, so `dp` requires `dpo-rounds = 0`.
 """
 
 from __future__ import annotations
@@ -88,6 +94,70 @@ def sft_train(peft_model, tok, examples: list[dict], settings: InstructSettings)
         t = time.perf_counter()
         trainer.train()
         return {"train_loss": _losses(trainer), "seconds": time.perf_counter() - t, "steps": settings.steps}
+
+
+def sft_token_lists(tok, examples: list[dict], max_length: int) -> list[tuple[list[int], int]]:
+    """(token ids, index of the first answer token) per prompt/completion example, cut
+    to `max_length`; the answer is the tokens the chat template adds after the prompt."""
+    out = []
+    for ex in examples:
+        prompt = tok.apply_chat_template(ex["prompt"], add_generation_prompt=True, tokenize=True, return_dict=False)
+        full = tok.apply_chat_template(ex["prompt"] + ex["completion"], tokenize=True, return_dict=False)
+        if list(full[:len(prompt)]) != list(prompt):
+            raise ValueError("the chat template does not render the prompt as a prefix of prompt + answer")
+        full = list(full)[:max_length]
+        if len(full) <= len(prompt):  # the answer was cut off entirely: nothing to learn from
+            continue
+        out.append((full, len(prompt)))
+    return out
+
+
+def _undo_trl_training_setup(peft_model):
+    """TRL's trainers leave the shared model with gradient checkpointing on and a hook
+    that makes the embeddings' output require grad; per-example gradients need neither
+    (recomputed forwards fire Opacus' hooks again, so sample counts stop matching)."""
+    base = peft_model.get_base_model()
+    if getattr(base, "is_gradient_checkpointing", False):
+        base.gradient_checkpointing_disable()
+    for m in (peft_model, base):
+        if getattr(m, "_require_grads_hook", None) is not None:
+            m.disable_input_require_grads()
+
+
+def sft_train_dp(peft_model, tok, examples: list[dict], settings: InstructSettings, dp) -> dict:
+    """SFT as DP-SGD (common.dp.train_dp): a plain loop, because TRL's trainers have no
+    per-example clipping. Each example's loss is the mean over its own answer tokens
+    and the batch loss the mean over examples, so the gradient Opacus clips is one
+    example's (the built-in LM loss averages tokens across the batch, which would not be)."""
+    import torch
+
+    from common.dp import train_dp
+
+    seqs = sft_token_lists(tok, examples, int(settings.max_length))
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+
+    def batch_loss(gsm, idx, device):
+        rows = [seqs[i] for i in idx]
+        width = max(len(ids) for ids, _ in rows)
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        answer = torch.zeros((len(rows), width), dtype=torch.bool)
+        for r, (x, start) in enumerate(rows):
+            ids[r, :len(x)] = torch.tensor(x)
+            mask[r, :len(x)] = 1
+            answer[r, start:len(x)] = True
+        ids, mask, answer = ids.to(device), mask.to(device), answer.to(device)
+        logits = gsm(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+        target, weight = ids[:, 1:], answer[:, 1:].float()
+        tok_loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, reduction="none")
+        per_example = (tok_loss * weight).sum(1) / weight.sum(1).clamp(min=1)
+        return per_example.mean(), mask.sum(), mask.numel()
+
+    torch.manual_seed(int(settings.seed))
+    _undo_trl_training_setup(peft_model)
+    info = train_dp(peft_model, len(seqs), batch_loss, settings, dp)
+    info["examples"] = len(seqs)
+    return info
 
 
 def dpo_train(peft_model, tok, pairs: list[dict], settings: InstructSettings) -> dict:

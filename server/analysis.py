@@ -86,7 +86,9 @@ def read_metrics(run_dir) -> pd.DataFrame:
     supp = df["status"] == "suppressed"
     df.loc[supp, "value"] = np.nan
     df.loc[supp, "n"] = np.nan
-    return df[df["site"] != ""].reset_index(drop=True)
+    # DP accounting rows (dp_epsilon...) are not evaluation cells: the privacy section reads run.json
+    keep = (df["site"] != "") & ~df["metric"].str.startswith("dp_")
+    return df[keep].reset_index(drop=True)
 
 
 def read_sites(run_dir, metrics: pd.DataFrame | None = None) -> pd.DataFrame:

@@ -83,6 +83,7 @@ def build_generative_report(run_dir) -> Path:
     (run_dir / "figures").mkdir(exist_ok=True)
     (run_dir / "tables").mkdir(exist_ok=True)
     df = pd.read_csv(run_dir / "metrics.csv")
+    df = df[~df["metric"].astype(str).str.startswith("dp_")]  # DP accounting: see run.json
     run = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").exists() else {}
     cfg = run.get("config", {})
     parts = [

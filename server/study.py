@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import platform
 import random
 import time
@@ -104,6 +105,7 @@ class Study:
         self.driver_rows: list[dict] = []
         self.steps_total = cfg["num-server-rounds"] + 2
         self.steps_done = 0
+        self._lock_run_dir()  # before anything in RUN_DIR is touched
         self.ckpt = Checkpoint(self.run_dir, cfg)
         if not cfg.get("resume"):
             self.ckpt.clear()  # a new study in an old RUN_DIR must not resume the old one later
@@ -565,9 +567,25 @@ class Study:
             raise StudyError("no site returned evaluation metrics")
 
     # -------------------------------------------------------------- outputs
+    def dp_rows(self) -> list[dict]:
+        """The sites' released DP accounting as metrics.csv rows (split `train`): epsilon of
+        each training call (`dp_epsilon`, note = the call) and the running total."""
+        rows = []
+        for site, d in sorted(dict(self.run.get("dp") or {}).items()):
+            base = {"site": site, "split": "train", "subgroup": "all", "n": None, "status": "ok"}
+            for call, eps in d.get("by_phase", {}).items():
+                regime = next((r for r in ("local", "personalized", "similarity-weighted", "augmented", "cluster")
+                               if f" {r}" in f" {call}"), "global")
+                rows.append({**base, "regime": regime, "metric": "dp_epsilon", "value": float(eps), "note": call})
+            rows.append({**base, "regime": "all", "metric": "dp_epsilon_total", "value": float(d["epsilon_total"]),
+                         "note": f"at delta {d['delta']:.3g}" if "delta" in d else "delta withheld (small site)"})
+            for call in d.get("stopped", []):
+                rows.append({**base, "regime": "all", "metric": "dp_budget_exhausted", "value": 1.0, "note": call})
+        return rows
+
     def write_metrics(self):
         extra = ["task", "stage"] if self.cfg["task"] == "generative" else []
-        df = pd.DataFrame(self.rows, columns=METRIC_COLUMNS + extra)
+        df = pd.DataFrame(self.rows + self.dp_rows(), columns=METRIC_COLUMNS + extra)
         df.to_csv(self.run_dir / "metrics.csv", index=False)
         sites = pd.DataFrame([{"site": s, **{f"n_{k}": v for k, v in c.items()}}
                               for s, c in sorted(self.site_counts.items())],
@@ -619,8 +637,11 @@ class Study:
         if not self.ckpt.is_done("gen_local"):
             msgs = [Message(RecordDict({"global": dpo, "config": self._config()}), dst_node_id=n,
                             message_type="train.gen_local") for n in nodes]
-            self._collect(nodes, list(self.grid.send_and_receive(msgs, timeout=float(self.cfg["round-timeout"]))),
-                          "local and personalized")
+            done = self._collect(nodes, list(self.grid.send_and_receive(
+                msgs, timeout=float(self.cfg["round-timeout"]))), "local and personalized")
+            for site, rep in done.items():
+                if "metrics" in rep.content.metric_records:
+                    self._note_dp(site, dict(rep.content["metrics"]), "gen_local")
             self.ckpt.save_done("gen_local", self._ckpt_state())
         self.timings["personalize"] = round(time.time() - t, 2)
         self.steps_done += 1
@@ -715,6 +736,26 @@ class Study:
             self.run["site_policies"] = dict(other.run.get("site_policies", {}))
         self._adopted = True
 
+    def _lock_run_dir(self):
+        """Refuse to run while another study writes this RUN_DIR (an orphan of an
+        interrupted run, or a second `--resume`): two writers would corrupt the checkpoint.
+        The lock dies with its process, so a crash never leaves a stale one."""
+        import fcntl
+
+        self._lock = open(self.run_dir / ".lock", "a+")
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self._lock.seek(0)
+            holder = self._lock.read().strip() or "another process"
+            self._lock.close()
+            raise StudyError(f"{self.run_dir} is being written by another running study ({holder}); "
+                             "stop it or wait for it before running or resuming here") from None
+        self._lock.seek(0)
+        self._lock.truncate()
+        self._lock.write(f"pid {os.getpid()}\n")
+        self._lock.flush()
+
     def execute(self):
         from client.site import LoadedModel, model_key
 
@@ -769,5 +810,6 @@ class Study:
                     _say(f"report: {path}")
                 except Exception as exc:  # the numbers are on disk even if a figure fails
                     log.error("report failed: %s", exc)
+            self._lock.close()
         _say(f"study completed in {self.timings['total']:.0f}s: {self.run_dir}")
         return self.run_dir

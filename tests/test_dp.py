@@ -237,12 +237,99 @@ def test_dp_replies_release_only_aggregates(dp_study):
 
 
 def test_dp_is_refused_where_it_is_not_built():
-    """The generative study trains through TRL, which cannot run DP-SGD (README): refused up front."""
+    """DPO has no DP path (common.instruct): a generative study with dp must skip DPO."""
     from common.config import ConfigError, resolve
 
-    with pytest.raises(ConfigError, match="'dp'.*classifier study only"):
+    with pytest.raises(ConfigError, match="'dp'.*DPO has no DP path.*dpo-rounds = 0"):
         resolve({"dp": True, "task": "generative"})
+    assert resolve({"dp": True, "task": "generative", "dpo-rounds": 0})["dp"] is True
     assert resolve({"dp": True})["dp"] is True
+
+
+def _yes_no_records(n, rng):
+    words = "the patient was admitted with and discharged home on day history of lives alone normal".split()
+    out = []
+    for i in range(n):
+        lab = int(rng.random() < 0.5)
+        w = list(rng.choice(words, 8)) + [("chf" if lab else "stable")] * 4
+        rng.shuffle(w)
+        out.append({"id": str(i), "note_text": " ".join(w), "readmitted_30d": lab})
+    return out
+
+
+def test_dp_sft_changes_the_decoder_adapter_and_learns():
+    """DP-SGD SFT of a tiny Llama + LoRA on a yes/no answer: the adapter moves and the
+    answer probability separates the classes (AUC) better than before."""
+    import torch
+    from sklearn.metrics import roc_auc_score
+
+    from common.instruct import (InstructSettings, answer_probability, make_lora_causal_lm, sft_train,
+                                 sft_train_dp)
+    from common.models import LoraSettings, adapter_state
+    from common.tasks import TASKS
+
+    torch.set_num_threads(1)
+    model, tok = make_lora_causal_lm("tiny-llama", 0, LoraSettings())
+    rng = np.random.default_rng(0)
+    task = TASKS["readmission"]
+    train, test = _yes_no_records(300, rng), _yes_no_records(100, rng)
+    y = [r["readmitted_30d"] for r in test]
+    # the shared model has been through TRL first (gradient checkpointing, input hook), as in a study
+    sft_train(model, tok, [task.build_example(r) for r in train[:8]], InstructSettings(steps=1, batch_size=4))
+    before = adapter_state(model)
+    auc0 = roc_auc_score(y, answer_probability(model, tok, [task.prompt(r) for r in test]))
+    info = sft_train_dp(model, tok, [task.build_example(r) for r in train],
+                        InstructSettings(steps=60, batch_size=16, lr=1e-2, max_length=128, seed=0),
+                        DPSettings(noise_multiplier=0.7, max_grad_norm=1.0, delta=1e-3, secret_seed=1))
+    auc1 = roc_auc_score(y, answer_probability(model, tok, [task.prompt(r) for r in test]))
+    after = adapter_state(model)
+    assert info["steps"] == 60 and info["examples"] == 300 and 10 < info["mean_batch"] < 22
+    assert max(float(np.abs(after[k] - before[k]).max()) for k in before) > 1e-3
+    assert auc1 > max(auc0, 0.97), (auc0, auc1)
+    # the hooks are gone: the shared model trains and predicts normally afterwards
+    assert not any(hasattr(p, "grad_sample") for p in model.parameters())
+
+
+@pytest.mark.slow
+def test_generative_study_with_dp_sft_reports_epsilon(small_federation, tmp_path):
+    """SFT rounds and the site-held SFT run as DP-SGD; epsilon per call and in total reaches
+    run.json and metrics.csv; the local regime stops at SFT (no DP path for DPO)."""
+    import pandas as pd
+
+    from client.app import app as client_app
+    from common.config import resolve
+    from common.data import list_sites
+    from inprocess_grid import LocalGrid
+    from server.study import Study
+
+    sites = list_sites(small_federation)
+    cfg = resolve({"task": "generative", "decoder": "tiny-llama", "data-dir": str(small_federation),
+                   "num-server-rounds": 2, "sft-steps": 2, "dpo-rounds": 0, "dp": True, "dp-delta": 1e-4,
+                   "gen-eval-items": 10, "min-cell-size": 5, "gen-batch-size": 4, "gen-max-new-tokens": 4,
+                   "gen-max-words": 20, "gen-examples": 0, "public-eval": False})
+    grid = LocalGrid(client_app, [{"partition-id": i, "num-partitions": len(sites)} for i in range(len(sites))], cfg)
+    Study(grid, cfg, tmp_path).execute()
+    run = json.loads((tmp_path / "run.json").read_text())
+    assert run["status"] == "completed", run["errors"]
+    rounds = [r for r in run["rounds"] if r["phase"] == "sft"]
+    assert len(rounds) == 2
+    for name, _ in sites:
+        totals = [r["dp"][name]["epsilon_total"] for r in rounds]
+        assert 0 < totals[0] < totals[1]
+        assert set(run["dp"][name]["by_phase"]) == {"sft round 1", "sft round 2", "gen_local local",
+                                                    "gen_local personalized"}
+        assert run["dp"][name]["epsilon_total"] > totals[1]  # the site-held SFT counts too
+        assert not (tmp_path / "sites" / name / "adapters" / "local-dpo").exists()
+    df = pd.read_csv(tmp_path / "metrics.csv")
+    eps = df[df["metric"] == "dp_epsilon_total"].set_index("site")["value"]
+    assert eps.to_dict() == pytest.approx({n: run["dp"][n]["epsilon_total"] for n, _ in sites})
+    calls = df[df["metric"] == "dp_epsilon"]
+    assert set(calls["note"]) == {"sft round 1", "sft round 2", "gen_local local", "gen_local personalized"}
+    assert set(calls["regime"]) == {"global", "local", "personalized"}
+    scored = df[~df["metric"].str.startswith("dp_")]
+    assert ("dpo", "local") not in set(zip(scored["stage"], scored["regime"]))
+    assert ("sft", "local") in set(zip(scored["stage"], scored["regime"]))
+    assert (tmp_path / "report.html").exists()
 
 
 @pytest.mark.slow

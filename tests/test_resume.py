@@ -101,3 +101,32 @@ def test_resume_refuses_a_different_study_or_no_checkpoint(small_federation, tmp
     other = _cfg(small_federation, resume=True, **{"num-server-rounds": 1, "regimes": "global", "local-steps": 9})
     with pytest.raises(ResumeError, match="local-steps: 3 -> 9"):
         Study(LocalGrid(client_app, _nodes(small_federation), other), other, tmp_path).execute()
+
+
+def test_a_run_dir_in_use_by_another_study_is_refused_untouched(small_federation, tmp_path):
+    """An orphaned or second ServerApp writing the same RUN_DIR would corrupt the checkpoint."""
+    import fcntl
+    import subprocess
+    import sys
+
+    from server.study import StudyError
+
+    # another process holds the RUN_DIR's lock, as a still-running study does
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, sys, time\n"
+        f"f = open({str(tmp_path / '.lock')!r}, 'a+'); fcntl.flock(f, fcntl.LOCK_EX); f.write('pid 4242'); f.flush()\n"
+        "print('locked', flush=True); time.sleep(60)")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        cfg = _cfg(small_federation, **{"num-server-rounds": 1, "regimes": "global"})
+        with pytest.raises(StudyError, match=r"being written by another running study \(pid 4242\)"):
+            Study(LocalGrid(client_app, _nodes(small_federation), cfg), cfg, tmp_path).execute()
+        assert not (tmp_path / "run.json").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    # once the holder is gone (even killed), the lock is free
+    Study(LocalGrid(client_app, _nodes(small_federation), cfg), cfg, tmp_path).execute()
+    assert json.loads((tmp_path / "run.json").read_text())["status"] == "completed"
+    with open(tmp_path / ".lock") as f:  # and the finished study released it
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
