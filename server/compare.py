@@ -38,7 +38,7 @@ import pandas as pd
 from common.arms import Arm, parse_arms
 from common.config import ConfigError
 from common.metrics import METRIC_COLUMNS
-from server.study import Study, StudyError, _say, versions
+from server.study import Study, StudyError, _say, exchange, versions
 
 log = logging.getLogger("clinfed.server")
 
@@ -374,7 +374,7 @@ class Comparison:
         config = {"run-dir": str(self.run_dir.resolve()), "compare-arms": ",".join(names)}
         msgs = [Message(RecordDict({"config": ConfigRecord(dict(config))}), dst_node_id=node,
                         message_type="evaluate.compare") for node in first.sites]
-        replies = list(self.grid.send_and_receive(msgs, timeout=float(self.cfg["round-timeout"])))
+        replies = list(exchange(self.grid, msgs, timeout=float(self.cfg["round-timeout"])))
         ok = first._collect(list(first.sites), replies, "compare")
         self.errors.extend(e for e in first.errors if e.startswith("compare:"))
         for site, rep in ok.items():
