@@ -125,6 +125,7 @@ class GenSite:
             return None
         return DPSettings(noise_multiplier=float(self.cfg["dp-noise-multiplier"]),
                           max_grad_norm=float(self.cfg["dp-max-grad-norm"]),
+                          optimizer=str(self.cfg["dp-optimizer"]), lr=float(self.cfg["dp-learning-rate"]),
                           delta=policy.delta_for(self.n_train()), budget=float(policy.dp_epsilon))
 
     def sft(self, dec: LoadedModel, start, steps: int, offset: int, dp=None, ledger=None, label: str = "sft"):

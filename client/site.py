@@ -179,6 +179,7 @@ class Site:
             return None
         return DPSettings(noise_multiplier=float(self.cfg["dp-noise-multiplier"]),
                           max_grad_norm=float(self.cfg["dp-max-grad-norm"]),
+                          optimizer=str(self.cfg["dp-optimizer"]), lr=float(self.cfg["dp-learning-rate"]),
                           delta=policy.delta_for(len(self.splits["train"])), budget=float(policy.dp_epsilon))
 
     def train(self, lm: LoadedModel, start: dict[str, np.ndarray], steps: int, seed_offset: int,

@@ -62,6 +62,11 @@ KEYS: dict[str, tuple[Any, type, Any, str]] = {
            "site: the classifier, and generative SFT (needs dpo-rounds = 0)"),
     "dp-noise-multiplier": (1.0, float, (0.05, 100.0), "DP-SGD noise multiplier (noise std / clipping norm)"),
     "dp-max-grad-norm": (1.0, float, (1e-6, 1e6), "DP-SGD per-example gradient clipping norm"),
+    "dp-optimizer": ("sgd", str, ("sgd", "adam"),
+                     "optimizer of DP-SGD steps: plain SGD (default; AdamW under DP noise was measured to "
+                     "anti-learn, README 'What DP-SGD costs in AUC') or AdamW"),
+    "dp-learning-rate": (0.5, float, (0.0, 100.0),
+                         "peak learning rate of DP training (SGD needs a far larger one than AdamW); 0 = learning-rate"),
     "dp-epsilon": (0.0, float, (0.0, 1e6),
                    "DP-SGD epsilon budget per site for the whole study (0 = none; a site's policy may set a smaller one)"),
     "dp-delta": (0.0, float, (0.0, 0.5), "DP-SGD delta the epsilon is reported at; 0 = 1/n_train of each site"),

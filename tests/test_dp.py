@@ -44,7 +44,8 @@ def _auc(model, tok, test):
     return roc_auc_score(test[1], predict_proba(model, test[0], tok.pad_token_id))
 
 
-def test_dp_training_changes_the_adapter_and_learns(tiny):
+@pytest.mark.parametrize("optimizer,lr", [("sgd", 0.5), ("adam", 1e-2)])
+def test_dp_training_changes_the_adapter_and_learns(tiny, optimizer, lr):
     from common.models import adapter_state, load_adapter_state
     from common.training import TrainSettings, train_classifier
 
@@ -53,7 +54,8 @@ def test_dp_training_changes_the_adapter_and_learns(tiny):
     before = _auc(model, tok, test)
     settings = TrainSettings(steps=40, batch_size=32, lr=1e-2, precision="fp32")
     info = train_classifier(model, *train, settings, tok.pad_token_id,
-                            dp=DPSettings(noise_multiplier=1.0, max_grad_norm=1.0, delta=1e-3, secret_seed=1))
+                            dp=DPSettings(noise_multiplier=1.0, max_grad_norm=1.0, delta=1e-3, secret_seed=1,
+                                          optimizer=optimizer, lr=lr))
     after = adapter_state(model)
     moved = {k: float(np.abs(after[k] - init[k]).max()) for k in init}
     lora = [k for k in moved if "lora_" in k]
@@ -280,7 +282,8 @@ def test_dp_sft_changes_the_decoder_adapter_and_learns():
     auc0 = roc_auc_score(y, answer_probability(model, tok, [task.prompt(r) for r in test]))
     info = sft_train_dp(model, tok, [task.build_example(r) for r in train],
                         InstructSettings(steps=60, batch_size=16, lr=1e-2, max_length=128, seed=0),
-                        DPSettings(noise_multiplier=0.7, max_grad_norm=1.0, delta=1e-3, secret_seed=1))
+                        DPSettings(noise_multiplier=0.7, max_grad_norm=1.0, delta=1e-3, secret_seed=1,
+                                   optimizer="adam"))
     auc1 = roc_auc_score(y, answer_probability(model, tok, [task.prompt(r) for r in test]))
     after = adapter_state(model)
     assert info["steps"] == 60 and info["examples"] == 300 and 10 < info["mean_batch"] < 22
