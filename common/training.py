@@ -165,6 +165,23 @@ def train_classifier(model, encoded: list[np.ndarray], labels: np.ndarray, setti
         from common.dp import train_classifier_dp
 
         return train_classifier_dp(model, encoded, labels, settings, pad_id, dp, progress=progress)
+    y_all = torch.as_tensor(np.array(labels, dtype=np.int64))
+
+    def batch_loss(idx, device, amp):
+        ids, mask = collate(encoded, idx, pad_id, device)
+        with torch.autocast(device_type=device, dtype=amp, enabled=amp is not None):
+            logits = model(input_ids=ids, attention_mask=mask).logits
+        return torch.nn.functional.cross_entropy(logits.float(), y_all[idx].to(device)), mask
+
+    return _train_steps(model, encoded, settings, batch_loss, progress)
+
+
+def _train_steps(model, encoded: list[np.ndarray], settings: TrainSettings, batch_loss, progress=None) -> dict:
+    """The optimizer loop every non-DP training form shares: AdamW with warm-up and cosine
+    decay, length-grouped batches, seeded batches and dropout, gradient clipping, the bf16
+    frozen-base fast path. `batch_loss(idx, device, amp)` returns (mean loss, attention mask)."""
+    import torch
+
     if len(encoded) == 0:
         raise ValueError("no training examples")
     device = pick_device(settings.device)
@@ -182,7 +199,6 @@ def train_classifier(model, encoded: list[np.ndarray], labels: np.ndarray, setti
     # what the process trained before (a resumed study would not match an uninterrupted one)
     torch.manual_seed(settings.seed)
     lengths = np.array([len(e) for e in encoded])
-    y_all = torch.as_tensor(np.array(labels, dtype=np.int64))
     batches: list[np.ndarray] = []
     losses, tokens, padded = [], 0, 0
     t0 = time.perf_counter()
@@ -190,12 +206,7 @@ def train_classifier(model, encoded: list[np.ndarray], labels: np.ndarray, setti
         for step in range(settings.steps):
             if not batches:
                 batches = length_grouped_batches(lengths, settings.batch_size, rng)
-            idx = batches.pop()
-            ids, mask = collate(encoded, idx, pad_id, device)
-            y = y_all[idx].to(device)
-            with torch.autocast(device_type=device, dtype=amp, enabled=amp is not None):
-                logits = model(input_ids=ids, attention_mask=mask).logits
-            loss = torch.nn.functional.cross_entropy(logits.float(), y)
+            loss, mask = batch_loss(batches.pop(), device, amp)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if settings.grad_clip:
@@ -210,18 +221,28 @@ def train_classifier(model, encoded: list[np.ndarray], labels: np.ndarray, setti
     seconds = time.perf_counter() - t0
     model.eval()
     tail = losses[-max(1, len(losses) // 4):]
-    return {
-        "train_loss": float(np.mean(tail)),
-        "steps": settings.steps,
-        "seconds": seconds,
-        "tokens": tokens,
-        "padded_tokens": padded,
-    }
+    return {"train_loss": float(np.mean(tail)), "steps": settings.steps, "seconds": seconds,
+            "tokens": tokens, "padded_tokens": padded}
 
 
 def predict_proba(model, encoded: list[np.ndarray], pad_id: int, batch_size: int = 64,
                   device: str = "auto", precision: str = "auto") -> np.ndarray:
     """P(readmitted) per item, in input order; no gradients, length-sorted batches."""
+    import torch
+
+    def score(idx, device, amp):
+        ids, mask = collate(encoded, idx, pad_id, device)
+        with torch.autocast(device_type=device, dtype=amp, enabled=amp is not None):
+            logits = model(input_ids=ids, attention_mask=mask).logits
+        return torch.softmax(logits.float(), dim=-1)[:, 1]
+
+    return _score_batches(model, encoded, score, batch_size, device, precision)
+
+
+def _score_batches(model, encoded: list[np.ndarray], score, batch_size: int, device: str,
+                   precision: str) -> np.ndarray:
+    """Scoring every form shares: no gradients, length-sorted batches (little padding), the
+    bf16 frozen-base fast path; `score(idx, device, amp)` gives the batch's scores."""
     import torch
 
     if len(encoded) == 0:
@@ -236,10 +257,7 @@ def predict_proba(model, encoded: list[np.ndarray], pad_id: int, batch_size: int
     with frozen_linears_in(model, amp), torch.inference_mode():
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
-            ids, mask = collate(encoded, idx, pad_id, device)
-            with torch.autocast(device_type=device, dtype=amp, enabled=amp is not None):
-                logits = model(input_ids=ids, attention_mask=mask).logits
-            out[idx] = torch.softmax(logits.float(), dim=-1)[:, 1].cpu().numpy()
+            out[idx] = score(idx, device, amp).cpu().numpy()
     return out
 
 
@@ -276,51 +294,16 @@ def train_prompt_classifier(model, encoded: list[np.ndarray], labels: np.ndarray
     prompt. The same batching, schedule and seeding as `train_classifier`."""
     import torch
 
-    if len(encoded) == 0:
-        raise ValueError("no training examples")
-    device = pick_device(settings.device)
-    model.to(device)
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
-    warm = max(1, int(settings.steps * settings.warmup_frac))
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warm) * (0.5 * (1 + math.cos(math.pi * min(1.0, s / max(1, settings.steps)))) * 0.9 + 0.1)
-    )
-    amp = autocast_dtype(device, settings.precision)
-    rng = np.random.default_rng(settings.seed)
-    torch.manual_seed(settings.seed)
-    lengths = np.array([len(e) for e in encoded])
     yes_id, no_id = answer_ids
     target_all = torch.as_tensor(np.where(np.asarray(labels, dtype=np.int64) == 1, yes_id, no_id))
-    batches: list[np.ndarray] = []
-    losses, tokens, padded = [], 0, 0
-    t0 = time.perf_counter()
-    with frozen_linears_in(model, amp):
-        for step in range(settings.steps):
-            if not batches:
-                batches = length_grouped_batches(lengths, settings.batch_size, rng)
-            idx = batches.pop()
-            ids, mask, pos = collate_left(encoded, idx, pad_id, device)
-            with torch.autocast(device_type=device, dtype=amp, enabled=amp is not None):
-                logits = _answer_logits(model, ids, mask, pos)
-            loss = torch.nn.functional.cross_entropy(logits.float(), target_all[idx].to(device))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if settings.grad_clip:
-                torch.nn.utils.clip_grad_norm_(params, settings.grad_clip)
-            opt.step()
-            sched.step()
-            losses.append(float(loss.detach()))
-            tokens += int(mask.sum())
-            padded += int(mask.numel())
-            if progress is not None:
-                progress(step + 1, settings.steps, losses[-1])
-    seconds = time.perf_counter() - t0
-    model.eval()
-    tail = losses[-max(1, len(losses) // 4):]
-    return {"train_loss": float(np.mean(tail)), "steps": settings.steps, "seconds": seconds,
-            "tokens": tokens, "padded_tokens": padded}
+
+    def batch_loss(idx, device, amp):
+        ids, mask, pos = collate_left(encoded, idx, pad_id, device)
+        with torch.autocast(device_type=device, dtype=amp, enabled=amp is not None):
+            logits = _answer_logits(model, ids, mask, pos)
+        return torch.nn.functional.cross_entropy(logits.float(), target_all[idx].to(device)), mask
+
+    return _train_steps(model, encoded, settings, batch_loss, progress)
 
 
 def predict_yes_proba(model, encoded: list[np.ndarray], pad_id: int, answer_ids: tuple[int, int],
@@ -329,24 +312,15 @@ def predict_yes_proba(model, encoded: list[np.ndarray], pad_id: int, answer_ids:
     score `common.instruct.answer_probability` computes one prompt at a time)."""
     import torch
 
-    if len(encoded) == 0:
-        return np.zeros(0)
-    device = pick_device(device)
-    model.to(device)
-    model.eval()
-    amp = autocast_dtype(device, precision)
-    lengths = np.array([len(e) for e in encoded])
-    order = np.argsort(-lengths, kind="stable")
-    out = np.empty(len(encoded), dtype=np.float64)
     pair = list(answer_ids)
-    with frozen_linears_in(model, amp), torch.inference_mode():
-        for start in range(0, len(order), batch_size):
-            idx = order[start:start + batch_size]
-            ids, mask, pos = collate_left(encoded, idx, pad_id, device)
-            with torch.autocast(device_type=device, dtype=amp, enabled=amp is not None):
-                logits = _answer_logits(model, ids, mask, pos)
-            out[idx] = torch.softmax(logits.float()[:, pair], dim=-1)[:, 0].cpu().numpy()
-    return out
+
+    def score(idx, device, amp):
+        ids, mask, pos = collate_left(encoded, idx, pad_id, device)
+        with torch.autocast(device_type=device, dtype=amp, enabled=amp is not None):
+            logits = _answer_logits(model, ids, mask, pos)
+        return torch.softmax(logits.float()[:, pair], dim=-1)[:, 0]
+
+    return _score_batches(model, encoded, score, batch_size, device, precision)
 
 
 # --------------------------------------------------------------------------

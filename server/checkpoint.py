@@ -49,6 +49,14 @@ def _save_npz(path: Path, state: dict[str, np.ndarray]):
     tmp.replace(path)
 
 
+def write_json(path: Path, obj) -> None:
+    """Write JSON so that a crash mid-write leaves the previous file, never half of one:
+    a resumed study reads what the crashed one last finished."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, default=str))
+    tmp.replace(path)
+
+
 def _load_npz(path: Path) -> dict[str, np.ndarray]:
     with np.load(path) as z:
         return {k.replace("|", "/"): z[k].copy() for k in z.files}
@@ -126,9 +134,7 @@ class Checkpoint:
         self.state.update(study_state)
         self.state["random_state"] = random.getstate()
         self.dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.dir / "state.json.tmp"
-        tmp.write_text(json.dumps(self.state, indent=1, default=str))
-        tmp.replace(self.dir / "state.json")
+        write_json(self.dir / "state.json", self.state)
 
     def clear(self):
         shutil.rmtree(self.dir, ignore_errors=True)

@@ -24,9 +24,7 @@ run.json, report.html, and arms/<arm>/ (each arm's own full study output).
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import time
 import traceback
 from datetime import datetime, timezone
@@ -38,6 +36,7 @@ import pandas as pd
 from common.arms import Arm, parse_arms
 from common.config import ConfigError
 from common.metrics import METRIC_COLUMNS
+from server.checkpoint import write_json
 from server.study import Study, StudyError, _say, exchange, versions
 
 log = logging.getLogger("clinfed.server")
@@ -400,12 +399,4 @@ class Comparison:
             sites.to_csv(self.run_dir / "sites.csv", index=False)
         self.run.update({"errors": self.errors, "timings": self.timings,
                          "arms_completed": list(self.studies)})
-        tmp = self.run_dir / "run.json.tmp"
-        tmp.write_text(json.dumps(self.run, indent=1, default=_json_default))
-        tmp.replace(self.run_dir / "run.json")
-
-
-def _json_default(o):
-    if isinstance(o, float) and math.isnan(o):
-        return None
-    return str(o)
+        write_json(self.run_dir / "run.json", self.run)

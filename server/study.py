@@ -34,7 +34,7 @@ from common.config import gen_tasks, regimes
 from common.metrics import METRIC_COLUMNS, cell_rows
 from common.models import save_adapter, state_hash, state_nbytes
 from common.policy import Policy
-from server.checkpoint import Checkpoint
+from server.checkpoint import Checkpoint, write_json
 
 log = logging.getLogger("clinfed.server")
 
@@ -635,9 +635,7 @@ class Study:
             "bytes": {"sent": sum(r["bytes_sent"] for r in self.rounds),
                       "received": sum(r["bytes_received"] for r in self.rounds)},
         })
-        tmp = self.run_dir / "run.json.tmp"
-        tmp.write_text(json.dumps(self.run, indent=1, default=str))
-        tmp.replace(self.run_dir / "run.json")
+        write_json(self.run_dir / "run.json", self.run)
 
     def _timed(self, name, fn, *args):
         t = time.time()

@@ -476,6 +476,7 @@ def overhead(model="minilm", sizes=(500, 300, 200), rounds=3, local_steps=10, pe
         "simulated_wall_s": wall, "site_compute_s": site_work,
         "site_compute_runs_s": [sum(c[p] for p in phases) for c in computes],
         "simulated_cpu_s": mon.cpu_seconds, "site_compute_cpu_s": compute["cpu"],
+        "simulated_cpu_by_process_s": mon.cpu_by_role(),
         "inprocess_model_load_s": computes[-1]["load-model"],
         "round_seconds": [r["seconds"] for r in run.get("rounds", [])], "breakdown": rows,
         "load_average_1min": load, "simulation_processes": mon.peak_procs,
@@ -485,7 +486,10 @@ def overhead(model="minilm", sizes=(500, 300, 200), rounds=3, local_steps=10, pe
                      "threads_per_site": threads, "cpus_per_site": min(threads, cores), "report": False,
                      "inprocess_runs": len(computes)},
         "_tables": [("simulated study vs the same work in-process (seconds; compute = mean of the in-process runs)",
-                     rows)],
+                     rows),
+                    ("CPU seconds of the simulated study per process (in-process baseline: "
+                     f"{compute['cpu']:.1f} s)",
+                     [{"process": k, "cpu s": v} for k, v in mon.cpu_by_role().items()])],
     }
 
 
@@ -625,6 +629,26 @@ def _fp16_round_trip(lm, cfg, steps, size, seed, work, adapter=None, site_data=N
 # --------------------------------------------------------------------------
 # 4. scale: memory and time per round as the number of sites grows
 # --------------------------------------------------------------------------
+def process_role(cmdline: list[str]) -> str:
+    """What a process of a simulated study is, from its command line."""
+    text = " ".join(cmdline)
+    exe = cmdline[0].rsplit("/", 1)[-1] if cmdline else ""
+    if exe in ("raylet", "gcs_server"):
+        return {"raylet": "Ray raylet", "gcs_server": "Ray GCS"}[exe]
+    for needle, role in (("default_worker.py", "Ray worker (the sites' ClientApp)"),
+                         ("ray::", "Ray worker (the sites' ClientApp)"),
+                         ("log_monitor", "Ray log monitor"), ("dashboard", "Ray dashboard/agents"),
+                         ("runtime_env", "Ray dashboard/agents"), ("flower-superlink", "SuperLink"),
+                         ("flwr-serverapp", "ServerApp"), ("flwr-simulation", "ServerApp + simulation engine"),
+                         ("flower-simulation", "ServerApp + simulation engine"), ("flwr run", "flwr CLI"),
+                         ("bin/flwr ", "flwr CLI")):
+        if needle in text:
+            return role
+    if exe.startswith("python") and len(cmdline) > 1:  # name it by its script
+        return cmdline[1].rsplit("/", 1)[-1]
+    return exe or "other"
+
+
 class TreeRSS:
     """Samples the resident memory of every process of one simulated study: this
     process's children (the `flwr` CLI) and every process whose FLWR_HOME is the
@@ -640,6 +664,9 @@ class TreeRSS:
         self.peak_procs = 0
         self.samples = 0
         self._cpu: dict[int, float] = {}
+        self._role: dict[int, str] = {}
+        self._foreign: set[int] = set()  # pids seen and not the study's: not read again
+        self.own_cpu = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -649,11 +676,13 @@ class TreeRSS:
         me = psutil.Process()
         found = {p.pid: p for p in me.children(recursive=True)}
         for p in psutil.process_iter():
-            if p.pid in found or p.pid == me.pid:
+            if p.pid in found or p.pid == me.pid or p.pid in self._foreign:
                 continue
             try:
                 if p.environ().get("FLWR_HOME") == self.home:
                     found[p.pid] = p
+                else:
+                    self._foreign.add(p.pid)
             except (psutil.Error, OSError):
                 continue
         return list(found.values())
@@ -675,6 +704,8 @@ class TreeRSS:
                         rss += p.memory_info().rss
                     ct = p.cpu_times()
                     self._cpu[p.pid] = ct.user + ct.system
+                    if p.pid not in self._role:
+                        self._role[p.pid] = process_role(p.cmdline())
                 except (psutil.Error, OSError):
                     continue
             self.peak_rss = max(self.peak_rss, rss)
@@ -682,12 +713,23 @@ class TreeRSS:
             self.peak_procs = max(self.peak_procs, len(procs))
             self.samples += 1
             i += 1
+            self.own_cpu = time.thread_time()
             self._stop.wait(self.interval)
 
     @property
     def cpu_seconds(self) -> float:
         """CPU time of the tree's processes as last seen (a process's last interval may be missed)."""
         return float(sum(self._cpu.values()))
+
+    def cpu_by_role(self) -> dict[str, float]:
+        """CPU seconds per kind of process (the profile of where a study's CPU goes), with
+        this monitor's own sampling, which the in-process baseline does not pay."""
+        out: dict[str, float] = {}
+        for pid, cpu in self._cpu.items():
+            role = self._role.get(pid, "other")
+            out[role] = out.get(role, 0.0) + cpu
+        out["benchmark's own sampling (this monitor)"] = self.own_cpu
+        return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
     def __enter__(self):
         self._thread.start()

@@ -18,6 +18,29 @@ from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
 
+def simulated_nodes(n_sites: int) -> list[dict]:
+    """The node configs of a simulation: one partition per hospital of the federation."""
+    return [{"partition-id": i, "num-partitions": n_sites} for i in range(n_sites)]
+
+
+def canary_federation(src, dst):
+    """Copy a federation and plant a unique canary string in every note, so that an audit
+    of the messages can look for text that must never leave a site."""
+    import shutil
+
+    import pandas as pd
+
+    from common.data import list_sites
+
+    shutil.copytree(src, dst)
+    for name, folder in list_sites(dst):
+        path = folder / "encounters.csv"
+        df = pd.read_csv(path, dtype=str, keep_default_na=False)
+        df["note_text"] = [f"{t} CANARY{name}x{i:05d}Q" for i, t in enumerate(df["note_text"])]
+        df.to_csv(path, index=False)
+    return dst
+
+
 def _wire(msg: Message) -> Message:
     return message_from_proto(message_to_proto(msg))
 

@@ -4,7 +4,6 @@ accounting counted on the messages, refusals of full fine-tuning, and an audit o
 message the sites sent."""
 
 import json
-import shutil
 
 import numpy as np
 import pandas as pd
@@ -16,7 +15,7 @@ from common.arms import DEFAULT_ARMS, DEFAULT_COMPARISON, parse_arm, parse_arms
 from common.compare import compare_metrics, load_scores, paired_auc_difference, save_scores
 from common.config import ConfigError, resolve
 from common.data import list_sites, read_site_table
-from inprocess_grid import LocalGrid
+from inprocess_grid import LocalGrid, canary_federation, simulated_nodes
 from server.compare import Comparison, plan_costs
 
 # tiny-bert:lora-r8 is tiny-bert:lora at the run's default rank 8 (alpha 16): the same model,
@@ -27,27 +26,13 @@ BASE = {"num-server-rounds": 2, "local-steps": 3, "bootstrap": 40, "min-cell-siz
         "gen-max-new-tokens": 4, "share-local-adapters": True, "drivers": False}
 
 
-def _canary_federation(src, dst):
-    shutil.copytree(src, dst)
-    for name, folder in list_sites(dst):
-        path = folder / "encounters.csv"
-        df = pd.read_csv(path, dtype=str, keep_default_na=False)
-        df["note_text"] = [f"{t} CANARY{name}x{i:05d}Q" for i, t in enumerate(df["note_text"])]
-        df.to_csv(path, index=False)
-    return dst
-
-
-def _nodes(sites):
-    return [{"partition-id": i, "num-partitions": len(sites)} for i in range(len(sites))]
-
-
 @pytest.fixture(scope="module")
 def comparison(small_federation, tmp_path_factory):
-    data = _canary_federation(small_federation, tmp_path_factory.mktemp("canary") / "fed")
+    data = canary_federation(small_federation, tmp_path_factory.mktemp("canary") / "fed")
     run_dir = tmp_path_factory.mktemp("cmp")
     cfg = resolve({**BASE, "arms": ARMS, "data-dir": str(data)})
     sites = list_sites(data)
-    grid = LocalGrid(client_app, _nodes(sites), cfg)
+    grid = LocalGrid(client_app, simulated_nodes(len(sites)), cfg)
     Comparison(grid, cfg, run_dir).execute()
     return {"grid": grid, "run_dir": run_dir, "data": data, "sites": [s for s, _ in sites], "cfg": cfg,
             "arms": [a.name for a in parse_arms(ARMS)]}
@@ -284,7 +269,7 @@ def test_full_fine_tuning_refused_by_the_bytes_budget_before_anything_runs(small
     cfg = resolve({**BASE, "arms": "tiny-bert:lora,tiny-bert:full", "data-dir": str(small_federation),
                    "max-bytes-per-round": budget})
     sites = list_sites(small_federation)
-    grid = LocalGrid(client_app, _nodes(sites), cfg)
+    grid = LocalGrid(client_app, simulated_nodes(len(sites)), cfg)
     with pytest.raises(ConfigError, match=r"max-bytes-per-round.*tiny-bert:full moves [0-9,]+ bytes per site"):
         Comparison(grid, cfg, tmp_path / "run").execute()
     assert grid.sent == []  # refused before any message
@@ -306,7 +291,7 @@ def test_a_site_policy_forbidding_full_weights_refuses_the_arm(small_federation,
     sites = list_sites(small_federation)
     policy = tmp_path / "policy.toml"
     policy.write_text("allow-full-weights = false\n")
-    nodes = _nodes(sites)
+    nodes = simulated_nodes(len(sites))
     nodes[2]["policy-path"] = str(policy)
     cfg = resolve({**BASE, "arms": "tiny-bert:lora,tiny-bert:full,tiny-bert:head-only",
                    "data-dir": str(small_federation), "local-steps": 2, "num-server-rounds": 1})
@@ -344,7 +329,7 @@ def test_a_site_update_cap_refuses_larger_updates(small_federation, tmp_path):
     plan = {p["arm"]: p for p in plan_costs(resolve({"arms": "tiny-bert:lora,tiny-bert:full"}))}
     policy = tmp_path / "policy.toml"
     policy.write_text(f"max-update-bytes = {plan['tiny-bert:lora']['update_bytes']}\n")  # lora fits, full not
-    nodes = _nodes(sites)
+    nodes = simulated_nodes(len(sites))
     nodes[0]["policy-path"] = str(policy)
     cfg = resolve({**BASE, "arms": "tiny-bert:head-only,tiny-bert:lora,tiny-bert:full",
                    "data-dir": str(small_federation), "local-steps": 2, "num-server-rounds": 1})
@@ -412,7 +397,7 @@ def test_dp_epsilon_adds_up_across_arms(small_federation, tmp_path):
     sites = list_sites(small_federation)
     cfg = resolve({**BASE, "arms": "tiny-bert:lora,tiny-bert:head-only", "data-dir": str(small_federation),
                    "num-server-rounds": 1, "local-steps": 2, "regimes": "base,global", "dp": True})
-    grid = LocalGrid(client_app, _nodes(sites), cfg)
+    grid = LocalGrid(client_app, simulated_nodes(len(sites)), cfg)
     Comparison(grid, cfg, tmp_path / "run").execute()
     first, second = (json.loads((tmp_path / "run" / "arms" / parse_arm(a).safe_name / "run.json").read_text())
                      for a in ("tiny-bert:lora", "tiny-bert:head-only"))

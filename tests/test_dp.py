@@ -302,7 +302,7 @@ def test_generative_study_with_dp_sft_reports_epsilon(small_federation, tmp_path
     from client.app import app as client_app
     from common.config import resolve
     from common.data import list_sites
-    from inprocess_grid import LocalGrid
+    from inprocess_grid import LocalGrid, simulated_nodes
     from server.study import Study
 
     sites = list_sites(small_federation)
@@ -310,7 +310,7 @@ def test_generative_study_with_dp_sft_reports_epsilon(small_federation, tmp_path
                    "num-server-rounds": 2, "sft-steps": 2, "dpo-rounds": 0, "dp": True, "dp-delta": 1e-4,
                    "gen-eval-items": 10, "min-cell-size": 5, "gen-batch-size": 4, "gen-max-new-tokens": 4,
                    "gen-max-words": 20, "gen-examples": 0, "public-eval": False})
-    grid = LocalGrid(client_app, [{"partition-id": i, "num-partitions": len(sites)} for i in range(len(sites))], cfg)
+    grid = LocalGrid(client_app, simulated_nodes(len(sites)), cfg)
     Study(grid, cfg, tmp_path).execute()
     run = json.loads((tmp_path / "run.json").read_text())
     assert run["status"] == "completed", run["errors"]

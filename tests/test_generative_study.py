@@ -9,7 +9,7 @@ from flwr.common.serde import message_to_proto
 from client.app import app as client_app
 from common.config import resolve
 from common.data import list_sites
-from inprocess_grid import LocalGrid
+from inprocess_grid import LocalGrid, simulated_nodes
 from server.study import Study
 
 
@@ -19,7 +19,7 @@ def test_generative_study_sft_then_dpo(small_federation, tmp_path):
                    "num-server-rounds": 1, "sft-steps": 2, "dpo-rounds": 1, "dpo-steps": 1,
                    "gen-eval-items": 10, "min-cell-size": 5, "gen-batch-size": 4, "gen-max-new-tokens": 8,
                    "gen-max-words": 30, "gen-holdout-task": "readmission", "gen-examples": 2})
-    grid = LocalGrid(client_app, [{"partition-id": i, "num-partitions": len(sites)} for i in range(len(sites))], cfg)
+    grid = LocalGrid(client_app, simulated_nodes(len(sites)), cfg)
     Study(grid, cfg, tmp_path).execute()
     run = json.loads((tmp_path / "run.json").read_text())
     assert run["status"] == "completed", run["errors"]

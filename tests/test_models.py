@@ -131,8 +131,6 @@ def test_an_inactive_adapter_is_caught_after_loading():
 
 
 def test_a_changed_adapter_file_or_another_base_is_refused(tmp_path):
-    import json
-
     from safetensors.numpy import load_file, save_file
 
     from common.models import AdapterMismatch, LoraSettings, make_lora_model, read_adapter, save_adapter
@@ -155,31 +153,18 @@ def test_a_changed_adapter_file_or_another_base_is_refused(tmp_path):
         read_adapter(model, folder)
 
 
-def test_bf16_frozen_base_is_a_pure_speedup():
-    """Holding the frozen Linear weights in bf16 during a bf16-autocast step gives exactly
-    what autocast's per-call cast gives, and the fp32 base is intact afterwards."""
+def _fast_equals_plain(model, init, train_and_score):
+    """Train and score from `init` with the bf16 frozen-base fast path and again with plain
+    autocast: the adapters and scores must be bit-identical, and training must have moved."""
     import contextlib
 
     import common.training as T
     from peft import set_peft_model_state_dict
 
-    model, tok = make_lora_model("tiny-bert", 0, LoraSettings())
-    rng = np.random.default_rng(0)
-    words = "the patient was admitted with and discharged home on day history of lives alone".split()
-    enc = T.encode_texts(tok, [" ".join(rng.choice(words, 40)) for _ in range(64)], 48)
-    y = rng.integers(0, 2, len(enc))
-    init = {k: v.copy() for k, v in adapter_state(model).items()}
-    base = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
-
     def run():
         set_peft_model_state_dict(model, {k: torch.tensor(v) for k, v in init.items()})
-        T.train_classifier(model, enc, y, T.TrainSettings(steps=4, batch_size=8, seed=1, precision="bf16"),
-                           tok.pad_token_id)
-        return adapter_state(model), T.predict_proba(model, enc, tok.pad_token_id, precision="bf16")
+        return train_and_score()
 
-    with T.frozen_linears_in(model, torch.bfloat16):  # it does hold them in bf16 meanwhile
-        assert {p.dtype for n, p in model.named_parameters() if "dense.weight" in n and not p.requires_grad} \
-            == {torch.bfloat16}
     fast = run()
     real = T.frozen_linears_in
     T.frozen_linears_in = lambda m, d: contextlib.nullcontext()
@@ -190,6 +175,37 @@ def test_bf16_frozen_base_is_a_pure_speedup():
     assert all(np.array_equal(fast[0][k], plain[0][k]) for k in fast[0])
     assert np.array_equal(fast[1], plain[1])
     assert any(not np.array_equal(fast[0][k], init[k]) for k in init)  # it did train
+
+
+def _random_notes(tok, n: int, words_per_note: int, max_length: int):
+    import common.training as T
+
+    rng = np.random.default_rng(0)
+    words = "the patient was admitted with and discharged home on day history of lives alone".split()
+    enc = T.encode_texts(tok, [" ".join(rng.choice(words, words_per_note)) for _ in range(n)], max_length)
+    return enc, rng.integers(0, 2, len(enc))
+
+
+def test_bf16_frozen_base_is_a_pure_speedup():
+    """Holding the frozen Linear weights in bf16 during a bf16-autocast step gives exactly
+    what autocast's per-call cast gives, and the fp32 base is intact afterwards."""
+    import common.training as T
+
+    model, tok = make_lora_model("tiny-bert", 0, LoraSettings())
+    enc, y = _random_notes(tok, 64, 40, 48)
+    init = {k: v.copy() for k, v in adapter_state(model).items()}
+    base = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+
+    with T.frozen_linears_in(model, torch.bfloat16):  # it does hold them in bf16 meanwhile
+        assert {p.dtype for n, p in model.named_parameters() if "dense.weight" in n and not p.requires_grad} \
+            == {torch.bfloat16}
+
+    def train_and_score():
+        T.train_classifier(model, enc, y, T.TrainSettings(steps=4, batch_size=8, seed=1, precision="bf16"),
+                           tok.pad_token_id)
+        return adapter_state(model), T.predict_proba(model, enc, tok.pad_token_id, precision="bf16")
+
+    _fast_equals_plain(model, init, train_and_score)
     for n, p in model.named_parameters():
         assert p.dtype == torch.float32, n
         if n in base:
@@ -200,19 +216,13 @@ def test_bf16_frozen_base_leaves_tied_embeddings_alone():
     """A decoder whose lm_head shares the token embedding (SmolLM2 does): the fast path must
     not cast that shared weight (the residual stream would turn bf16), so the prompt form's
     training and scoring equal plain autocast's exactly."""
-    import contextlib
-
     import common.training as T
     from common.instruct import make_lora_causal_lm
-    from peft import set_peft_model_state_dict
 
     model, tok = make_lora_causal_lm("tiny-llama", 0, LoraSettings())
     inner = model.get_base_model()
     inner.lm_head.weight = inner.model.embed_tokens.weight  # tie, as SmolLM2's config does
-    rng = np.random.default_rng(0)
-    words = "the patient was admitted with and discharged home on day history of lives alone".split()
-    enc = T.encode_texts(tok, [" ".join(rng.choice(words, 30)) for _ in range(32)], 40)
-    y = rng.integers(0, 2, len(enc))
+    enc, y = _random_notes(tok, 32, 30, 40)
     answer = (tok.encode("yes", add_special_tokens=False)[0], tok.encode("no", add_special_tokens=False)[0])
     init = {k: v.copy() for k, v in adapter_state(model).items()}
 
@@ -220,19 +230,9 @@ def test_bf16_frozen_base_leaves_tied_embeddings_alone():
         assert inner.model.embed_tokens.weight.dtype == torch.float32
         assert any(p.dtype == torch.bfloat16 for p in inner.parameters())  # the rest is held in bf16
 
-    def run():
-        set_peft_model_state_dict(model, {k: torch.tensor(v) for k, v in init.items()})
+    def train_and_score():
         T.train_prompt_classifier(model, enc, y, T.TrainSettings(steps=3, batch_size=8, seed=1, precision="bf16"),
                                   tok.pad_token_id, answer)
         return adapter_state(model), T.predict_yes_proba(model, enc, tok.pad_token_id, answer, precision="bf16")
 
-    fast = run()
-    real = T.frozen_linears_in
-    T.frozen_linears_in = lambda m, d: contextlib.nullcontext()
-    try:
-        plain = run()
-    finally:
-        T.frozen_linears_in = real
-    assert all(np.array_equal(fast[0][k], plain[0][k]) for k in fast[0])
-    assert np.array_equal(fast[1], plain[1])
-    assert any(not np.array_equal(fast[0][k], init[k]) for k in init)  # it did train
+    _fast_equals_plain(model, init, train_and_score)

@@ -11,7 +11,7 @@ import pytest
 from client.app import app as client_app
 from common.config import resolve
 from common.data import list_sites
-from inprocess_grid import LocalGrid
+from inprocess_grid import LocalGrid, simulated_nodes
 from server.study import Study
 
 BASE = {"model": "tiny-bert", "num-server-rounds": 2, "local-steps": 3, "personalize-steps": 2, "bootstrap": 10,
@@ -25,7 +25,7 @@ def metrics_only(small_federation, tmp_path_factory):
     sites = list_sites(small_federation)
     policy = tmp / "policy.toml"
     policy.write_text("allow-adapters = false\nmin-cell-size = 7\n")
-    nodes = [{"partition-id": i, "num-partitions": len(sites)} for i in range(len(sites))]
+    nodes = simulated_nodes(len(sites))
     nodes[1]["policy-path"] = str(policy)
     # the study asks for shared local adapters and noised updates; the site's policy still wins
     cfg = resolve({**BASE, "data-dir": str(small_federation), "share-local-adapters": True,
@@ -112,7 +112,7 @@ def test_a_site_requiring_dp_refuses_a_study_without_it(small_federation, tmp_pa
     sites = list_sites(small_federation)
     policy = tmp_path / "policy.toml"
     policy.write_text("dp-required = true\n")
-    nodes = [{"partition-id": i, "num-partitions": len(sites)} for i in range(len(sites))]
+    nodes = simulated_nodes(len(sites))
     nodes[0]["policy-path"] = str(policy)
     cfg = resolve({**BASE, "data-dir": str(small_federation), "num-server-rounds": 1,
                    "regimes": "base,global,local"})

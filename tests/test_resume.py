@@ -9,7 +9,7 @@ import pytest
 from client.app import app as client_app
 from common.config import resolve
 from common.data import list_sites
-from inprocess_grid import LocalGrid
+from inprocess_grid import LocalGrid, simulated_nodes
 from server.checkpoint import ResumeError
 from server.study import Study
 
@@ -42,7 +42,7 @@ def _cfg(data, **extra):
 
 
 def _nodes(data):
-    return [{"partition-id": i, "num-partitions": len(list_sites(data))} for i in range(len(list_sites(data)))]
+    return simulated_nodes(len(list_sites(data)))
 
 
 def _values(run_dir):

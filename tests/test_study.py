@@ -2,7 +2,6 @@
 of every message the sites sent (adapter arrays and aggregate metrics only)."""
 
 import json
-import shutil
 
 import pandas as pd
 import pytest
@@ -12,32 +11,21 @@ from client.app import app as client_app
 from common.config import resolve
 from common.data import list_sites, read_site_table
 from common.metrics import PREFIX
-from inprocess_grid import LocalGrid
+from inprocess_grid import LocalGrid, canary_federation, simulated_nodes
 from server.study import Study
 
 REGIMES = {"base", "global", "local", "personalized", "cluster", "similarity-weighted", "augmented"}
 
 
-def _canary_federation(src, dst):
-    """Copy a federation and plant a unique canary string in every note."""
-    shutil.copytree(src, dst)
-    for name, folder in list_sites(dst):
-        path = folder / "encounters.csv"
-        df = pd.read_csv(path, dtype=str, keep_default_na=False)
-        df["note_text"] = [f"{t} CANARY{name}x{i:05d}Q" for i, t in enumerate(df["note_text"])]
-        df.to_csv(path, index=False)
-    return dst
-
-
 @pytest.fixture(scope="module")
 def study(small_federation, tmp_path_factory):
-    data = _canary_federation(small_federation, tmp_path_factory.mktemp("canary") / "fed")
+    data = canary_federation(small_federation, tmp_path_factory.mktemp("canary") / "fed")
     run_dir = tmp_path_factory.mktemp("run")
     cfg = resolve({"model": "tiny-bert", "data-dir": str(data), "num-server-rounds": 2, "local-steps": 4,
                    "personalize-steps": 2, "bootstrap": 30, "min-cell-size": 5, "batch-size": 8,
                    "share-local-adapters": True, "augment-k": 30})
     sites = list_sites(data)
-    grid = LocalGrid(client_app, [{"partition-id": i, "num-partitions": len(sites)} for i in range(len(sites))], cfg)
+    grid = LocalGrid(client_app, simulated_nodes(len(sites)), cfg)
     Study(grid, cfg, run_dir).execute()
     return {"grid": grid, "run_dir": run_dir, "data": data, "sites": [s for s, _ in sites], "cfg": cfg}
 
@@ -131,7 +119,7 @@ def test_a_failing_site_does_not_stop_the_study(small_federation, tmp_path):
     cfg = resolve({"model": "tiny-bert", "data-dir": str(small_federation), "num-server-rounds": 2,
                    "local-steps": 2, "personalize-steps": 1, "bootstrap": 10, "min-cell-size": 5})
     drop = lambda node, msg: node == 1002 and msg.metadata.message_type == "train"  # noqa: E731
-    grid = LocalGrid(client_app, [{"partition-id": i, "num-partitions": len(sites)} for i in range(len(sites))],
+    grid = LocalGrid(client_app, simulated_nodes(len(sites)),
                      cfg, fail=drop)
     Study(grid, cfg, tmp_path).execute()
     run = json.loads((tmp_path / "run.json").read_text())
@@ -167,7 +155,7 @@ def test_a_tampered_update_is_rejected_and_the_site_named(small_federation, tmp_
         def __call__(self, msg, ctx):
             return tamper(msg, ctx, client_app)
 
-    grid = LocalGrid(Tampered(), [{"partition-id": i, "num-partitions": len(sites)} for i in range(len(sites))], cfg)
+    grid = LocalGrid(Tampered(), simulated_nodes(len(sites)), cfg)
     Study(grid, cfg, tmp_path).execute()
     run = json.loads((tmp_path / "run.json").read_text())
     bad = sites[1][0]
@@ -215,7 +203,7 @@ def test_an_outsized_update_is_rejected_and_the_site_named(small_federation, tmp
                                            "metrics": metrics}), reply_to=msg)
             return reply
 
-    grid = LocalGrid(Scaled(), [{"partition-id": i, "num-partitions": len(sites)} for i in range(len(sites))], cfg)
+    grid = LocalGrid(Scaled(), simulated_nodes(len(sites)), cfg)
     Study(grid, cfg, tmp_path).execute()
     run = json.loads((tmp_path / "run.json").read_text())
     big = sites[0][0]
@@ -248,7 +236,7 @@ def test_an_update_changed_in_transit_or_for_another_base_is_rejected(small_fede
                                            "metrics": reply.content["metrics"]}), reply_to=msg)
             return reply
 
-    grid = LocalGrid(InTransit(), [{"partition-id": i, "num-partitions": len(sites)} for i in range(len(sites))], cfg)
+    grid = LocalGrid(InTransit(), simulated_nodes(len(sites)), cfg)
     Study(grid, cfg, tmp_path).execute()
     run = json.loads((tmp_path / "run.json").read_text())
     changed, other_base = sites[1][0], sites[2][0]
