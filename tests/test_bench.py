@@ -82,3 +82,17 @@ def test_clinfed_bench_command_parses_and_refuses_unknown_names():
     res = subprocess.run([sys.executable, "-m", "common.cli", "bench", "nope"], capture_output=True, text=True,
                          cwd=ROOT, timeout=120)
     assert res.returncode == 2 and "invalid choice" in res.stderr
+
+
+def test_contention_smoke(small_federation, capsys):
+    """The contention measurement behind the overhead's profile runs and reports both arms."""
+    from simulations.contention import main, measure
+
+    name = sorted(p.name for p in small_federation.iterdir() if p.is_dir())[0]
+    got = measure(threads=1, steps=2, repeats=1, site=name, model="tiny-bert", data_dir=str(small_federation))
+    assert got["quiet_s"] > 0 and got["loaded_s"] > 0 and _finite(got["slowdown"])
+    assert len(got["runs_s"]["quiet"]) == len(got["runs_s"]["loaded"]) == 1
+    assert main(["--model", "tiny-bert", "--data", str(small_federation), "--site", name, "--steps", "2",
+                 "--repeats", "1", "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "slowdown" in out and "quiet" in out and "loaded" in out and "cores" in out
