@@ -350,3 +350,15 @@ def test_dp_cost_command_runs(small_federation, tmp_path, capsys):
     assert table["global AUC test"].between(0, 1).all()
     out = capsys.readouterr().out
     assert "machine:" in out and "| DP-SGD σ=1 |" in out
+
+
+def test_dp_rounds_reports_each_round_with_growing_epsilon(small_federation, tmp_path):
+    """The round-by-round DP trajectory: one row per round, every site's epsilon growing."""
+    from simulations.dp_rounds import run
+
+    rows = run(noise=1.0, rounds=2, steps=2, lr=0.5, data_dir=str(small_federation), model="tiny-bert",
+               threads=1, out_dir=str(tmp_path), echo=lambda *_: None)
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    assert all(0.0 <= r["mean_auc"] <= 1.0 for r in rows)
+    assert rows[0]["epsilon"] == {} and set(rows[1]["epsilon"]) == set(rows[2]["epsilon"]) and rows[1]["epsilon"]
+    assert all(0 < rows[1]["epsilon"][s] < rows[2]["epsilon"][s] for s in rows[1]["epsilon"])
