@@ -119,14 +119,9 @@ class GenSite:
 
     def dp_settings(self, policy):
         """DP-SGD settings when the study runs with `dp` (delta from the effective policy)."""
-        from common.dp import DPSettings
+        from common.dp import settings_for
 
-        if not self.cfg["dp"]:
-            return None
-        return DPSettings(noise_multiplier=float(self.cfg["dp-noise-multiplier"]),
-                          max_grad_norm=float(self.cfg["dp-max-grad-norm"]),
-                          optimizer=str(self.cfg["dp-optimizer"]), lr=float(self.cfg["dp-learning-rate"]),
-                          delta=policy.delta_for(self.n_train()), budget=float(policy.dp_epsilon))
+        return settings_for(self.cfg, policy, self.n_train())
 
     def sft(self, dec: LoadedModel, start, steps: int, offset: int, dp=None, ledger=None, label: str = "sft"):
         """SFT from `start`; with `dp`, DP-SGD charged to the site's ledger first

@@ -171,16 +171,11 @@ class Site:
         return {s: len(df) for s, df in self.splits.items()}
 
     # -------------------------------------------------------------- training
-    def dp_settings(self, policy) -> "DPSettings | None":
+    def dp_settings(self, policy):
         """DP-SGD settings when the study runs with `dp`; budget and delta from the effective policy."""
-        from common.dp import DPSettings
+        from common.dp import settings_for
 
-        if not self.cfg["dp"]:
-            return None
-        return DPSettings(noise_multiplier=float(self.cfg["dp-noise-multiplier"]),
-                          max_grad_norm=float(self.cfg["dp-max-grad-norm"]),
-                          optimizer=str(self.cfg["dp-optimizer"]), lr=float(self.cfg["dp-learning-rate"]),
-                          delta=policy.delta_for(len(self.splits["train"])), budget=float(policy.dp_epsilon))
+        return settings_for(self.cfg, policy, len(self.splits["train"]))
 
     def train(self, lm: LoadedModel, start: dict[str, np.ndarray], steps: int, seed_offset: int,
               label: str, extra: tuple[list[np.ndarray], np.ndarray] | None = None,

@@ -52,6 +52,16 @@ class DPSettings:
     secret_seed: int | None = None  # tests only; None = the OS's entropy (never the study's public seed)
 
 
+def settings_for(cfg: dict, policy, n_train: int) -> "DPSettings | None":
+    """A site's DP-SGD settings: noise, clipping and optimizer from the run config, delta and
+    budget from the site's effective policy; None when the study runs without `dp`."""
+    if not cfg["dp"]:
+        return None
+    return DPSettings(noise_multiplier=float(cfg["dp-noise-multiplier"]), max_grad_norm=float(cfg["dp-max-grad-norm"]),
+                      optimizer=str(cfg["dp-optimizer"]), lr=float(cfg["dp-learning-rate"]),
+                      delta=policy.delta_for(n_train), budget=float(policy.dp_epsilon))
+
+
 def rdp_epsilon(history: list[tuple[float, float, int]], delta: float) -> float:
     """Epsilon at `delta` of a sequence of subsampled-Gaussian steps (Opacus' RDP accountant)."""
     from opacus.accountants import RDPAccountant

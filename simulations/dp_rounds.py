@@ -32,23 +32,24 @@ def run(noise: float = 0.5, rounds: int = 10, steps: int = 20, lr: float = 0.5, 
     from client.site import LoadedModel, Site, model_key
     from common.config import resolve
     from common.data import find_table, list_sites
-    from common.dp import DPLedger, DPSettings
+    from common.dp import DPLedger, settings_for
+    from common.policy import effective
     from common.training import predict_proba, set_threads
     from simulations.bench import _quiet
 
     _quiet()
     set_threads(threads)
-    cfg = resolve({"model": model, "local-steps": steps})
+    dp_cfg = {"dp": True, "dp-noise-multiplier": noise, "dp-optimizer": "sgd", "dp-learning-rate": lr} if noise >= 0 else {}
+    cfg = resolve({"model": model, "local-steps": steps, **dp_cfg})
     fed = Path(data_dir) if data_dir else default_federation_dir(cfg)
     out = Path(out_dir or tempfile.mkdtemp(prefix="clinfed-dp-rounds-"))
     lm = LoadedModel(model_key(cfg))
     tok = lm.tokenizer
     sites = [Site(name, find_table(folder), out / name, cfg) for name, folder in list_sites(fed)]
     study = f"dp-rounds-{time.time_ns()}"
-    dp, ledgers = None, {}
-    if noise >= 0:
-        dp = DPSettings(noise_multiplier=noise, max_grad_norm=float(cfg["dp-max-grad-norm"]), optimizer="sgd", lr=lr)
-        ledgers = {s.name: DPLedger.open(s.out_dir, study) for s in sites}
+    policy = effective(cfg, None, deployment=False)  # the study's DP settings, as a site without a policy file
+    dps = {s.name: settings_for(cfg, policy, len(s.splits["train"])) for s in sites}
+    ledgers = {s.name: DPLedger.open(s.out_dir, study) for s in sites} if cfg["dp"] else {}
 
     def evaluate(state) -> dict[str, float]:
         net = lm.use(state)
@@ -62,13 +63,13 @@ def run(noise: float = 0.5, rounds: int = 10, steps: int = 20, lr: float = 0.5, 
     for rnd in range(1, rounds + 1):
         updates = []
         for s in sites:
-            state, _ = s.train(lm, glob, steps, seed_offset=rnd, label=f"round {rnd}", dp=dp,
+            state, _ = s.train(lm, glob, steps, seed_offset=rnd, label=f"round {rnd}", dp=dps[s.name],
                                ledger=ledgers.get(s.name))
             updates.append((state, len(s.splits["train"])))
         total = sum(n for _, n in updates)
         glob = {k: sum(st[k] * (n / total) for st, n in updates).astype(np.float32) for k in glob}
         auc = evaluate(glob)
-        eps = {s.name: ledgers[s.name].epsilon(1.0 / len(s.splits["train"])) for s in sites} if dp else {}
+        eps = {s.name: ledgers[s.name].epsilon(dps[s.name].delta) for s in sites} if ledgers else {}
         rows.append({"round": rnd, "mean_auc": float(np.mean(list(auc.values()))), "auc": auc, "epsilon": eps})
         echo(f"round {rnd}: mean test AUC {rows[-1]['mean_auc']:.3f}  "
              + " ".join(f"{k} {v:.2f}" for k, v in auc.items())
