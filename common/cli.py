@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 
@@ -17,6 +19,54 @@ EXIT_USAGE, EXIT_FAILED = 2, 1
 
 class CliError(Exception):
     """A problem with what the user asked for, reported as-is."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """A stop signal turned into an exception, so that every `finally` on the way out runs.
+
+    A KeyboardInterrupt, so the paths that already stop a run on Ctrl-C (a simulated
+    study's processes, a deployed run through the SuperLink, a node's or SuperLink's
+    process tree) serve SIGTERM and SIGHUP too. `hint` says how to continue."""
+
+    def __init__(self, signum: int):
+        self.signum = int(signum)
+        self.name = signal.Signals(self.signum).name
+        self.hint = ""
+        super().__init__(self.name)
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+@contextmanager
+def stop_on_signals():
+    """SIGINT, SIGTERM and SIGHUP each raise Interrupted in the main thread.
+
+    Python leaves SIGINT ignored when it starts ignored (a background job of a
+    non-interactive shell, many CI runners), and SIGTERM and SIGHUP kill it on the spot
+    without running any cleanup: a killed `clinfed simulate` left its SuperLink, Ray and
+    sites training headless. SIGHUP that starts ignored (`nohup`) stays ignored: that is
+    what the user asked for. Once one signal arrived, later ones are ignored so that the
+    orderly stop they asked for is not itself cut short."""
+    def handler(signum, _frame):
+        for sig in installed:
+            signal.signal(sig, signal.SIG_IGN)
+        raise Interrupted(signum)
+
+    import threading
+
+    installed = {}
+    for sig in STOP_SIGNALS if threading.current_thread() is threading.main_thread() else ():
+        previous = signal.getsignal(sig)
+        if sig == signal.SIGHUP and previous == signal.SIG_IGN:
+            continue
+        installed[sig] = previous
+        signal.signal(sig, handler)
+    try:
+        yield
+    finally:
+        for sig, previous in installed.items():
+            signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
 
 
 def _fail(message: str, code: int = EXIT_FAILED) -> int:
@@ -118,7 +168,7 @@ def _same_as_option(overrides: dict, key: str, option: str, value) -> None:
 
 def _resume(args) -> int:
     from server.checkpoint import ResumeError
-    from simulations.local import resume_settings, simulate
+    from simulations.local import resume_settings
 
     if args.data or args.out or args.run_config or args.task:
         raise CliError("--resume takes its settings from the interrupted run's checkpoint: "
@@ -129,14 +179,24 @@ def _resume(args) -> int:
         raise CliError(str(err)) from None
     out = Path(args.resume).resolve()
     print(f"clinfed: resuming {out} ({n_sites} sites)")
-    run = simulate(out, overrides, n_sites=n_sites, cpus_per_site=args.cpus_per_site)
+    run = _simulate(out, overrides, n_sites, args.cpus_per_site)
     print(f"clinfed: study completed in {run.get('timings', {}).get('total', 0):.0f}s; report: {out / 'report.html'}")
     return 0
 
 
+def _simulate(out: Path, overrides: dict, n_sites: int, cpus_per_site: float) -> dict:
+    """Run the study; an interrupt says what the checkpoint kept and how to continue."""
+    from simulations.local import resume_hint, simulate
+
+    try:
+        return simulate(out, overrides, n_sites=n_sites, cpus_per_site=cpus_per_site)
+    except KeyboardInterrupt as exc:
+        exc.hint = resume_hint(out)
+        raise
+
+
 def cmd_simulate(args) -> int:
     from common.data import list_sites, validate_path
-    from simulations.local import simulate
 
     # The simulation runs offline unless told otherwise; check model names the same way.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -206,7 +266,7 @@ def cmd_simulate(args) -> int:
         overrides.setdefault("share-local-adapters", True)
     overrides.setdefault("seed", args.seed)
     print(f"clinfed: simulating {len(sites)} sites -> {out}")
-    run = simulate(out, overrides, n_sites=len(sites), cpus_per_site=args.cpus_per_site)
+    run = _simulate(out, overrides, len(sites), args.cpus_per_site)
     total = run.get("timings", {}).get("total")
     print(f"clinfed: study completed in {total:.0f}s; report: {out / 'report.html'}")
     return 0
@@ -359,9 +419,12 @@ def cmd_run(args) -> int:
         try:
             row = wait_for_run(conn, run_id, timeout=args.timeout,
                                on_status=lambda s, _r: print(f"clinfed: run {run_id}: {s}", flush=True))
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:
             stop_run(conn, run_id)
-            raise CliError(f"interrupted: run {run_id} was asked to stop") from None
+            exc.hint = (f"run {run_id} was stopped through the SuperLink; its checkpoint in {out} (on the "
+                        "SuperLink host) keeps the last completed round: continue it with the same command, "
+                        "adding resume=true to --run-config")
+            raise
         finally:
             if follower:
                 follower.close()
@@ -520,13 +583,16 @@ def main(argv: list[str] | None = None) -> int:
         from server.deploy import DeployError
 
         known = known + (DeployError, NodeError, PolicyError)
-        return args.func(args)
+        with stop_on_signals():
+            return args.func(args)
     except known as exc:
         if os.environ.get("CLINFED_DEBUG"):
             raise
         return _fail(str(exc))
-    except KeyboardInterrupt:
-        return _fail("interrupted", 130)
+    except KeyboardInterrupt as exc:
+        signum = getattr(exc, "signum", signal.SIGINT)
+        hint = getattr(exc, "hint", "")
+        return _fail(f"interrupted by {signal.Signals(signum).name}" + (f"; {hint}" if hint else ""), 128 + signum)
     except Exception as exc:  # a bug, not the user's input: still one paragraph, never a traceback
         if os.environ.get("CLINFED_DEBUG"):
             raise

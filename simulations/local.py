@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -59,39 +60,128 @@ def app_dir() -> Path:
     return out
 
 
-def _stop_run(run_id: str, control_port: int):
-    """Kill every process of this run: the SuperLink and everything it started.
+RUN_TAG = "CLINFED_RUN_ID"  # every process of a simulated run inherits it: "<RUN_DIR>:<pid of clinfed>:<start ns>"
+_STARTED = re.compile(r"started run (\d+)")
 
-    A SuperLink that gets Ctrl-C may exit before its simulation process, which
-    is then orphaned and would keep writing into RUN_DIR while a `--resume`
-    runs. Every process of the run inherits CLINFED_RUN_ID, so it is found
-    whoever its parent is now.
-    """
+
+def _run_tag(run_dir: Path) -> str:
+    return f"{run_dir}:{os.getpid()}:{time.time_ns()}"
+
+
+def run_processes(run_dir: str | Path) -> list:
+    """Every process tagged with a run of RUN_DIR (any clinfed command that ran it), as psutil handles."""
     import psutil
 
-    me = os.getpid()
-    doomed = []
-    for proc in psutil.process_iter(["cmdline", "pid"]):
-        if proc.pid == me:
+    prefix = f"{Path(run_dir).resolve()}:"
+    found = []
+    for proc in psutil.process_iter(["pid"]):
+        if proc.pid == os.getpid():
             continue
         try:
-            cmd = " ".join(proc.info.get("cmdline") or [])
-            if ("flower-superlink" in cmd and f":{control_port}" in cmd) \
-                    or proc.environ().get("CLINFED_RUN_ID") == run_id:
-                doomed.append(proc)
+            if proc.environ().get(RUN_TAG, "").startswith(prefix):
+                found.append(proc)
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             continue
-    for proc in doomed:
+    return found
+
+
+def _owner_alive(tag: str) -> int | None:
+    """The pid of the clinfed command that started a tagged run, if that command still runs.
+
+    The tag records the command's pid and start time, so a recycled pid (a process
+    started after the run began) does not count as the owner."""
+    import psutil
+
+    try:
+        _, pid, started_ns = tag.rsplit(":", 2)
+        proc = psutil.Process(int(pid))
+        if proc.create_time() <= int(started_ns) / 1e9 and proc.status() != psutil.STATUS_ZOMBIE:
+            return proc.pid
+    except (ValueError, psutil.Error):
+        pass
+    return None
+
+
+def stop_leftovers(run_dir: str | Path, say=print) -> list[int]:
+    """Stop what a killed `clinfed simulate` left running on RUN_DIR; refuse if its command still runs.
+
+    A command killed outright (SIGKILL, the out-of-memory killer) cannot stop its
+    SuperLink, simulation and Ray workers: they go on training and hold the RUN_DIR's
+    lock, so a resume would fail. They carry the run's tag, so they are found here."""
+    import psutil
+
+    procs = run_processes(run_dir)
+    owners = set()
+    for proc in procs:
+        try:
+            owner = _owner_alive(proc.environ().get(RUN_TAG, ""))
+        except psutil.Error:
+            continue
+        if owner is not None:
+            owners.add(owner)
+    if owners:
+        pids = ", ".join(map(str, sorted(owners)))
+        raise SimulationError(f"{Path(run_dir).resolve()} is still being run by clinfed (pid {pids}); "
+                              f"stop that command first (Ctrl-C in its terminal, or kill {pids}), then resume")
+    pids = _kill(procs)
+    if pids:
+        say(f"clinfed: stopped {len(pids)} process(es) left running by an earlier, killed run of "
+            f"{Path(run_dir).resolve()} (pids {', '.join(map(str, pids[:8]))}{', ...' if len(pids) > 8 else ''})")
+    return pids
+
+
+def _kill(procs: list, grace: float = 0.0) -> list[int]:
+    """SIGKILL the processes and their descendants (after `grace` seconds of SIGTERM); wait for them."""
+    import psutil
+
+    doomed = list(procs)
+    for proc in list(doomed):
         try:
             doomed.extend(c for c in proc.children(recursive=True) if c not in doomed)
-        except psutil.NoSuchProcess:
+        except psutil.Error:
             pass
-    for proc in doomed:
+    for sig, wait in (("terminate", grace), ("kill", 10.0)):
+        if not wait:
+            continue
+        for proc in doomed:
+            try:
+                getattr(proc, sig)()
+            except psutil.Error:
+                pass
+        _, alive = psutil.wait_procs(doomed, timeout=wait)
+        if not alive:
+            break
+    return sorted(p.pid for p in doomed)
+
+
+def _stop_run(run_tag: str, env: dict, flower_run: int | None, control_port: int) -> None:
+    """Stop the run through Flower, then make sure every process of it has ended.
+
+    `flwr stop` records the run as stopped in the SuperLink and ends its ServerApp and
+    simulation. A SuperLink that got the user's Ctrl-C may already be gone, and a
+    simulation process can outlive its parents: every process of the run inherits
+    the run's tag, so it is found whoever its parent is now, and killed."""
+    import psutil
+
+    if flower_run is not None:
+        exe = shutil.which("flwr")
         try:
-            proc.kill()
-        except psutil.NoSuchProcess:
+            subprocess.run([*([exe] if exe else [sys.executable, "-m", "flwr.cli.app"]), "stop", str(flower_run)],
+                           env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=20,
+                           start_new_session=True)
+        except (OSError, subprocess.TimeoutExpired):
             pass
-    psutil.wait_procs(doomed, timeout=10)
+    procs = []
+    for proc in psutil.process_iter(["pid"]):
+        try:
+            cmd = " ".join(proc.cmdline())
+            if proc.environ().get(RUN_TAG) == run_tag or ("flower-superlink" in cmd and f":{control_port}" in cmd):
+                procs.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    if flower_run is not None:  # give the stopped run a moment to end by itself
+        _, procs = psutil.wait_procs(procs, timeout=5)
+    _kill(procs)
 
 
 def ray_cpus(n_sites: int, cpus_per_site: float, cores: int | None = None) -> int:
@@ -116,11 +206,12 @@ def simulate(run_dir: str | Path, overrides: dict, n_sites: int, cpus_per_site: 
     cfg = resolve({**overrides, "out-dir": str(run_dir)})
     flwr_home = run_dir / ".flwr"
     flwr_home.mkdir(exist_ok=True)
+    stop_leftovers(run_dir, say=print if echo else (lambda _m: None))
     http_port, control_port = _free_port(), _free_port()
-    run_id = f"{run_dir}:{os.getpid()}:{time.time_ns()}"
+    run_tag = _run_tag(run_dir)
     env = {
         **os.environ,
-        "CLINFED_RUN_ID": run_id,
+        RUN_TAG: run_tag,
         "FLWR_HOME": str(flwr_home),
         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
         "FLWR_DISABLE_UPDATE_CHECK": "1",
@@ -155,29 +246,53 @@ def simulate(run_dir: str | Path, overrides: dict, n_sites: int, cpus_per_site: 
         cmd[:3] = [flwr_bin]
     t0 = time.time()
     log_path = run_dir / "flwr.log"
+    flower_run = None
     try:
         with open(log_path, "w") as logf:
+            # A session of its own: a terminal's Ctrl-C (sent to the whole foreground group)
+            # reaches only clinfed, which stops the run in order instead of every process
+            # dying in its own way and order.
             proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                    text=True, bufsize=1)
+                                    text=True, bufsize=1, start_new_session=True)
             for line in proc.stdout:
                 logf.write(line)
+                if flower_run is None and (m := _STARTED.search(line)):
+                    flower_run = int(m.group(1))
                 if echo and not any(n in line for n in _NOISE):
                     sys.stdout.write(line)
                     sys.stdout.flush()
                 if timeout and time.time() - t0 > timeout:
-                    proc.kill()
                     raise SimulationError(f"the simulation exceeded {timeout:.0f}s and was stopped")
             proc.wait()
+            flower_run = None  # ended by itself: nothing to stop through Flower
     finally:
-        _stop_run(run_id, control_port)
+        _stop_run(run_tag, env, flower_run, control_port)
     if not run_json.exists():
         raise SimulationError(
             f"the study did not start or crashed before writing {run_json}; see {log_path}")
     run = json.loads(run_json.read_text())
+    if run.get("status") == "running":
+        raise SimulationError(f"the study was stopped before it finished (its ServerApp ended mid-study); "
+                              f"continue it with: clinfed simulate --resume {run_dir} (log: {log_path})")
     if run.get("status") != "completed":
         errs = "; ".join(run.get("errors") or []) or "unknown error"
         raise SimulationError(f"the study {run.get('status', 'failed')}: {errs} (log: {log_path})")
     return run
+
+
+def resume_hint(run_dir: str | Path) -> str:
+    """What an interrupted RUN_DIR kept, and the command that continues it."""
+    run_dir = Path(run_dir).resolve()
+    try:
+        state = json.loads((run_dir / "checkpoint" / "state.json").read_text())
+    except (OSError, ValueError):
+        return ("no round had completed, so nothing was checkpointed: start the study again with the same "
+                "command")
+    total = state.get("fingerprint", {}).get("num-server-rounds")
+    kept = ", ".join(f"{phase} round {info.get('round')}" + (f" of {total}" if total else "")
+                     for phase, info in state.get("phases", {}).items())
+    kept = kept or ", ".join(state.get("done", [])) or "its settings"
+    return f"the checkpoint keeps {kept}; continue with: clinfed simulate --resume {run_dir}"
 
 
 def resume_settings(run_dir: str | Path) -> tuple[dict, int]:
