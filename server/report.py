@@ -1011,6 +1011,23 @@ def _kv_table(d: dict, key: str, value: str) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=[key, value])
 
 
+def rounds_summary(rounds: list[dict], config: dict) -> str:
+    """Completed rounds per federated phase against the configured number, e.g.
+    "3 of 3 (global), 3 of 3 (cluster)": each phase runs its own rounds."""
+    done: dict[str, int] = {}
+    for r in rounds:
+        phase = str(r.get("phase", "global"))
+        done[phase] = max(done.get(phase, 0), int(r.get("round", 0)))
+    if not done:
+        return "none completed"
+
+    def configured(phase):
+        value = config.get("dpo-rounds" if phase == "dpo" else "num-server-rounds")
+        return f" of {value}" if value not in (None, "") else ""
+
+    return ", ".join(f"{n}{configured(phase)} ({phase})" for phase, n in done.items())
+
+
 def build_report(run_dir) -> Path:
     """Build RUN_DIR/report.html (+ figures/*.png, tables/*.csv) from RUN_DIR's files alone."""
     run_dir = Path(run_dir)
@@ -1075,8 +1092,7 @@ def build_report(run_dir) -> Path:
     # Header facts.
     study = config.get("study-name") or run.get("study") or run.get("name") or run_dir.name
     date = str(run.get("finished") or run.get("started") or "")
-    configured = config.get("num-server-rounds") or config.get("rounds")
-    rounds_txt = f"{len(rounds)}" + (f" of {configured} configured" if configured not in (None, "") else "")
+    rounds_txt = rounds_summary(rounds, config)
     total = timings.get("total")
     esc = html.escape
 

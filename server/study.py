@@ -31,6 +31,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, FedAvg
 
 from common.config import gen_tasks, regimes
+from common.console import progress_line
 from common.metrics import METRIC_COLUMNS, cell_rows
 from common.models import save_adapter, state_hash, state_nbytes
 from common.policy import Policy
@@ -99,11 +100,6 @@ def _arrays_bytes(rec: ArrayRecord) -> int:
     return int(sum(len(a.data) for a in rec.values()))
 
 
-def _bar(done: int, total: int, width: int = 24) -> str:
-    filled = int(width * done / max(1, total))
-    return "[" + "#" * filled + "." * (width - filled) + f"] {done}/{total}"
-
-
 class Study:
     def __init__(self, grid, cfg: dict, run_dir: Path, arm=None, site_run_dir: Path | None = None):
         """`arm` (common.arms.Arm): this study is one arm of a comparison; every message names it
@@ -132,8 +128,6 @@ class Study:
         self.last_states: dict[str, dict[str, dict]] = {"global": {}, "cluster": {}}
         self.shared_local: dict[str, ArrayRecord] = {}
         self.driver_rows: list[dict] = []
-        self.steps_total = cfg["num-server-rounds"] + 2
-        self.steps_done = 0
         self._lock_run_dir()  # before anything in RUN_DIR is touched
         self.ckpt = Checkpoint(self.run_dir, cfg)
         if not cfg.get("resume"):
@@ -282,7 +276,6 @@ class Study:
             if g in arrays:
                 arrays[g] = ArrayRecord({k: Array(v) for k, v in state.items()})
         if done:
-            self.steps_done += min(done, R)
             _say(f"{phase}: rounds 1-{done} restored from the checkpoint")
         for rnd in range(done + 1, R + 1):
             t = time.time()
@@ -333,9 +326,9 @@ class Study:
                 "seconds": round(time.time() - t, 2),
                 "adapter_hash": {g: state_hash({k: v.numpy() for k, v in a.items()}) for g, a in arrays.items()},
             })
-            self.steps_done += 1
-            _say(f"{label}/{R} {_bar(self.steps_done, self.steps_total)} {len(ok)} sites, "
-                 f"mean loss {np.mean(list(losses.values())) if losses else float('nan'):.3f}, {time.time() - t:.0f}s")
+            _say(progress_line(f"{phase} round", rnd, R, f"{len(ok)} sites, mean loss "
+                               f"{np.mean(list(losses.values())) if losses else float('nan'):.3f}, "
+                               f"{time.time() - t:.0f}s"))
             self.ckpt.save_round(phase, rnd, {g: {k: v.numpy() for k, v in a.items()} for g, a in arrays.items()},
                                  {s: self.last_states[phase][s] for s in ok}, self._ckpt_state())
             self.write_run()
@@ -380,11 +373,17 @@ class Study:
         kw = dict(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=n_sites,
                   min_available_nodes=n_sites, min_evaluate_nodes=0)
         noise = float(self.cfg.get("update-dp-noise", 0.0))
-        if noise <= 0:
-            return FedAvg(**kw)
-        return DifferentialPrivacyServerSideFixedClipping(
-            FedAvg(**kw, weighted_by_key="train-steps"), noise_multiplier=noise,
-            clipping_norm=float(self.cfg["update-dp-clip"]), num_sampled_clients=max(1, n_sites))
+        flwr_logger = logging.getLogger("flwr")
+        level = flwr_logger.level
+        flwr_logger.setLevel(logging.ERROR)  # "federated evaluation will be skipped": the study evaluates itself
+        try:
+            if noise <= 0:
+                return FedAvg(**kw)
+            return DifferentialPrivacyServerSideFixedClipping(
+                FedAvg(**kw, weighted_by_key="train-steps"), noise_multiplier=noise,
+                clipping_norm=float(self.cfg["update-dp-clip"]), num_sampled_clients=max(1, n_sites))
+        finally:
+            flwr_logger.setLevel(level)
 
     @staticmethod
     def _prime_update_dp(strategy, start: ArrayRecord, n_replies: int):
@@ -531,7 +530,6 @@ class Study:
 
     def personalize(self, global_arrays: ArrayRecord):
         if self.ckpt.is_done("personalize"):
-            self.steps_done += 1
             _say("site-held adapters were trained before the restart; the sites keep them")
             return
         starts = self.similarity_starts() if "similarity-weighted" in self.regimes else {}
@@ -552,9 +550,8 @@ class Study:
                 k: float(v) for k, v in m.items() if k.endswith(("-train-seconds", "-train-peak-rss"))}
         self.ckpt.save_done("personalize", self._ckpt_state(),
                             {s: {k: v.numpy() for k, v in a.items()} for s, a in self.shared_local.items()})
-        self.steps_done += 1
-        _say(f"site-held adapters ({', '.join(r for r in self.regimes if r in SITE_HELD)}) trained at "
-             f"{len(ok)} sites {_bar(self.steps_done, self.steps_total)}")
+        _say(progress_line("site-held training", 1, 1, f"{', '.join(r for r in self.regimes if r in SITE_HELD)} "
+                                                       f"at {len(ok)} sites"))
 
     def evaluate(self, global_arrays: ArrayRecord, clusters: dict[str, ArrayRecord]):
         assignment = (self.run.get("clusters") or {}).get("assignment", {})
@@ -590,8 +587,7 @@ class Study:
                     if key.startswith("drv/"):
                         self.driver_rows.append({"site": site, "driver": key[4:], "importance": val,
                                                  "n": int(m["drv-n"])})
-        self.steps_done += 1
-        _say(f"evaluation: {len(ok)} sites reported {_bar(self.steps_done, self.steps_total)}")
+        _say(progress_line("evaluation", 1, 1, f"{len(ok)} sites reported"))
         if not ok:
             raise StudyError("no site returned evaluation metrics")
 
@@ -654,7 +650,6 @@ class Study:
                                "parameters": int(sum(v.size for v in dec.init_state.values())),
                                "base_model": dec.identity}
         nodes = list(self.sites)
-        self.steps_total = int(self.cfg["num-server-rounds"]) + int(self.cfg["dpo-rounds"]) + 2
         sft = self._timed("sft", self.federated_rounds, dec, {"global-sft": nodes}, "sft", "train.sft")["global-sft"]
         dpo = sft
         if int(self.cfg["dpo-rounds"]) > 0:
@@ -671,7 +666,6 @@ class Study:
                     self._note_dp(site, dict(rep.content["metrics"]), "gen_local")
             self.ckpt.save_done("gen_local", self._ckpt_state())
         self.timings["personalize"] = round(time.time() - t, 2)
-        self.steps_done += 1
         t = time.time()
         msgs = [Message(RecordDict({"global-sft": sft, "global-dpo": dpo, "config": self._config()}), dst_node_id=n,
                         message_type="evaluate.gen") for n in nodes]
@@ -688,8 +682,7 @@ class Study:
                                   "metric": metric, "value": float(val), "n": n, "status": "ok", "note": note,
                                   "task": task, "stage": stage})
         self.timings["evaluate"] = round(time.time() - t, 2)
-        self.steps_done += 1
-        _say(f"generative evaluation: {len(ok)} sites reported {_bar(self.steps_done, self.steps_total)}")
+        _say(progress_line("evaluation", 1, 1, f"{len(ok)} sites reported"))
         if not ok:
             raise StudyError("no site returned evaluation metrics")
         cells = {("base", "base"): dec.init_state, ("sft", "global"): {k: v.numpy() for k, v in sft.items()},
@@ -809,8 +802,6 @@ class Study:
             self.lm = lm
             groups = {"global": list(self.sites)}
             clusters = self.make_clusters() if "cluster" in self.regimes else None
-            if clusters:
-                self.steps_total += int(self.cfg["num-server-rounds"])
             arrays = self._timed("federated", self.federated_rounds, lm, groups, "global")["global"]
             self.final_global = arrays
             cluster_arrays = self._timed("cluster", self.federated_rounds, lm, clusters, "cluster") if clusters else {}

@@ -22,15 +22,23 @@ import time
 from pathlib import Path
 
 from common.config import resolve, to_toml_overrides
+from common.console import ANSI, StudyConsole
 
 PACKAGES = ("server", "client", "common", "simulations")
-_NOISE = ("FutureWarning", "warnings.warn(", "is_gradient_checkpointing", "RAY_ACCEL_ENV_VAR",
-          "UserWarning: The given NumPy", "Since flwr 1.32", "To change federation size",
-          "flwr federation simulation-config", "tensor_numpy.cpp")
 
 
 class SimulationError(RuntimeError):
     """The study did not complete; the message says where to look."""
+
+
+def flwr_command() -> list[str]:
+    """The `flwr` command: beside this interpreter first (a virtual environment that is not
+    activated, as pipx runs it), else on PATH, else `python -m` of its module."""
+    beside = Path(sys.executable).parent / "flwr"
+    if beside.exists():
+        return [str(beside)]
+    found = shutil.which("flwr")
+    return [found] if found else [sys.executable, "-m", "flwr.cli.app"]
 
 
 def _free_port() -> int:
@@ -164,9 +172,8 @@ def _stop_run(run_tag: str, env: dict, flower_run: int | None, control_port: int
     import psutil
 
     if flower_run is not None:
-        exe = shutil.which("flwr")
         try:
-            subprocess.run([*([exe] if exe else [sys.executable, "-m", "flwr.cli.app"]), "stop", str(flower_run)],
+            subprocess.run([*flwr_command(), "stop", str(flower_run)],
                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=20,
                            start_new_session=True)
         except (OSError, subprocess.TimeoutExpired):
@@ -213,6 +220,9 @@ def simulate(run_dir: str | Path, overrides: dict, n_sites: int, cpus_per_site: 
         **os.environ,
         RUN_TAG: run_tag,
         "FLWR_HOME": str(flwr_home),
+        # `flwr run` starts `flower-superlink` and friends by name: find them beside this
+        # interpreter even when its environment is not activated (pipx, an absolute path)
+        "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
         "FLWR_DISABLE_UPDATE_CHECK": "1",
         "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(http_port),
@@ -220,7 +230,7 @@ def simulate(run_dir: str | Path, overrides: dict, n_sites: int, cpus_per_site: 
         "PYTHONWARNINGS": "ignore",
         "TOKENIZERS_PARALLELISM": "false",
         "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
-        "RAY_DEDUP_LOGS": "1",
+        "RAY_DEDUP_LOGS": "0",  # every site's progress line reaches flwr.log; the console picks what to show
         "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
         # On a saturated machine (or a study run under `nice`), Ray's raylet can miss its
         # default health checks (10 s timeout, 5 failures) and the GCS then declares the only
@@ -233,7 +243,7 @@ def simulate(run_dir: str | Path, overrides: dict, n_sites: int, cpus_per_site: 
     if run_json.exists():
         run_json.unlink()  # the verdict must come from this run
     cmd = [
-        sys.executable, "-m", "flwr.cli.app", "run", str(app_dir()),
+        *flwr_command(), "run", str(app_dir()),
         "--run-config", to_toml_overrides({k: v for k, v in cfg.items()
                                            if k in overrides or k == "out-dir"}),
         "--federation-config", f"num-supernodes={n_sites} client-resources-num-cpus="
@@ -241,12 +251,10 @@ def simulate(run_dir: str | Path, overrides: dict, n_sites: int, cpus_per_site: 
                                f"init-args-num-cpus={ray_cpus(n_sites, cpus_per_site)}",
         "--stream",
     ]
-    flwr_bin = shutil.which("flwr")
-    if flwr_bin:
-        cmd[:3] = [flwr_bin]
     t0 = time.time()
     log_path = run_dir / "flwr.log"
     flower_run = None
+    console = StudyConsole() if echo else None
     try:
         with open(log_path, "w") as logf:
             # A session of its own: a terminal's Ctrl-C (sent to the whole foreground group)
@@ -255,17 +263,18 @@ def simulate(run_dir: str | Path, overrides: dict, n_sites: int, cpus_per_site: 
             proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                     text=True, bufsize=1, start_new_session=True)
             for line in proc.stdout:
-                logf.write(line)
+                logf.write(ANSI.sub("", line))
                 if flower_run is None and (m := _STARTED.search(line)):
                     flower_run = int(m.group(1))
-                if echo and not any(n in line for n in _NOISE):
-                    sys.stdout.write(line)
-                    sys.stdout.flush()
+                if console is not None:
+                    console.feed(line)
                 if timeout and time.time() - t0 > timeout:
                     raise SimulationError(f"the simulation exceeded {timeout:.0f}s and was stopped")
             proc.wait()
             flower_run = None  # ended by itself: nothing to stop through Flower
     finally:
+        if console is not None:
+            console.close()
         _stop_run(run_tag, env, flower_run, control_port)
     if not run_json.exists():
         raise SimulationError(

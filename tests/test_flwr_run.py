@@ -29,6 +29,14 @@ def test_clinfed_simulate_runs_a_study_with_flower(small_federation, tmp_path):
     assert set(df["regime"]) == main | {"cluster@c0", "cluster@c1"}
     assert df["site"].nunique() == 3
     assert (out / "report.html").exists()
+    # piped to a file, the console is for a person: no colour codes, no Ray actor prefixes or
+    # deduplication notes, no Flower warning that does not apply; the whole log is in flwr.log
+    console = res.stdout
+    for machinery in ("\x1b[", "ClientAppActor", "repeated", "fraction_evaluate", "Federated evaluation will be"):
+        assert machinery not in console, (machinery, console[-3000:])
+    assert "global round 2/2:" in console and "evaluation 1/1:" in console, console[-3000:]
+    assert "ClientAppActor" in (out / "flwr.log").read_text() or "site h" in (out / "flwr.log").read_text()
+    assert "\x1b[" not in (out / "flwr.log").read_text()
 
 
 @pytest.mark.slow

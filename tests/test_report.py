@@ -187,7 +187,17 @@ def test_failed_run_shows_banner(tmp_path):
     text = build_report(run_dir).read_text()
     assert 'class="banner failed"' in text and "RUN FAILED" in text
     assert "h02 crashed (CUDA OOM)" in text
-    assert "1 of 3 configured" in text
+    assert "1 of 3 (global)" in text
+
+
+def test_the_header_counts_rounds_per_phase():
+    """Six rounds recorded in two phases of three are "3 of 3" each, not "6 of 3 configured"."""
+    from server.report import rounds_summary
+
+    rounds = [{"phase": p, "round": r} for p in ("global", "cluster") for r in (1, 2, 3)]
+    assert rounds_summary(rounds, {"num-server-rounds": 3}) == "3 of 3 (global), 3 of 3 (cluster)"
+    assert rounds_summary([{"phase": "sft", "round": 2}, {"phase": "dpo", "round": 1}],
+                          {"num-server-rounds": 2, "dpo-rounds": 1}) == "2 of 2 (sft), 1 of 1 (dpo)"
 
 
 def test_completed_run_has_no_failure_banner(built):
