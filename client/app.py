@@ -49,12 +49,27 @@ def default_federation_dir(cfg: dict) -> Path:
                              n_hospitals=int(cfg["hospitals"]), seed=int(cfg["seed"]))
 
 
-def _site_policy(node_config: dict):
-    """The hospital's own policy file (node config `policy-path`), checked; None without one."""
+def _site_policy(node_config: dict, folder: Path):
+    """The hospital's own policy file, checked; None without one. A deployed node names it
+    (node config `policy-path`); a simulated hospital may keep one in its folder
+    (`clinfed-policy.toml`), read the same way."""
+    from common.policy import SIMULATED_POLICY_FILE
+
     path = node_config.get("policy-path")
+    if not path and "data-path" not in node_config and (Path(folder) / SIMULATED_POLICY_FILE).is_file():
+        path = Path(folder) / SIMULATED_POLICY_FILE
     if not path:
         return None
     return load_site_policy(str(path))
+
+
+def site_home(node_config: dict, folder: Path) -> Path:
+    """The site's own lasting folder: a deployed node's output folder (`output-path`, else
+    `<data folder>/clinfed-out`); in simulation `<hospital folder>/clinfed-out`, beside the
+    hospital's data, never in the server's run folder. The DP ledger lives here."""
+    if "data-path" in node_config and node_config.get("output-path"):
+        return Path(str(node_config["output-path"]))
+    return Path(folder) / "clinfed-out"
 
 
 def in_simulation(context: Context) -> bool:
@@ -94,7 +109,7 @@ def locate_site(context: Context, run_dir: str = "", arm: str = ""):
         table = find_table(data_path)
         folder = data_path if data_path.is_dir() else data_path.parent
         name = str(nc.get("site") or folder.name)
-        out_dir = Path(str(nc.get("output-path") or folder / "clinfed-out"))
+        out_dir = site_home(nc, folder)
     elif "partition-id" in nc:
         data_dir = Path(cfg["data-dir"]) if cfg["data-dir"] else default_federation_dir(cfg)
         sites = list_sites(data_dir)
@@ -114,7 +129,7 @@ def locate_site(context: Context, run_dir: str = "", arm: str = ""):
         out_dir = Path(run_dir) / "sites" / name
     else:
         raise ValueError("node config has neither 'data-path' (deployment) nor 'partition-id' (simulation)")
-    policy = effective(cfg, _site_policy(nc), deployment="data-path" in nc)
+    policy = effective(cfg, _site_policy(nc, folder), deployment="data-path" in nc)
     if arm:
         from common.arms import parse_arm
 
@@ -154,15 +169,18 @@ def _may_train(cfg: dict, policy: Policy, *, sends_adapter: bool, what: str):
                             f"so the site declines {what}")
 
 
-def _ledger(out_dir, msg: Message):
-    """The site's DP ledger for this study (keyed by the server's run folder, stable across a resume)."""
+def _ledger(context: Context, name: str, table: Path):
+    """The site's one DP ledger for its table, in its own lasting folder (`site_home`). Nothing
+    the server sends (run folder, arm, seeds) keys it, so no new study resets the budget; the
+    arms of a comparison and the generative study train on the same patients and add up here."""
     from common.dp import DPLedger
 
-    study = str(msg.content["config"].get("run-dir", "")) if "config" in msg.content.config_records else ""
-    # the arms of a comparison train on the same patients: one ledger at the site's root folder,
-    # so epsilon adds up across arms
-    folder = Path(out_dir).parent.parent if _msg_config(msg, "arm") else Path(out_dir)
-    return DPLedger.open(folder, study or "study")
+    nc = dict(context.node_config)
+    folder = Path(table).parent
+    if "data-path" in nc:
+        data_path = Path(str(nc["data-path"]))
+        folder = data_path if data_path.is_dir() else data_path.parent
+    return DPLedger.for_site(site_home(nc, folder), name, table)
 
 
 def _dp_metrics(info: dict, n_train: int, policy: Policy, prefix: str = "") -> dict:
@@ -221,12 +239,12 @@ def _state_to_arrays(state: dict) -> ArrayRecord:
 @app.query("describe")
 @_guarded("describe")
 def describe(msg: Message, context: Context) -> Message:
-    """Name the site and its split sizes; sizes below k are withheld."""
+    """Name the site, its split sizes and descriptors (common.metrics.describe_release:
+    small and complementary suppression, no value from the table in any key)."""
     if resolve(dict(context.run_config))["task"] == "generative":
         return _describe_generative(msg, context)
     site, cfg, policy, lm = _prepare(msg, context)
-    counts = {f"site-n-{s}": int(n) for s, n in site.counts().items() if n >= policy.min_cell_size}
-    counts.update({f"desc/{k}": v for k, v in site.descriptors(policy.min_cell_size).items()})
+    counts = site.describe_metrics(policy.min_cell_size)
     counts.update(policy.to_metrics())
     content = RecordDict({"site": ConfigRecord({"name": site.name}), "metrics": MetricRecord(counts)})
     return Message(content, reply_to=msg)
@@ -245,7 +263,7 @@ def train(msg: Message, context: Context) -> Message:
     rnd = int(msg.content["config"].get("server-round", 1))
     start = _arrays_to_state(msg.content["arrays"])
     dp = site.dp_settings(policy)
-    ledger = _ledger(site.out_dir, msg) if dp is not None else None
+    ledger = _ledger(context, site.name, site.table) if dp is not None else None
     try:
         state, info = site.train(lm, start, int(cfg["local-steps"]), seed_offset=rnd, label=f"round {rnd}",
                                  dp=dp, ledger=ledger)
@@ -285,7 +303,7 @@ def personalize(msg: Message, context: Context) -> Message:
     metrics = {"num-examples": len(site.splits["train"])}
     content = RecordDict()
     dp = site.dp_settings(policy)
-    ledger = _ledger(site.out_dir, msg) if dp is not None else None
+    ledger = _ledger(context, site.name, site.table) if dp is not None else None
 
     def run(regime, start, steps, offset, extra=None):
         try:
@@ -444,7 +462,7 @@ def train_sft(msg: Message, context: Context) -> Message:
     check_base_identity(msg.content["config"], dec.identity)
     rnd = int(msg.content["config"].get("server-round", 1))
     dp = gsite.dp_settings(policy)
-    ledger = _ledger(out_dir, msg) if dp is not None else None
+    ledger = _ledger(context, gsite.name, gsite.table) if dp is not None else None
     try:
         state, info = gsite.sft(dec, _arrays_to_state(msg.content["arrays"]), int(cfg["sft-steps"]), rnd,
                                 dp=dp, ledger=ledger, label=f"sft round {rnd}")
@@ -478,7 +496,7 @@ def train_gen_local(msg: Message, context: Context) -> Message:
     _may_train(cfg, policy, sends_adapter=False, what="local and personalized instruction tuning")
     rounds = int(cfg["num-server-rounds"])
     dp = gsite.dp_settings(policy)
-    ledger = _ledger(out_dir, msg) if dp is not None else None
+    ledger = _ledger(context, gsite.name, gsite.table) if dp is not None else None
     metrics: dict = {"num-examples": gsite.n_train()}
     adapters = {}
 

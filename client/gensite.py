@@ -45,7 +45,7 @@ def get_decoder(cfg: dict) -> LoadedModel:
 
 class GenSite:
     def __init__(self, name: str, folder: Path, table: Path, cfg: dict):
-        self.name, self.cfg = name, cfg
+        self.name, self.cfg, self.table = name, cfg, Path(table)
         seed, mw = int(cfg["seed"]), int(cfg["gen-max-words"])
         trained, self.held_out = gen_tasks(cfg)
         self.items: dict[str, dict[str, list[dict]]] = {}
@@ -150,16 +150,30 @@ class GenSite:
         return decoder_adapter_state(model), info
 
     def evaluate(self, dec: LoadedModel, state, k: int) -> dict[str, dict[str, float]]:
-        """Aggregate scores per task; a task with fewer than k test items is withheld."""
+        """Aggregate scores per task, through disclosure control (`released_tasks`)."""
         return self.score_model(dec.use(state), dec.tokenizer, k)
+
+    def released_tasks(self, k: int) -> list[str]:
+        """The tasks whose scores may leave: at least k test items, and for the readmission
+        question k readmitted and k not (its accuracy and F1 would give the counts away)."""
+        from common.disclosure import Counts, releasable
+
+        out = []
+        for t, v in self.items.items():
+            recs = v["test"]
+            pos = sum(int(r["readmitted_30d"]) for r in recs) if t == "readmission" else None
+            if releasable(Counts(len(recs), pos), k):
+                out.append(t)
+        return out
 
     def score_model(self, model, tok, k: int) -> dict[str, dict[str, float]]:
         """Scores of any causal LM (e.g. one loaded with plain PEFT) on the site's test items."""
         mw = int(self.cfg["gen-max-words"])
         out = {}
+        released = self.released_tasks(k)
         for t, v in self.items.items():
             recs = v["test"]
-            if len(recs) < k:
+            if t not in released:
                 continue
             prompts = [TASKS[t].prompt(r, max_words=mw) for r in recs]
             if t == "readmission":

@@ -73,9 +73,14 @@ def check_site(data: str | Path, policy: str | Path, site: str | None = None,
     """Validate one hospital's data and policy file; never raises for bad input."""
     from common.data import validate_path
     from common.policy import PolicyError, load_site_policy
+    from common.privacy import site_name_problem
 
     data_path, name, out = site_paths(data, site, output)
     lines, ok = [], True
+    problem = site_name_problem(name)  # exactly the egress guard's rule for the describe reply
+    if problem:
+        ok = False
+        lines.append(f"site name: {name!r} cannot be sent: {problem}; give --site")
     report = validate_path(data_path)
     if report.kind == "federation":
         ok = False

@@ -20,12 +20,16 @@ import numpy as np
 
 from common.data import read_site_table, split_site
 from common.metrics import (
+    EVAL_SPLITS,
     best_f1_threshold,
-    cell_metrics,
+    describe_release,
     error_driver_importance,
-    flatten_cell,
+    eval_plan,
+    flatten_split,
     parse_edges,
+    parse_region_vocabulary,
     site_descriptors,
+    split_plan,
     subgroup_labels,
 )
 from common.models import (
@@ -49,8 +53,6 @@ from common.training import (
 )
 
 log = logging.getLogger("clinfed.site")
-
-EVAL_SPLITS = ("test", "temporal")
 
 
 @dataclass(frozen=True)
@@ -234,28 +236,39 @@ class Site:
         return read_adapter(lm.model, folder, lm.identity)
 
     # ------------------------------------------------------------ evaluation
+    @property
+    def region_vocabulary(self) -> list[str]:
+        return parse_region_vocabulary(self.cfg.get("region-vocabulary", ""))
+
     def descriptors(self, k: int) -> dict[str, float]:
-        """Aggregate site descriptors over all of the site's encounters (suppressed below k)."""
+        """Aggregate site descriptors over all of the site's encounters (disclosure-controlled)."""
         import pandas as pd
 
         df = pd.concat([self.splits[s] for s in ("train", "val", "test", "temporal")])
-        return site_descriptors(df, k, parse_edges(self.cfg["word-bands"]))
+        return site_descriptors(df, k, parse_edges(self.cfg["word-bands"]), self.region_vocabulary)
+
+    def describe_metrics(self, k: int) -> dict[str, float]:
+        """The describe reply's numbers: split sizes and descriptors, through disclosure control."""
+        return describe_release(self.splits, k, parse_edges(self.cfg["word-bands"]), self.region_vocabulary)
 
     def evaluate(self, lm: LoadedModel, states: dict[str, dict[str, np.ndarray]], k: int,
                  subgroups: bool = True, cross: dict[str, dict[str, np.ndarray]] | None = None
                  ) -> dict[str, float]:
         """Aggregate metrics per regime, split and subgroup; F1 threshold chosen on validation.
 
-        Cross-site regimes (another site's or cluster's adapter) are scored on the
-        whole splits only. The error-driver model runs on the global adapter's
-        predictions; only its per-feature importances and n are returned.
+        Which cells are released is decided once per split from the labels (common.disclosure),
+        so every regime releases the same cells. Cross-site regimes (another site's or
+        cluster's adapter) are scored on the whole splits only. The error-driver model runs
+        on the global adapter's predictions; only its per-feature importances and n are returned.
         """
         import pandas as pd
 
         cfg = self.cfg
         out: dict[str, float] = {}
         edges = parse_edges(cfg["word-bands"])
-        labels = {s: subgroup_labels(self.splits[s], edges) for s in EVAL_SPLITS} if subgroups else {}
+        vocab = self.region_vocabulary
+        labels = {s: subgroup_labels(self.splits[s], edges, vocab) if subgroups else {} for s in EVAL_SPLITS}
+        plans = {s: eval_plan(self.labels(s), labels[s], k, edges, vocab) for s in EVAL_SPLITS}
         global_preds = {}
         keep_scores = bool(str(cfg.get("arms", "")).strip())
         for regime, state in list(states.items()) + list((cross or {}).items()):
@@ -267,22 +280,19 @@ class Site:
                 y = self.labels(split)
                 if len(y) == 0:
                     continue
-                seed = self.site_seed + i
-                nb = int(cfg["bootstrap"])
-                out.update(flatten_cell(regime, split, "all", cell_metrics(y, preds[split], thr, k, seed, nb)))
-                if regime in states and subgroups:
-                    for group, lab in labels[split].items():
-                        for value in sorted({v for v in lab if v is not None}):
-                            mask = lab == value
-                            cell = cell_metrics(y[mask], preds[split][mask], thr, k, seed, nb)
-                            out.update(flatten_cell(regime, split, f"{group}={value}", cell))
+                plan = plans[split] if regime in states else {("all", ""): plans[split][("all", "")]}
+                out.update(flatten_split(regime, split, y, preds[split], thr, labels[split], plan,
+                                         self.site_seed + i, int(cfg["bootstrap"]), vocab))
             if regime == "global":
                 global_preds = preds
-        if global_preds and cfg.get("drivers", True):
+        sizes = split_plan(self.splits, k)["sizes"]
+        known = all(s in sizes or len(self.splits[s]) == 0 for s in EVAL_SPLITS)  # drv-n is their sum
+        if global_preds and cfg.get("drivers", True) and known:
             df = pd.concat([self.splits[s] for s in EVAL_SPLITS])
             y = np.concatenate([self.labels(s) for s in EVAL_SPLITS])
             p = np.concatenate([global_preds[s] for s in EVAL_SPLITS])
-            imp, n = error_driver_importance(df, y, p, seed=self.site_seed, k=k, word_edges=edges)
+            imp, n = error_driver_importance(df, y, p, seed=self.site_seed, k=k, word_edges=edges,
+                                             region_vocabulary=vocab)
             if imp:
                 out["drv-n"] = int(n)
                 out.update({f"drv/{name}": float(v) for name, v in imp.items()})

@@ -262,8 +262,12 @@ def cmd_simulate(args) -> int:
                   f"{plan['round_bytes_per_site']:,} bytes per site per round")
     overrides = {**overrides, "data-dir": str(data)}  # the folder just validated, whoever named it
     if not args.data:
-        # Generated data is synthetic: let local adapters travel for the full cross-site matrix.
+        # Generated data is synthetic: the study asks for local adapters (the generated hospitals'
+        # own policy files allow them to travel) and declares the generator's regions.
+        from simulations.generate import REGIONS
+
         overrides.setdefault("share-local-adapters", True)
+        overrides.setdefault("region-vocabulary", ",".join(REGIONS))
     overrides.setdefault("seed", args.seed)
     print(f"clinfed: simulating {len(sites)} sites -> {out}")
     run = _simulate(out, overrides, len(sites), args.cpus_per_site)

@@ -7,7 +7,7 @@ per-item scores are written to the site's own folder
 seed). The server's `evaluate.compare` message then asks the site for
 differences only: for each pair of arms and each regime and split, the AUC
 difference and its paired-bootstrap interval (the same resampled items for
-both arms), with the usual small-cell suppression. Scores, ids and labels stay
+both arms), through the same disclosure control as every other cell. Scores, ids and labels stay
 on the site's disk.
 """
 
@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from common.disclosure import Counts, releasable
 from common.metrics import auc_roc
 
 PREFIX = "cmp"
@@ -108,7 +109,8 @@ def compare_metrics(arm_dirs: list[Path], k: int, n_boot: int, seed: int,
                     pairs: list[tuple[int, int]] | None = None) -> dict[str, float]:
     """The aggregates a site releases for a comparison: per pair (i, j) of arms (j minus i),
     regime and split, the AUC difference with its paired-bootstrap interval, n and positives;
-    a cell with fewer than k patients or positives carries only `suppressed`.
+    a cell without k patients, k positives and k negatives carries only `suppressed`
+    (common.disclosure; the split's whole test set, so there is no grouping to complement).
 
     Arms are numbered by their position in the study's `arms`; pairs default to every arm
     against the first (the reference) and every later pair."""
@@ -125,13 +127,10 @@ def compare_metrics(arm_dirs: list[Path], k: int, n_boot: int, seed: int,
                 ids_a, y, p_a = a[split]
                 ids_b, y_b, p_b = b[split]
                 n, pos = len(y), int(np.sum(y))
-                if n < k or pos < k or n - pos < 1:
-                    if n < k or pos < k:
-                        out[cell_key((i, j), regime, split, "suppressed")] = 1
-                    else:
-                        out.update({cell_key((i, j), regime, split, "n"): n,
-                                    cell_key((i, j), regime, split, "positives"): pos,
-                                    cell_key((i, j), regime, split, "not_computable"): ONE_CLASS})
+                # the same rule as every other cell (common.disclosure): k patients, k positives,
+                # k negatives, else a bare flag; a one-class cell is never released
+                if not releasable(Counts(n, pos), k):
+                    out[cell_key((i, j), regime, split, "suppressed")] = 1
                     continue
                 base = {cell_key((i, j), regime, split, "n"): n,
                         cell_key((i, j), regime, split, "positives"): pos}

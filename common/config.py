@@ -55,6 +55,9 @@ KEYS: dict[str, tuple[Any, type, Any, str]] = {
                       "`augmented`: similarity in patient-feature space or the base model's embedding space"),
     "word-bands": ("117,163,197", str, None, "words-per-note band edges, the same at every site (q1..q4)"),
     "subgroups": (True, bool, None, "score every regime per subgroup (age, comorbidity, insurance, region, words)"),
+    "region-vocabulary": ("", str, None,
+                          "comma-separated region names the study's region bands are named from (a site maps any "
+                          "other value to `other`; no region bands without it)"),
     "drivers": (True, bool, None,
                 "fit each site's error-driver model on the global adapter's predictions (patient-level drivers)"),
     "dp": (False, bool, None,
@@ -202,6 +205,12 @@ def resolve(overrides: dict[str, Any] | None = None) -> dict[str, Any]:
         parse_edges(cfg["word-bands"])
     except ValueError as err:
         raise ConfigError(f"run config 'word-bands': {err}") from None
+    from common.metrics import parse_region_vocabulary
+
+    try:
+        parse_region_vocabulary(cfg["region-vocabulary"])
+    except ValueError as err:
+        raise ConfigError(f"run config 'region-vocabulary': {err}") from None
     if cfg["test-frac"] + cfg["val-frac"] >= 1.0:
         raise ConfigError(f"run config 'test-frac' + 'val-frac' = {cfg['test-frac'] + cfg['val-frac']:g} "
                           "leaves no encounters for training; their sum must be below 1")

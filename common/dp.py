@@ -17,14 +17,20 @@ The noise and the batch sampling draw from the operating system's entropy,
 never from the study's public seed: noise anyone can regenerate protects
 nothing. DP runs are therefore not bit-reproducible, by design.
 
-The ledger keeps every DP training call the site ran in one study (all
-regimes count: every adapter trained on the data shapes what the site
-releases) in the site's private folder, so epsilon composes across rounds,
-phases and worker processes.
+The ledger keeps every DP training call the site ever ran on its table (all
+regimes, all studies: every adapter trained on the data shapes what the site
+releases). It is keyed by what the site controls, its own name and its table,
+never by anything the server sends (a run folder, an arm, a seed), and lives
+with the site's own files (`for_site`): a server cannot reset it by starting
+a new study, and the reported epsilon is the site's lifetime total. Epsilon is
+counted at the smallest delta any call used (the server may make it stricter,
+never looser). A hospital resets its budget deliberately by moving or deleting
+its ledger file (`<site output>/dp/ledger-*.json`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -75,9 +81,12 @@ def rdp_epsilon(history: list[tuple[float, float, int]], delta: float) -> float:
         return float(acc.get_epsilon(delta=float(delta)))
 
 
+LEDGER_FOLDER = "dp"
+
+
 @dataclass
 class DPLedger:
-    """The site's cumulative DP accounting for one study, kept in its private folder."""
+    """The site's cumulative DP accounting, kept in its own folder."""
 
     path: Path
     study: str = ""
@@ -85,25 +94,60 @@ class DPLedger:
     events: list[dict] = field(default_factory=list)
 
     @classmethod
+    def for_site(cls, folder: Path, site: str, table: Path) -> "DPLedger":
+        """The site's one ledger for its table (in deployment its output folder, in simulation
+        beside the hospital's data): keyed by the site's name and its table's path only."""
+        key = hashlib.sha256(f"{site}\0{Path(table).resolve()}".encode()).hexdigest()[:16]
+        return cls._load(Path(folder) / LEDGER_FOLDER / f"ledger-{key}.json", f"{site}: {Path(table).name}")
+
+    @classmethod
     def open(cls, out_dir: Path, study: str) -> "DPLedger":
-        """One file per study (keyed by the server's run folder, stable across a resume)."""
+        """A ledger of one experiment in `out_dir` (simulation harnesses that model a site's
+        accounting themselves, e.g. `simulations.dp_rounds`)."""
         key = hashlib.sha256(study.encode()).hexdigest()[:16]
-        path = Path(out_dir) / "dp" / f"study-{key}.json"
-        if path.exists():
-            data = json.loads(path.read_text())
-            return cls(path, data.get("study", study), [tuple(h) for h in data.get("history", [])],
-                       list(data.get("events", [])))
-        return cls(path, study)
+        return cls._load(Path(out_dir) / LEDGER_FOLDER / f"study-{key}.json", study)
+
+    @classmethod
+    def _load(cls, path: Path, study: str) -> "DPLedger":
+        ledger = cls(path, study)
+        ledger.reload()
+        return ledger
+
+    def reload(self):
+        if self.path.exists():
+            data = json.loads(self.path.read_text())
+            self.study = data.get("study", self.study)
+            self.history = [tuple(h) for h in data.get("history", [])]
+            self.events = list(data.get("events", []))
+
+    @contextlib.contextmanager
+    def locked(self):
+        """Exclusive use of the ledger file across processes (simulation workers, arms)."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path.with_suffix(".lock"), "a+") as fh:
+            try:
+                import fcntl
+
+                fcntl.flock(fh, fcntl.LOCK_EX)
+            except ImportError:  # pragma: no cover - not POSIX
+                pass
+            self.reload()
+            yield self
+
+    def delta(self, delta: float) -> float:
+        """The delta epsilon is counted at: the smallest any call used, or `delta` if smaller."""
+        return min([float(delta)] + [float(e["delta"]) for e in self.events if "delta" in e])
 
     def epsilon(self, delta: float, extra: list[tuple[float, float, int]] | None = None) -> float:
-        return rdp_epsilon(self.history + list(extra or []), delta)
+        return rdp_epsilon(self.history + list(extra or []), self.delta(delta))
 
     def spend(self, label: str, sigma: float, q: float, steps: int, delta: float) -> dict:
         """Record a training call before it runs (a crash mid-training still counts)."""
         step = (float(sigma), float(q), int(steps))
+        d = self.delta(delta)
         event = {"label": label, "noise_multiplier": step[0], "sample_rate": step[1], "steps": step[2],
-                 "delta": float(delta), "epsilon": rdp_epsilon([step], delta),
-                 "epsilon_total": self.epsilon(delta, [step]), "time": round(time.time(), 1)}
+                 "delta": d, "epsilon": rdp_epsilon([step], d),
+                 "epsilon_total": self.epsilon(d, [step]), "time": round(time.time(), 1)}
         self.history.append(step)
         self.events.append(event)
         self.save()
@@ -121,12 +165,14 @@ def plan(ledger: DPLedger, dp: DPSettings, n_train: int, batch_size: int, steps:
     take the site past its budget (nothing is charged then)."""
     q = min(1.0, batch_size / max(1, n_train))
     step = (dp.noise_multiplier, q, int(steps))
-    total = ledger.epsilon(dp.delta, [step])
-    if dp.budget > 0 and total > dp.budget:
-        raise DPBudgetExhausted(
-            f"DP budget: {label} ({steps} steps) would bring the site's epsilon to {total:.3g}, past its "
-            f"budget {dp.budget:g} (spent so far {ledger.epsilon(dp.delta):.3g} at delta {dp.delta:.3g})")
-    return ledger.spend(label, dp.noise_multiplier, q, steps, dp.delta)
+    with ledger.locked():
+        total = ledger.epsilon(dp.delta, [step])
+        if dp.budget > 0 and total > dp.budget:
+            raise DPBudgetExhausted(
+                f"DP budget: {label} ({steps} steps) would bring the site's epsilon to {total:.3g}, past its "
+                f"budget {dp.budget:g} (spent so far {ledger.epsilon(dp.delta):.3g} at delta "
+                f"{ledger.delta(dp.delta):.3g})")
+        return ledger.spend(label, dp.noise_multiplier, q, steps, dp.delta)
 
 
 def _secret_seed(dp: DPSettings) -> int:

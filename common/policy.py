@@ -14,8 +14,15 @@ A hospital keeps a small TOML file next to its data (node config `policy-path`):
 
 Every key is optional. The run config is written by the server, the file by
 the hospital: in `effective` the stricter side of each setting wins, so no
-run config can loosen a site's policy. The site reports its effective policy
-(numbers and 0/1 flags only) in its `describe` reply.
+run config can loosen a site's policy, and where the file is silent the safe
+default holds, not the server's wish: k is at least 10 (`DEFAULT_MIN_CELL_SIZE`;
+only the site's own file may set a smaller one) and a local adapter never
+leaves (only the site's `share-local-adapters = true` lets it). The site reports
+its effective policy (numbers and 0/1 flags only) in its `describe` reply.
+
+In simulation, a hospital folder may hold its own policy file,
+`clinfed-policy.toml` (`SIMULATED_POLICY_FILE`), read like a deployed node's
+`policy-path`.
 """
 
 from __future__ import annotations
@@ -26,6 +33,10 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+
+DEFAULT_MIN_CELL_SIZE = 10
+SIMULATED_POLICY_FILE = "clinfed-policy.toml"
 
 
 class PolicyError(ValueError):
@@ -41,8 +52,8 @@ class SitePolicy:
     """The hospital's own policy as written in its file (None = the file does not set it)."""
 
     allow_adapters: bool = True
-    share_local_adapters: bool = True
-    min_cell_size: int | None = None
+    share_local_adapters: bool = False  # a local adapter leaves only if the site says so
+    min_cell_size: int | None = None  # None: DEFAULT_MIN_CELL_SIZE
     dp_required: bool = False
     dp_epsilon: float | None = None
     dp_delta: float | None = None
@@ -121,8 +132,8 @@ def load_site_policy(path) -> SitePolicy:
     return site_policy_from_dict(items, source=str(path))
 
 
-# A node without a policy file imposes nothing beyond the study (refuse-instance-moving
-# then follows deployment: a node with data-path always refuses).
+# A node without a policy file keeps the safe defaults (k >= 10, no local adapter leaves);
+# refuse-instance-moving then follows deployment: a node with data-path always refuses.
 NO_SITE_POLICY = SitePolicy(refuse_instance_moving=False, source="")
 
 
@@ -199,8 +210,9 @@ def effective(run_cfg: dict[str, Any], site_policy: "SitePolicy | dict | None" =
     """Merge the study's run config with the site's policy; the stricter side always wins.
 
     - adapters leave only if the site allows it; local adapters only if the study
-      asks for them, the site allows it and adapters may leave at all;
-    - k is the larger of the two; the epsilon budget and delta the smaller set one;
+      asks for them, the site's own file allows it and adapters may leave at all;
+    - k is the larger of the study's and the site's, and the site's is 10 unless its
+      own file sets it; the epsilon budget and delta the smaller set one;
     - DP is required if the site says so or sets a budget (a budget cannot be kept
       without DP);
     - record-moving regimes are refused if the site says so, and always in a deployment.
@@ -212,7 +224,8 @@ def effective(run_cfg: dict[str, Any], site_policy: "SitePolicy | dict | None" =
     return Policy(
         allow_adapters=allow,
         share_local_adapters=bool(run_cfg.get("share-local-adapters", False)) and site.share_local_adapters and allow,
-        min_cell_size=max(int(run_cfg.get("min-cell-size", 10)), int(site.min_cell_size or 1)),
+        min_cell_size=max(int(run_cfg.get("min-cell-size", DEFAULT_MIN_CELL_SIZE)),
+                          int(site.min_cell_size if site.min_cell_size is not None else DEFAULT_MIN_CELL_SIZE)),
         dp_required=bool(site.dp_required or site.dp_epsilon is not None),
         dp_epsilon=_min_positive(site.dp_epsilon, run_cfg.get("dp-epsilon", 0.0)),
         dp_delta=_min_positive(site.dp_delta, run_cfg.get("dp-delta", 0.0)),
@@ -224,5 +237,5 @@ def effective(run_cfg: dict[str, Any], site_policy: "SitePolicy | dict | None" =
     )
 
 
-__all__ = ["POLICY_KEYS", "NO_SITE_POLICY", "Policy", "PolicyError", "PolicyRefusal", "SitePolicy", "effective",
+__all__ = ["DEFAULT_MIN_CELL_SIZE", "SIMULATED_POLICY_FILE", "POLICY_KEYS", "NO_SITE_POLICY", "Policy", "PolicyError", "PolicyRefusal", "SitePolicy", "effective",
            "load_site_policy", "site_policy_from_dict"]

@@ -6,12 +6,17 @@ handler), so no handler can forget it. A reply passes only if it holds
   model's trainable adapter + head (registered by the site when it builds the
   model) and only when the site's policy lets adapters leave;
 - at most one MetricRecord, `metrics`, whose every key matches the study's
-  allow-list, whose values are scalars (never lists: no per-patient arrays),
-  and whose count-bearing cells respect small-cell suppression;
+  allow-list (subgroup bands from closed sets only: no key can carry a value
+  from the table), whose values are scalars (never lists: no per-patient
+  arrays), and whose cells respect small-cell and complementary suppression
+  (`common.disclosure`, checked again here from what the reply itself says);
 - a ConfigRecord only in the `query.describe` reply, holding just the site's
   own configured name.
 Anything else is refused: the content is dropped, an error reply carrying no
-data goes out instead, and the refusal is logged at the site.
+data goes out instead, and the refusal is logged at the site. An error reply
+leaves only with a reason `public_reason` composed (fixed texts and numbers,
+never a key, value or path of the site); any other reason, and any exception
+a handler lets escape, is replaced by a fixed text.
 """
 
 from __future__ import annotations
@@ -24,12 +29,39 @@ import threading
 import numpy as np
 
 from common.compare import PREFIX as CMP_PREFIX
-from common.metrics import COUNT_METRICS, PREFIX, SEP
+from common.data import INSURANCE_VALUES
+from common.metrics import AGE_BANDS, COMORBIDITY_BANDS, COUNT_METRICS, MISSING, OTHER, PREFIX, SEP
 
 log = logging.getLogger("clinfed.privacy")
 
 SITE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
+
+
+def site_name_problem(name) -> str | None:
+    """Why `name` cannot be a site's name on the wire (None: it can). The guard and
+    `clinfed node --check` apply exactly this rule."""
+    if not isinstance(name, str) or not SITE_NAME_RE.match(name):
+        return ("a site name is 1-64 characters: letters, digits, '_', '.', '-', starting with a letter "
+                "or digit")
+    return None
+
+
 _NAME = r"[A-Za-z0-9_.@=+<\-]+"
+
+
+def _alt(names) -> str:
+    return "|".join(re.escape(n) for n in names)
+
+
+# the bands a key may name: closed sets (region bands travel as codes r1..r99)
+_BANDS = {
+    "age": _alt([b[0] for b in AGE_BANDS] + [MISSING]),
+    "comorbidity": _alt([b[0] for b in COMORBIDITY_BANDS] + [MISSING]),
+    "insurance": _alt(list(INSURANCE_VALUES) + [MISSING]),
+    "region": rf"r[1-9][0-9]?|{OTHER}|{MISSING}",
+}
+_DESC_BAND = "|".join(rf"{g}=(?:{b})" for g, b in _BANDS.items())
+_SUBGROUP = rf"all|{_DESC_BAND}|words=q[1-9][0-9]?"
 ALLOWED_METRIC_KEYS = [
     re.compile(p)
     for p in (
@@ -50,12 +82,12 @@ ALLOWED_METRIC_KEYS = [
         r"refuse-instance-moving|allow-full-weights|max-update-bytes|site-file)",
         r"site-n-(train|val|test|temporal)",
         rf"desc{SEP}(n|readmission_rate|mortality_rate|words_mean|words_q1|words_median|words_q3)",
-        rf"desc{SEP}(age|comorbidity|insurance|region)={_NAME}",
+        rf"desc{SEP}({_DESC_BAND})",
         rf"drv{SEP}(age|n_comorbidities|insurance|region|words_per_note)",
         r"drv-n",
         rf"gen{SEP}(triage|extraction|readmission){SEP}(base|sft|dpo){SEP}(base|global|local|personalized){SEP}"
         r"[a-z_0-9]+",
-        rf"{PREFIX}{SEP}{_NAME}{SEP}(test|temporal|val){SEP}{_NAME}{SEP}"
+        rf"{PREFIX}{SEP}{_NAME}{SEP}(test|temporal|val){SEP}({_SUBGROUP}){SEP}"
         r"(n|positives|auc|auc_lo|auc_hi|pr_auc|f1|brier|suppressed|not_computable)",
         # paired differences between the arms of a comparison (common.compare): pair of arm
         # numbers, regime, split, then the difference, its interval, n, positives or a flag
@@ -70,8 +102,16 @@ COUNT_KEYS = ("num-examples", "site-n-train", "site-n-val", "site-n-test", "site
 PUBLIC_REASON_PREFIX = "clinfed site error:"
 
 
+_MODEL_TEXT = "the study's model cannot be loaded at the site (details in the site's log)"
+
+
 def public_reason(exc: BaseException, phase: str) -> str:
-    """A failure description safe to send: the kind of failure, never the data's values."""
+    """A failure description safe to send: the kind of failure, never a key, value or path of the site.
+
+    Only texts clinfed composes from the site's policy numbers and the study's own run
+    config pass as they are (a policy refusal, an exhausted DP budget, a run-config
+    problem); everything else becomes a fixed text, and the details stay in the site's
+    log. The egress guard lets an error reply leave only with a reason made here."""
     from common.config import ConfigError
     from common.data import DataValidationError
     from common.dp import DPBudgetExhausted
@@ -81,11 +121,24 @@ def public_reason(exc: BaseException, phase: str) -> str:
     if isinstance(exc, DataValidationError):
         n = len(getattr(exc, "problems", []) or [])
         what = f"the site's data failed validation ({n} problem(s)); run `clinfed validate` at the site"
-    elif isinstance(exc, (ConfigError, ModelError, AdapterMismatch, PolicyError, PolicyRefusal, DPBudgetExhausted)):
+    elif isinstance(exc, PolicyError):
+        what = "the site's policy file cannot be used; run `clinfed node --check` at the site"
+    elif isinstance(exc, ModelError) or (isinstance(exc, ConfigError) and isinstance(exc.__context__, ModelError)):
+        what = _MODEL_TEXT
+    elif isinstance(exc, AdapterMismatch):
+        what = ("the adapter the server sent does not fit the site's model (another base model, or other "
+                "keys or shapes; details in the site's log)")
+    elif isinstance(exc, (ConfigError, PolicyRefusal, DPBudgetExhausted)):
+        # composed by clinfed from the study's run config and the site's policy numbers only
         what = str(exc).splitlines()[0][:300]
     else:
         what = f"{type(exc).__name__} (details in the site's log)"
-    return f"{PUBLIC_REASON_PREFIX} {phase}: {what}"
+    reason = f"{PUBLIC_REASON_PREFIX} {phase}: {what}"
+    with REGISTRY.lock:
+        if len(REGISTRY.public_reasons) > 1000:
+            REGISTRY.public_reasons.clear()
+        REGISTRY.public_reasons.add(reason)
+    return reason
 
 
 class _Registry:
@@ -98,6 +151,7 @@ class _Registry:
         self.allow_adapters: bool = True
         self.min_cell_size: int = 10
         self.log: list[dict] = []  # egress log kept at the site: kinds, keys count, bytes
+        self.public_reasons: set[str] = set()  # error reasons `public_reason` composed
 
 
 REGISTRY = _Registry()
@@ -151,7 +205,7 @@ def check_reply(content, message_type: str, *, adapter_shapes, site_name, allow_
             problems.append(f"unexpected ConfigRecord '{name}' in a '{message_type}' reply")
             continue
         items = dict(rec)
-        if set(items) != {"name"} or items.get("name") != site_name or not SITE_NAME_RE.match(str(items.get("name"))):
+        if set(items) != {"name"} or items.get("name") != site_name or site_name_problem(items.get("name")):
             problems.append("the site ConfigRecord may hold only the site's configured name")
     return problems
 
@@ -183,21 +237,80 @@ def _check_metrics(items: dict, k: int) -> list[str]:
                 problems.append(f"cell '{cell}' has {m} below the minimum cell size and is not suppressed")
         if "n" not in vals:
             problems.append(f"cell '{cell}' releases values without its n")
-        if "positives" not in vals and "not_computable" not in vals:
+        if "positives" not in vals:
             problems.append(f"cell '{cell}' lacks its positives count (needed to check suppression)")
+        elif "n" in vals and vals["n"] - vals["positives"] < k:
+            problems.append(f"cell '{cell}' has negatives below the minimum cell size and is not suppressed")
+    problems.extend(_check_subtraction(items, cells, k))
     return problems
+
+
+def _check_subtraction(items: dict, cells: dict[str, dict[str, float]], k: int) -> list[str]:
+    """What a reader gets by subtracting the released parts of a whole from it must not isolate
+    fewer than k patients, positives or negatives (common.disclosure), checked on the reply itself."""
+    from common.disclosure import Counts, leaks
+
+    problems = []
+    released = {c: v for c, v in cells.items() if "suppressed" not in v and "n" in v}
+    # eval cells: each grouping's released bands against the split's `all` cell
+    groups: dict[tuple[str, str], dict[str, Counts]] = {}
+    for cell, v in released.items():
+        parts = cell.split(SEP)
+        if parts[0] != PREFIX or len(parts) != 4 or parts[3] == "all":
+            continue
+        group = parts[3].split("=", 1)[0]
+        groups.setdefault((SEP.join(parts[:3]), group), {})[parts[3]] = Counts(int(v["n"]), int(v.get("positives", 0)))
+    for (pre, group), bands in groups.items():
+        whole = released.get(f"{pre}{SEP}all")
+        if whole is None:
+            problems.append(f"'{pre}': {group} bands released while the whole split is withheld")
+            continue
+        lost = leaks(Counts(int(whole["n"]), int(whole.get("positives", 0))), bands, k)
+        if lost:
+            problems.append(f"'{pre}': all minus the released {group} bands isolates {', '.join(lost)}")
+    # descriptors: each grouping's released shares against the site's n; split sizes against n
+    n = items.get(f"desc{SEP}n")
+    shares: dict[str, dict[str, Counts]] = {}
+    for key, val in items.items():
+        if key.startswith(f"desc{SEP}") and "=" in key and not isinstance(val, (list, tuple, np.ndarray)):
+            group = key[len("desc") + 1:].split("=", 1)[0]
+            shares.setdefault(group, {})[key] = Counts(int(round(float(val) * float(n or 0))))
+    if shares and n is None:
+        problems.append("descriptor shares released without the site's n")
+    elif n is not None:
+        for group, bands in shares.items():
+            lost = leaks(Counts(int(n)), bands, k)
+            if lost:
+                problems.append(f"descriptors: n minus the released {group} shares isolates {', '.join(lost)}")
+        sizes = {key: Counts(int(v)) for key, v in items.items() if key.startswith("site-n-")}
+        lost = leaks(Counts(int(n)), sizes, k)
+        if lost:
+            problems.append(f"describe: n minus the released split sizes isolates {', '.join(lost)}")
+    return problems
+
+
+def _withheld(msg, text: str):
+    from flwr.app import Error, Message
+
+    return Message(Error(code=900, reason=f"{PUBLIC_REASON_PREFIX} {text}"), reply_to=msg)
 
 
 def egress_guard(msg, ctx, call_next):
     """Flower client mod: refuse any reply the policy does not allow to leave."""
     from flwr.app import Error, Message
 
-    reply = call_next(msg, ctx)
+    try:
+        reply = call_next(msg, ctx)
+    except Exception:  # noqa: BLE001 - Flower would send the exception's text, which may quote data
+        log.exception("a handler raised; its text stays at the site")
+        return _withheld(msg, "unexpected failure (details in the site's log)")
     if reply.has_error():
         # A reason may quote data (an exception message naming a value): only reasons
-        # the site composed with `public_reason` leave; details stay in the site's log.
+        # `public_reason` composed leave; any other text stays in the site's log.
         reason = reply.error.reason or ""
-        if not reason.startswith(PUBLIC_REASON_PREFIX):
+        with REGISTRY.lock:
+            public = reason in REGISTRY.public_reasons
+        if not public:
             log.error("site error withheld from the server: %s", reason)
             reason = f"{PUBLIC_REASON_PREFIX} unexpected failure (details in the site's log)"
         return Message(Error(code=reply.error.code, reason=reason[:500]), reply_to=msg)
@@ -207,13 +320,18 @@ def egress_guard(msg, ctx, call_next):
         allow = REGISTRY.allow_adapters
         k = REGISTRY.min_cell_size
     mtype = msg.metadata.message_type
-    problems = check_reply(reply.content, mtype, adapter_shapes=shapes, site_name=site,
-                           allow_adapters=allow, min_cell_size=k)
+    try:
+        problems = check_reply(reply.content, mtype, adapter_shapes=shapes, site_name=site,
+                               allow_adapters=allow, min_cell_size=k)
+    except Exception:  # noqa: BLE001 - a reply the guard cannot read does not leave
+        log.exception("egress guard could not check a '%s' reply", mtype)
+        problems = ["the reply could not be checked"]
     if problems:
         for p in problems:
             log.error("egress guard refused a '%s' reply of site %s: %s", mtype, site, p)
-        return Message(Error(code=900, reason="clinfed egress guard refused the reply: "
-                             + "; ".join(problems[:5])), reply_to=msg)
+        # the problems name keys, which could carry data: they stay in the site's log
+        return Message(Error(code=900, reason=f"clinfed egress guard refused the reply ({len(problems)} "
+                             "problem(s); details in the site's log)"), reply_to=msg)
     nbytes = sum(int(a.numpy().nbytes) for r in reply.content.array_records.values() for a in r.values())
     REGISTRY.log.append({
         "message_type": mtype,

@@ -308,7 +308,7 @@ def build_comparison_report(run_dir) -> Path:
         "its 95 % interval is a paired bootstrap computed at the site (each resample scores both arms on the same "
         "resampled patients). Only these aggregates left the sites; per-patient scores stayed in each site's own "
         f"folder. <strong>Overall</strong>: {esc(run.get('overall_method', ''))}. Cells with fewer than k = "
-        f"{esc(str(config.get('min-cell-size', 10)))} patients or positives are <span class=\"supp\">suppressed</span>.</p>"
+        f"{esc(str(config.get('min-cell-size', 10)))} patients, positives or negatives are <span class=\"supp\">suppressed</span>.</p>"
         "<p><strong>Cost</strong>, measured: trainable parameters (what one update carries); bytes of model arrays "
         "sent to and received from one site in one federated round; training seconds per site over the whole study "
         "(federated rounds plus site-held regimes); peak resident memory of the site's process during training "

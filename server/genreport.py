@@ -96,7 +96,7 @@ def build_generative_report(run_dir) -> Path:
         "<p>How to read: <b>base</b> is the pretrained decoder; <b>global</b> is the federated adapter after "
         "SFT, then after DPO (DPO's reference policy is the global SFT adapter it starts from); <b>local</b> is "
         "SFT then DPO at the site alone; <b>personalized</b> is the global DPO adapter fine-tuned at the site. "
-        "Scores are computed at each site on its own test items; a task with fewer than k items is withheld. "
+        "Scores are computed at each site on its own test items; a task with fewer than k items (for the readmission question: k readmitted and k not) is withheld. "
         "Unparseable outputs count as wrong.</p>",
     ]
     for err in run.get("errors") or []:

@@ -533,7 +533,7 @@ def _findings(cells: Cells, sites_df, regimes, splits, gains: pd.DataFrame, run:
     n_nc = int((sub["status"] == "not_computable").sum())
     if n_supp or n_nc:
         general.append(f"{n_supp} site × regime × split AUC cell{'s are' if n_supp != 1 else ' is'} suppressed "
-                       f"(fewer than k = {k} patients or positives) and {n_nc} {'are' if n_nc != 1 else 'is'} "
+                       f"(fewer than k = {k} patients, positives or negatives, or protecting such a cell) and {n_nc} {'are' if n_nc != 1 else 'is'} "
                        "not computable; they are excluded from every mean and comparison.")
     all_supp = [s for s in sites if len(sub[sub["site"] == s]) and (sub[sub["site"] == s]["status"] == "suppressed").all()]
     if all_supp:
@@ -688,7 +688,7 @@ def _cross_site(metrics: pd.DataFrame, sites: list[str], splits, fig_dir: Path, 
     f_cs = fig_dir / "cross_site.png"
     _fig_cross_site(cells, origins, sites, sp_list, f_cs)
     return ("<h2>Cross-site matrix</h2>" + _img(f_cs, "AUC of each adapter at each site")
-            + f'<p class="caption">{note} Hatched: suppressed (fewer than k patients or positives); blank: not '
+            + f'<p class="caption">{note} Hatched: suppressed (fewer than k patients, positives or negatives, or protecting such a cell); blank: not '
             "evaluated or not computable. Table: tables/cross_site.csv.</p>")
 
 
@@ -1135,8 +1135,9 @@ def build_report(run_dir) -> Path:
         "readmission rate, not 0.5); <strong>F1</strong> at the study's threshold; <strong>Brier</strong> = mean "
         "squared error of the predicted probability (lower is better). Splits: <em>test</em> = random held-out "
         "patients; <em>temporal</em> = the most recent encounters (a check against drift over time).</p>"
-        f"<p><span class=\"supp\">suppressed</span> = the cell had fewer than k = {k} patients or positives, so "
-        "no number is released (privacy). <span class=\"nc\">n/c</span> = not computable (e.g. only one class "
+        f"<p><span class=\"supp\">suppressed</span> = the cell had fewer than k = {k} patients, positives or "
+        "negatives, or was withheld so that subtracting released cells cannot reveal such a cell; no number is "
+        "released (privacy; a site's own policy may set a larger k). <span class=\"nc\">n/c</span> = not computable (e.g. only one class "
         "present); hover for the reason, or see the footnotes under the table.</p></div>"
     )
 

@@ -32,7 +32,7 @@ from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, 
 
 from common.config import gen_tasks, regimes
 from common.console import progress_line
-from common.metrics import METRIC_COLUMNS, cell_rows
+from common.metrics import METRIC_COLUMNS, cell_rows, subgroup_name
 from common.models import save_adapter, state_hash, state_nbytes
 from common.policy import Policy
 from server.checkpoint import Checkpoint, write_json
@@ -74,6 +74,30 @@ def exchange(grid, messages, timeout: float) -> list[Message]:
         time.sleep(min(wait, left))
         wait = min(0.5, wait * 1.5)
     return replies
+
+
+def _impute_withheld_shares(X: np.ndarray, feats: list[str], col_mean: np.ndarray) -> np.ndarray:
+    """Fill a site's withheld band shares from what it did release: the withheld bands of a
+    grouping together hold 1 minus its released shares (disclosure control releases shares so
+    that this remainder is nobody or at least k patients), split in proportion to the other
+    sites' mean shares of those bands. A withheld complement (a band withheld only to protect
+    a small one) thus stays near its true size instead of jumping to the federation's mean,
+    which would move the site in descriptor space and regroup the clusters."""
+    X = X.copy()
+    groups: dict[str, list[int]] = {}
+    for j, f in enumerate(feats):
+        if "=" in f:
+            groups.setdefault(f.split("=", 1)[0], []).append(j)
+    for i in range(X.shape[0]):
+        for cols in groups.values():
+            missing = [j for j in cols if np.isnan(X[i, j])]
+            if not missing or len(missing) == len(cols):
+                continue
+            rest = max(0.0, 1.0 - float(np.nansum(X[i, cols])))
+            w = np.array([max(0.0, float(col_mean[j])) for j in missing])
+            w = w / w.sum() if w.sum() > 0 else np.full(len(missing), 1.0 / len(missing))
+            X[i, missing] = rest * w
+    return X
 
 
 def _say(text: str):
@@ -245,7 +269,9 @@ class Study:
             by_node[rep.metadata.src_node_id] = name
             counts = dict(rep.content["metrics"])
             self.site_counts[name] = {s: counts.get(f"site-n-{s}") for s in ("train", "val", "test", "temporal")}
-            self.descriptors[name] = {k[5:]: float(v) for k, v in counts.items() if k.startswith("desc/")}
+            # region bands travel as codes; the study names them from its own vocabulary
+            self.descriptors[name] = {subgroup_name(k[5:], self.cfg.get("region-vocabulary", "")): float(v)
+                                      for k, v in counts.items() if k.startswith("desc/")}
             self._note_policy(name, counts)
         names = list(by_node.values())
         dup = {n for n in names if names.count(n) > 1}
@@ -457,6 +483,7 @@ class Study:
         if X.size == 0:
             return names, np.zeros((len(names), 0)), []
         col_mean = np.nanmean(np.where(np.isnan(X), np.nan, X), axis=0)
+        X = _impute_withheld_shares(X, feats, np.nan_to_num(col_mean))
         X = np.where(np.isnan(X), np.nan_to_num(col_mean), X)
         sd = X.std(axis=0)
         keep = sd > 1e-12
@@ -572,7 +599,7 @@ class Study:
         ok = self._collect(list(self.sites), replies, "evaluate")
         for site, rep in ok.items():
             m = dict(rep.content["metrics"])
-            rows = cell_rows(site, m)
+            rows = cell_rows(site, m, self.cfg.get("region-vocabulary", ""))
             self.rows.extend(rows)
             # diagonal of the cross-site matrix: the site's own local / cluster adapter
             alias = {}

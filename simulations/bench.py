@@ -123,10 +123,13 @@ def _quiet():
 
 
 def _federation(folder: Path, sizes: list[int], seed: int) -> Path:
-    from simulations.generate import generate_federation
+    from simulations.generate import SYNTHETIC_SITE_POLICY, generate_federation
 
     if not (folder / "truth.json").exists():
-        generate_federation(folder, n_hospitals=len(sizes), seed=seed, sizes=sizes)
+        # benchmark hospitals are small: their own policy allows cells of 5 (a study asking for
+        # min-cell-size = 5 gets it only where the site's file allows it)
+        generate_federation(folder, n_hospitals=len(sizes), seed=seed, sizes=sizes,
+                            site_policy=SYNTHETIC_SITE_POLICY + "min-cell-size = 5\n")
     return folder
 
 

@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -53,10 +54,16 @@ def run_setting(cfg: dict, data_dir: Path, run_dir: Path) -> dict:
     from inprocess_grid import LocalGrid
 
     from client.app import app as client_app
+    from client.app import site_home
     from common.data import list_sites
+    from common.dp import LEDGER_FOLDER
     from server.study import Study
 
     sites = list_sites(data_dir)
+    # Each setting is its own experiment on the same synthetic hospitals: standing in for them,
+    # the harness resets their DP ledgers (which otherwise add up across studies, as they must)
+    for _, folder in sites:
+        shutil.rmtree(site_home({}, folder) / LEDGER_FOLDER, ignore_errors=True)
     grid = LocalGrid(client_app, [{"partition-id": i, "num-partitions": len(sites)} for i in range(len(sites))], cfg)
     t = time.time()
     Study(grid, cfg, run_dir).execute()

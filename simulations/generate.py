@@ -670,12 +670,25 @@ def _filler(ftype: str, budget: int, d: _Draws) -> str:
 # --------------------------------------------------------------------------------------------
 
 
+# A synthetic hospital's own policy file (common.policy.SIMULATED_POLICY_FILE): its records
+# are made up, so it lets its local adapter travel (the full cross-site matrix) and lets the
+# simulation-only `augmented` regime use them. Everything else keeps the safe defaults (k = 10).
+SYNTHETIC_SITE_POLICY = """\
+# clinfed site policy of a synthetic hospital (written by clinfed generate)
+share-local-adapters = true
+refuse-instance-moving = false
+"""
+
+
 def generate_federation(out_dir, n_hospitals: int = DEFAULT_N_HOSPITALS, seed: int = 0, sizes=None,
-                        start: str = "2021-01-01", end: str = "2023-12-31", generative: bool = True) -> dict:
+                        start: str = "2021-01-01", end: str = "2023-12-31", generative: bool = True,
+                        site_policy: str | None = SYNTHETIC_SITE_POLICY) -> dict:
     """Write ``out_dir/hNN/encounters.csv`` per hospital and ``out_dir/truth.json``; return the truth.
 
     ``sizes`` (one per hospital) overrides ``n_hospitals``; by default sizes fall geometrically
-    from 2000 (h01) to 200 (last). Same seed and arguments give byte-identical files.
+    from 2000 (h01) to 200 (last). Same seed and arguments give byte-identical files. Each
+    hospital folder also gets its own policy file (``clinfed-policy.toml``, `site_policy`;
+    None writes none), read by its simulated node as a deployed node reads ``policy-path``.
     """
     if sizes is None:
         sizes = default_sizes(n_hospitals)
@@ -727,6 +740,10 @@ def generate_federation(out_dir, n_hospitals: int = DEFAULT_N_HOSPITALS, seed: i
             info_words.append(ni)
         words = np.array([len(t.split()) for t in notes])
         _write_site(out / s["name"], s["name"], notes, y, p, died, d0)
+        if site_policy is not None:
+            from common.policy import SIMULATED_POLICY_FILE
+
+            (out / s["name"] / SIMULATED_POLICY_FILE).write_text(site_policy, encoding="utf-8")
 
         pstar_pooled = bayes_probability(eta - (p["x"] * (w - pooled_w)).sum(axis=1), sd)
         hard = (p["age"] >= 80) | (p["k"] >= 5)

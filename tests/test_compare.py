@@ -290,7 +290,7 @@ def test_clinfed_compare_refuses_the_budget_before_flower_starts(small_federatio
 def test_a_site_policy_forbidding_full_weights_refuses_the_arm(small_federation, tmp_path):
     sites = list_sites(small_federation)
     policy = tmp_path / "policy.toml"
-    policy.write_text("allow-full-weights = false\n")
+    policy.write_text("min-cell-size = 5\nallow-full-weights = false\n")
     nodes = simulated_nodes(len(sites))
     nodes[2]["policy-path"] = str(policy)
     cfg = resolve({**BASE, "arms": "tiny-bert:lora,tiny-bert:full,tiny-bert:head-only",
@@ -328,7 +328,7 @@ def test_a_site_update_cap_refuses_larger_updates(small_federation, tmp_path):
     sites = list_sites(small_federation)
     plan = {p["arm"]: p for p in plan_costs(resolve({"arms": "tiny-bert:lora,tiny-bert:full"}))}
     policy = tmp_path / "policy.toml"
-    policy.write_text(f"max-update-bytes = {plan['tiny-bert:lora']['update_bytes']}\n")  # lora fits, full not
+    policy.write_text(f"min-cell-size = 5\nmax-update-bytes = {plan['tiny-bert:lora']['update_bytes']}\n")  # lora fits, full not
     nodes = simulated_nodes(len(sites))
     nodes[0]["policy-path"] = str(policy)
     cfg = resolve({**BASE, "arms": "tiny-bert:head-only,tiny-bert:lora,tiny-bert:full",
@@ -391,11 +391,11 @@ def test_clinfed_compare_runs_through_the_flower_simulation_engine(small_federat
     assert 'id="comparison"' in (out / "report.html").read_text()
 
 
-def test_dp_epsilon_adds_up_across_arms(small_federation, tmp_path):
+def test_dp_epsilon_adds_up_across_arms(fresh_federation, tmp_path):
     """Every arm trains on the same patients: with DP-SGD the site's one ledger composes the
     arms' training, so the second arm's running epsilon starts where the first arm's ended."""
-    sites = list_sites(small_federation)
-    cfg = resolve({**BASE, "arms": "tiny-bert:lora,tiny-bert:head-only", "data-dir": str(small_federation),
+    sites = list_sites(fresh_federation)
+    cfg = resolve({**BASE, "arms": "tiny-bert:lora,tiny-bert:head-only", "data-dir": str(fresh_federation),
                    "num-server-rounds": 1, "local-steps": 2, "regimes": "base,global", "dp": True})
     grid = LocalGrid(client_app, simulated_nodes(len(sites)), cfg)
     Comparison(grid, cfg, tmp_path / "run").execute()

@@ -152,6 +152,8 @@ def test_update_dp_wrapper_clips_against_the_rounds_start():
 
 @pytest.fixture(scope="module")
 def dp_study(small_federation, tmp_path_factory):
+    import shutil
+
     from client.app import app as client_app
     from common.config import resolve
     from common.data import list_sites
@@ -159,6 +161,8 @@ def dp_study(small_federation, tmp_path_factory):
     from server.study import Study
 
     run_dir = tmp_path_factory.mktemp("dprun")
+    # the sites' DP ledgers live beside their data and add up across studies: a private copy
+    small_federation = shutil.copytree(small_federation, run_dir / "fed", ignore=shutil.ignore_patterns("clinfed-out"))
     base = {"model": "tiny-bert", "data-dir": str(small_federation), "num-server-rounds": 3, "local-steps": 4,
             "personalize-steps": 2, "bootstrap": 10, "min-cell-size": 5, "batch-size": 8,
             "regimes": "base,global,local,personalized", "dp": True, "dp-delta": 1e-5}
@@ -181,7 +185,7 @@ def dp_study(small_federation, tmp_path_factory):
     nodes = []
     for i, (name, _) in enumerate(sites):
         pol = run_dir / f"policy-{name}.toml"
-        pol.write_text(f"dp-epsilon = {budget[name]!r}\n")
+        pol.write_text(f"min-cell-size = 5\ndp-epsilon = {budget[name]!r}\n")
         nodes.append({"partition-id": i, "num-partitions": len(sites), "policy-path": str(pol)})
     cfg = resolve({**base, "dp-epsilon": 50.0})
     grid = LocalGrid(client_app, nodes, cfg)
@@ -294,7 +298,7 @@ def test_dp_sft_changes_the_decoder_adapter_and_learns():
 
 
 @pytest.mark.slow
-def test_generative_study_with_dp_sft_reports_epsilon(small_federation, tmp_path):
+def test_generative_study_with_dp_sft_reports_epsilon(fresh_federation, tmp_path):
     """SFT rounds and the site-held SFT run as DP-SGD; epsilon per call and in total reaches
     run.json and metrics.csv; the local regime stops at SFT (no DP path for DPO)."""
     import pandas as pd
@@ -305,14 +309,14 @@ def test_generative_study_with_dp_sft_reports_epsilon(small_federation, tmp_path
     from inprocess_grid import LocalGrid, simulated_nodes
     from server.study import Study
 
-    sites = list_sites(small_federation)
-    cfg = resolve({"task": "generative", "decoder": "tiny-llama", "data-dir": str(small_federation),
+    sites = list_sites(fresh_federation)
+    cfg = resolve({"task": "generative", "decoder": "tiny-llama", "data-dir": str(fresh_federation),
                    "num-server-rounds": 2, "sft-steps": 2, "dpo-rounds": 0, "dp": True, "dp-delta": 1e-4,
                    "gen-eval-items": 10, "min-cell-size": 5, "gen-batch-size": 4, "gen-max-new-tokens": 4,
                    "gen-max-words": 20, "gen-examples": 0, "public-eval": False})
     grid = LocalGrid(client_app, simulated_nodes(len(sites)), cfg)
-    Study(grid, cfg, tmp_path).execute()
-    run = json.loads((tmp_path / "run.json").read_text())
+    Study(grid, cfg, tmp_path / "run").execute()
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
     assert run["status"] == "completed", run["errors"]
     rounds = [r for r in run["rounds"] if r["phase"] == "sft"]
     assert len(rounds) == 2
@@ -322,8 +326,8 @@ def test_generative_study_with_dp_sft_reports_epsilon(small_federation, tmp_path
         assert set(run["dp"][name]["by_phase"]) == {"sft round 1", "sft round 2", "gen_local local",
                                                     "gen_local personalized"}
         assert run["dp"][name]["epsilon_total"] > totals[1]  # the site-held SFT counts too
-        assert not (tmp_path / "sites" / name / "adapters" / "local-dpo").exists()
-    df = pd.read_csv(tmp_path / "metrics.csv")
+        assert not (tmp_path / "run" / "sites" / name / "adapters" / "local-dpo").exists()
+    df = pd.read_csv(tmp_path / "run" / "metrics.csv")
     eps = df[df["metric"] == "dp_epsilon_total"].set_index("site")["value"]
     assert eps.to_dict() == pytest.approx({n: run["dp"][n]["epsilon_total"] for n, _ in sites})
     calls = df[df["metric"] == "dp_epsilon"]
@@ -332,19 +336,19 @@ def test_generative_study_with_dp_sft_reports_epsilon(small_federation, tmp_path
     scored = df[~df["metric"].str.startswith("dp_")]
     assert ("dpo", "local") not in set(zip(scored["stage"], scored["regime"]))
     assert ("sft", "local") in set(zip(scored["stage"], scored["regime"]))
-    assert (tmp_path / "report.html").exists()
+    assert (tmp_path / "run" / "report.html").exists()
 
 
 @pytest.mark.slow
-def test_dp_cost_command_runs(small_federation, tmp_path, capsys):
+def test_dp_cost_command_runs(fresh_federation, tmp_path, capsys):
     import pandas as pd
 
     from simulations.dp_cost import main
 
-    assert main(["--out", str(tmp_path), "--data", str(small_federation), "--noise", "1.0", "--threads", "1",
+    assert main(["--out", str(tmp_path / "out"), "--data", str(fresh_federation), "--noise", "1.0", "--threads", "1",
                  "--run-config", "model=tiny-bert num-server-rounds=1 local-steps=2 bootstrap=10 min-cell-size=5 "
                                  "batch-size=8"]) == 0
-    table = pd.read_csv(tmp_path / "dp_cost.csv")
+    table = pd.read_csv(tmp_path / "out" / "dp_cost.csv")
     assert list(table["setting"]) == ["no DP", "DP-SGD σ=1"]
     assert np.isnan(table["ε total (max)"][0]) and table["ε total (max)"][1] > table["ε total (median)"][1] > 0
     assert table["global AUC test"].between(0, 1).all()

@@ -32,11 +32,24 @@ def test_same_seed_identical_bytes_and_other_seed_differs(fed, tmp_path):
     a, b = file_bytes(out), file_bytes(tmp_path / "again")
     sites = [f"h0{i}" for i in range(1, 7)]
     assert sorted(a) == sorted([f"{s}/encounters.csv" for s in sites] + ["truth.json"]
-                               + [f"{s}/generative/{t}.jsonl" for s in sites for t in ("extraction", "triage")])
+                               + [f"{s}/generative/{t}.jsonl" for s in sites for t in ("extraction", "triage")]
+                               + [f"{s}/clinfed-policy.toml" for s in sites])
     assert a == b
     generate_federation(tmp_path / "other", seed=1)
     c = file_bytes(tmp_path / "other")
-    assert all(a[k] != c[k] for k in a)
+    assert all(a[k] != c[k] for k in a if not k.endswith("clinfed-policy.toml"))
+
+
+def test_each_synthetic_hospital_has_its_own_policy_file(fed):
+    """Synthetic hospitals let their local adapter travel and their made-up records be borrowed
+    (`augmented`); they keep the safe default k."""
+    from common.policy import load_site_policy
+
+    out, _ = fed
+    pol = load_site_policy(out / "h01" / "clinfed-policy.toml")
+    assert pol.share_local_adapters and not pol.refuse_instance_moving and pol.min_cell_size is None
+    generate_federation(out.parent / "nopolicy", seed=0, sizes=[30, 20], site_policy=None)
+    assert not list((out.parent / "nopolicy").rglob("clinfed-policy.toml"))
 
 
 def test_every_site_meets_the_contract(fed):

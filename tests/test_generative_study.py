@@ -17,7 +17,8 @@ def test_generative_study_sft_then_dpo(small_federation, tmp_path):
     sites = list_sites(small_federation)
     cfg = resolve({"task": "generative", "decoder": "tiny-llama", "data-dir": str(small_federation),
                    "num-server-rounds": 1, "sft-steps": 2, "dpo-rounds": 1, "dpo-steps": 1,
-                   "gen-eval-items": 10, "min-cell-size": 5, "gen-batch-size": 4, "gen-max-new-tokens": 8,
+                   # 20 items: the readmission question is released only with k readmitted and k not
+                   "gen-eval-items": 20, "min-cell-size": 5, "gen-batch-size": 4, "gen-max-new-tokens": 8,
                    "gen-max-words": 30, "gen-holdout-task": "readmission", "gen-examples": 2})
     grid = LocalGrid(client_app, simulated_nodes(len(sites)), cfg)
     Study(grid, cfg, tmp_path).execute()

@@ -423,11 +423,16 @@ def test_unexpected_errors_are_one_paragraph_and_name_the_command(tmp_path, monk
 
 
 def test_single_class_test_set_auc_is_not_computable_in_metrics_csv(tmp_path):
-    """AUC on a test set with one class is written as not computable with the reason, never a number."""
-    from common.metrics import METRIC_COLUMNS, cell_metrics, cell_rows, flatten_cell
+    """A test set with one class is never released (fewer than k negatives): withheld, no number,
+    no n. Scored anyway (as disclosure control never does), its AUC is written as not computable
+    with the reason, never a number."""
+    from common.metrics import METRIC_COLUMNS, cell_metrics, cell_rows, flatten_cell, score_cell
 
     y = np.ones(40, dtype=int)
-    cell = cell_metrics(y, np.linspace(0, 1, 40), threshold=0.5, k=10, seed=0, n_boot=50)
+    withheld = cell_rows("h01", flatten_cell("global", "test", "all", cell_metrics(y, np.linspace(0, 1, 40),
+                                                                                   threshold=0.5, k=10, seed=0)))
+    assert all(r["value"] is None and r["n"] is None and r["status"] == "suppressed" for r in withheld)
+    cell = score_cell(y, np.linspace(0, 1, 40), threshold=0.5, seed=0, n_boot=50)
     assert cell.status == "not_computable" and "auc" not in cell.values
     rows = cell_rows("h01", flatten_cell("global", "test", "all", cell))
     path = tmp_path / "metrics.csv"
@@ -437,7 +442,7 @@ def test_single_class_test_set_auc_is_not_computable_in_metrics_csv(tmp_path):
         row = df[df["metric"] == metric].iloc[0]
         assert row["value"] == "" and row["status"] == "not_computable", metric
         assert "only one class" in row["note"] and "undefined" in row["note"]
-    assert float(df[df["metric"] == "positives"].iloc[0]["value"]) == 40  # counts stay releasable
+    assert float(df[df["metric"] == "positives"].iloc[0]["value"]) == 40
     assert int(df[df["metric"] == "auc"].iloc[0]["n"]) == 40
 
 

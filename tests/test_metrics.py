@@ -11,6 +11,7 @@ from common.metrics import (
     error_driver_importance,
     flatten_cell,
     instance_errors,
+    score_cell,
     site_descriptors,
     subgroup_labels,
 )
@@ -43,9 +44,17 @@ def test_auc_matches_sklearn():
 def test_small_cells_are_suppressed_and_single_class_is_not_computable():
     y = np.array([0] * 40 + [1] * 9)
     assert cell_metrics(y, np.linspace(0, 1, 49), 0.5, k=10, seed=0).status == "suppressed"
+    # k positives but fewer than k negatives: withheld too (negatives are counted like positives)
+    y = np.array([1] * 30 + [0] * 9)
+    assert cell_metrics(y, np.linspace(0, 1, 39), 0.5, k=10, seed=0).status == "suppressed"
+    # a cell where every patient was readmitted is withheld, never released with its n
     ones = cell_metrics(np.ones(30, int), np.linspace(0, 1, 30), 0.5, k=10, seed=0)
-    assert ones.status == "not_computable"
-    rows = cell_rows("h01", flatten_cell("global", "test", "all", ones))
+    assert ones.status == "suppressed"
+    assert flatten_cell("global", "test", "all", ones) == {"eval/global/test/all/suppressed": 1}
+    # scoring itself still says why a one-class cell has no AUC (disclosure control never releases one)
+    scored = score_cell(np.ones(30, int), np.linspace(0, 1, 30), 0.5, seed=0)
+    assert scored.status == "not_computable"
+    rows = cell_rows("h01", flatten_cell("global", "test", "all", scored))
     assert all(r["value"] is None for r in rows if r["metric"] == "auc")
     assert "one class" in [r for r in rows if r["metric"] == "auc"][0]["note"]
 
@@ -76,7 +85,7 @@ def test_error_driver_model_finds_the_planted_driver():
     hard = df["n_comorbidities"].to_numpy() >= 5
     p = np.where(hard, rng.random(len(y)), 0.3 + 0.4 * y + 0.2 * rng.random(len(y)))
     assert instance_errors(y, p)[hard].mean() > instance_errors(y, p)[~hard].mean()
-    imp, n = error_driver_importance(df, y, p, seed=0, k=10, word_edges=EDGES)
+    imp, n = error_driver_importance(df, y, p, seed=0, k=10, word_edges=EDGES, region_vocabulary=["north", "south"])
     assert n == 1200
     assert max(imp, key=imp.get) == "n_comorbidities", imp
     assert imp["n_comorbidities"] > 5 * max(abs(imp["region"]), abs(imp["insurance"]))

@@ -84,7 +84,7 @@ def test_the_stricter_side_wins():
     assert effective({**run, "min-cell-size": 30}, SitePolicy(min_cell_size=20)).min_cell_size == 30
     assert effective(run, SitePolicy(share_local_adapters=False)).share_local_adapters is False
     assert effective({**run, "share-local-adapters": False}, SitePolicy()).share_local_adapters is False
-    assert effective(run, SitePolicy()).share_local_adapters is True
+    assert effective(run, SitePolicy(share_local_adapters=True)).share_local_adapters is True
     # metrics-only: nothing adapter-shaped leaves, local adapters included
     metrics_only = effective(run, SitePolicy(allow_adapters=False))
     assert not metrics_only.allow_adapters and not metrics_only.share_local_adapters
@@ -107,6 +107,21 @@ def test_the_stricter_side_wins():
     assert effective({**run, "dp-delta": 0.0}, None).delta_for(250) == pytest.approx(1 / 250)
 
 
+def test_where_the_site_is_silent_the_safe_default_holds_not_the_servers_wish():
+    """A run config of k = 1 and share-local-adapters = true, against a site without a policy
+    file or with one that does not mention them: k stays 10 and the local adapter stays home.
+    Only the site's own file may lower k or let the local adapter leave."""
+    loose = resolve({"min-cell-size": 1, "share-local-adapters": True})
+    for site in (None, SitePolicy(), SitePolicy(dp_required=True), SitePolicy(allow_adapters=True)):
+        pol = effective(loose, site)
+        assert pol.min_cell_size == 10 and not pol.share_local_adapters, site
+        assert effective(loose, site, deployment=True).min_cell_size == 10
+    assert effective(loose, SitePolicy(min_cell_size=3)).min_cell_size == 3
+    assert effective(resolve({"min-cell-size": 8}), SitePolicy(min_cell_size=3)).min_cell_size == 8
+    assert effective(loose, SitePolicy(share_local_adapters=True)).share_local_adapters
+    assert not effective(resolve({}), SitePolicy(share_local_adapters=True)).share_local_adapters
+
+
 def test_no_run_config_loosens_any_site_policy():
     """Every combination of run config and site policy: the effective policy is at least
     as strict as the site's on every field."""
@@ -121,7 +136,7 @@ def test_no_run_config_loosens_any_site_policy():
         pol = effective(run, site)
         assert pol.allow_adapters <= site.allow_adapters
         assert pol.share_local_adapters <= (site.share_local_adapters and site.allow_adapters)
-        assert pol.min_cell_size >= (site.min_cell_size or 1) and pol.min_cell_size >= run["min-cell-size"]
+        assert pol.min_cell_size >= (site.min_cell_size or 10) and pol.min_cell_size >= run["min-cell-size"]
         assert pol.dp_required >= site.dp_required
         if site.dp_epsilon:
             assert 0 < pol.dp_epsilon <= site.dp_epsilon

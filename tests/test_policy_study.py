@@ -111,7 +111,7 @@ def test_the_site_refuses_a_train_message_its_policy_forbids(metrics_only):
 def test_a_site_requiring_dp_refuses_a_study_without_it(small_federation, tmp_path):
     sites = list_sites(small_federation)
     policy = tmp_path / "policy.toml"
-    policy.write_text("dp-required = true\n")
+    policy.write_text("dp-required = true\nmin-cell-size = 5\n")
     nodes = simulated_nodes(len(sites))
     nodes[0]["policy-path"] = str(policy)
     cfg = resolve({**BASE, "data-dir": str(small_federation), "num-server-rounds": 1,

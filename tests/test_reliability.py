@@ -15,10 +15,11 @@ from server.study import Study
 
 @pytest.fixture(scope="module")
 def five_sites(tmp_path_factory):
+    from conftest import small_cells_policy
     from simulations.generate import generate_federation
 
     out = tmp_path_factory.mktemp("fed5")
-    generate_federation(out, n_hospitals=5, seed=11, sizes=[180, 150, 130, 120, 110])
+    generate_federation(out, n_hospitals=5, seed=11, sizes=[180, 150, 130, 120, 110], site_policy=small_cells_policy())
     return out
 
 

@@ -170,7 +170,8 @@ def test_deployment_nodes_read_data_path_and_refuse_augmented(small_federation, 
     sites = list_sites(small_federation)
     cfg = resolve({"model": "tiny-bert", "num-server-rounds": 1, "local-steps": 2, "personalize-steps": 1,
                    "bootstrap": 10, "min-cell-size": 5, "regimes": "base,global,local,augmented"})
-    nodes = [{"data-path": str(folder), "site": name, "output-path": str(tmp_path / "hosp" / name)}
+    nodes = [{"data-path": str(folder), "site": name, "output-path": str(tmp_path / "hosp" / name),
+              "policy-path": str(folder / "clinfed-policy.toml")}  # each hospital's file: k = 5
              for name, folder in sites]
     grid = LocalGrid(client_app, nodes, cfg)
     Study(grid, cfg, tmp_path / "run").execute()
