@@ -393,6 +393,16 @@ def cmd_node(args) -> int:
                     max_wait=args.max_wait)
 
 
+def cmd_app_hash(args) -> int:
+    from common.app_code import AppCodeError, installed_hash, path_hash
+
+    try:
+        print(path_hash(args.path) if args.path else installed_hash())
+    except AppCodeError as err:
+        raise CliError(str(err)) from None
+    return 0
+
+
 def _add_deploy_commands(sub) -> None:
     c = sub.add_parser("certs", help="coordinator: create the study's CA, SuperLink certificate and hospital keys")
     c.add_argument("--out", required=True, help="folder for ca.crt, server.crt/.key, ca.key and nodes/")
@@ -428,6 +438,11 @@ def _add_deploy_commands(sub) -> None:
     r.add_argument("--timeout", type=_positive_float, help="stop the run and fail after this many seconds")
     r.add_argument("--quiet", action="store_true", help="do not stream the run's log")
     r.set_defaults(func=cmd_run)
+
+    h = sub.add_parser("app-hash", help="print the app-code hash of the clinfed installed here (what its "
+                                        "`clinfed run` sends, and what its `clinfed node` runs)")
+    h.add_argument("path", nargs="?", help="a Flower app folder or .fab file instead")
+    h.set_defaults(func=cmd_app_hash)
 
     n = sub.add_parser("node", help="hospital: check this site, or join a study as its node")
     n.add_argument("--data", required=True, help="this hospital's table or folder")
