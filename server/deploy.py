@@ -471,6 +471,20 @@ def proxy_config(certs: str | Path, host: str, port: int, upstream_port: int, wo
     }
 
 
+def check_port_free(host: str, port: int) -> None:
+    """DeployError unless HOST:PORT can be bound. Caddy binds with SO_REUSEPORT (Linux), so a second
+    `clinfed superlink` on a taken port would share it with the first, nodes landing on either at random."""
+    import socket
+
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # only connections closing: not a listener
+        try:
+            probe.bind((host, port))
+        except OSError as err:
+            raise DeployError(f"port {port} on {host or 'all interfaces'} is already in use ({err.strerror}): is "
+                              "another `clinfed superlink` running? Stop it or choose another --port") from None
+
+
 def _free_local_port() -> int:
     import socket
 
@@ -479,7 +493,8 @@ def _free_local_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_for_tls(host: str, port: int, ca: str | Path, timeout: float = 60, alive=None) -> None:
+def wait_for_tls(host: str, port: int, ca: str | Path, timeout: float = 60, alive=None,
+                 what: str = "the process") -> None:
     """Return once HOST:PORT completes a TLS handshake checked against CA; DeployError otherwise."""
     import socket
     import ssl
@@ -488,7 +503,8 @@ def wait_for_tls(host: str, port: int, ca: str | Path, timeout: float = 60, aliv
     deadline = time.time() + timeout
     while time.time() < deadline:
         if alive is not None and not alive():
-            raise DeployError(f"the process meant to listen on {format_address(host, port)} exited")
+            raise DeployError(f"{what} meant to listen on {format_address(host, port)} exited (its log is above): "
+                              "is that port already in use?")
         try:
             with socket.create_connection((host, port), timeout=2) as raw:
                 with ctx.wrap_socket(raw, server_hostname="localhost"):
@@ -521,6 +537,7 @@ class StudySuperLink:
 
     def start(self, **popen) -> None:
         """Start flower-superlink, wait until it answers, then the proxy; raise DeployError if either fails."""
+        check_port_free(self.host, self.port)
         self.workdir.mkdir(parents=True, exist_ok=True)
         config = self.workdir / "caddy.json"
         config.write_text(json.dumps(proxy_config(self.certs, self.host, self.port, self.local_port, self.workdir),
@@ -529,17 +546,14 @@ class StudySuperLink:
         env = flower_env(os.environ.get("FLWR_HOME") or self.state.parent / ".flwr-superlink")
         self.trees["flower-superlink"] = tree = ProcessTree(
             superlink_command(self.certs, "127.0.0.1", self.local_port, self.state), env=env, **popen)
-        wait_for_tls("127.0.0.1", self.local_port, self.paths["ca"], alive=lambda: tree.proc.poll() is None)
+        wait_for_tls("127.0.0.1", self.local_port, self.paths["ca"], alive=lambda: tree.proc.poll() is None,
+                     what="flower-superlink")
         # Caddy keeps its state files under workdir, never in the user's home.
         caddy_env = {**os.environ, "HOME": str(self.workdir), "XDG_DATA_HOME": str(self.workdir / "data"),
                      "XDG_CONFIG_HOME": str(self.workdir / "config")}
         self.trees["caddy"] = proxy = ProcessTree([caddy, "run", "--config", str(config)], env=caddy_env, **popen)
-        try:
-            wait_for_tls("127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host, self.port,
-                         self.paths["ca"], timeout=30, alive=lambda: proxy.proc.poll() is None)
-        except DeployError:
-            raise DeployError(f"the proxy did not start on {format_address(self.host, self.port)} (its log is "
-                              "above): is the port already in use?") from None
+        wait_for_tls("127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host, self.port,
+                     self.paths["ca"], timeout=30, alive=lambda: proxy.proc.poll() is None, what="the proxy (Caddy)")
         _write_json(self.certs / LOCAL_FILE, {"address": self.local, "public": format_address(self.host, self.port),
                                               "pid": os.getpid()})
 

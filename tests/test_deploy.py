@@ -9,7 +9,8 @@ not approve it refuse before importing any of it. Every process is started in
 its own session and stopped in `finally`; FLWR_HOME is always inside tmp_path.
 
 The module's processes take about 4 minutes on 2 cores (SuperLink and nodes
-about 15 s, the refused bundle about 30 s, the study about 150 s)."""
+about 20 s, the refused bundle about 40 s, the outsider about 15 s, the study about 130 s; under a
+heavy load on the same machine, 6 minutes)."""
 
 import io
 import json
@@ -493,6 +494,10 @@ def test_an_outsider_with_the_public_cert_cannot_drive_the_study(federation, tmp
     with _coordinator(federation) as conn:
         assert len(list_nodes(conn)) == len(nodes_before)  # no key was enrolled
         assert _runs(conn) == runs_before  # no run was submitted
+    # Not even the coordinator's own command gets through the public port, and it says where to run it.
+    res = clinfed("enroll", "--certs", str(federation["certs"]), "--superlink", f"127.0.0.1:{federation['port']}",
+                  "--list", home=tmp_path / "home")
+    assert res.returncode == 1 and "serves only the hospitals' nodes" in res.stderr, res.stderr
 
     # Flower itself listens on loopback only, on another port; the study's port is the proxy's.
     import psutil
@@ -508,6 +513,26 @@ def test_an_outsider_with_the_public_cert_cannot_drive_the_study(federation, tmp
     assert superlink and all(ip == "127.0.0.1" for ip, _ in superlink), listening
     assert all(port != federation["port"] for _, port in superlink), listening
     assert ("127.0.0.1", federation["port"]) in listening.get("caddy", set()), listening
+
+
+@pytest.mark.slow
+def test_a_second_superlink_on_the_study_port_is_refused(federation, tmp_path):
+    """Caddy shares a port it binds (SO_REUSEPORT): a second `clinfed superlink` there would take a share of
+    the nodes' connections. It is refused before it starts anything, and the running study is untouched."""
+    state = tmp_path / "state.db"
+    with open(tmp_path / "log", "w") as log:
+        second = ProcessTree([sys.executable, "-m", "common.cli", "superlink", "--certs", str(federation["certs"]),
+                              "--host", "127.0.0.1", "--port", str(federation["port"]), "--state", str(state)],
+                             cwd=ROOT, env=_env(tmp_path / "home"), stdout=log, stderr=subprocess.STDOUT)
+        try:
+            code = second.wait(timeout=60)
+        finally:
+            second.stop()
+    text = (tmp_path / "log").read_text()
+    assert code == 1 and f"port {federation['port']} on 127.0.0.1 is already in use" in text, text[-2000:]
+    assert "Starting Flower SuperLink" not in text and not state.exists()
+    with _coordinator(federation) as conn:
+        assert len(list_nodes(conn)) == len(HOSPITALS)
 
 
 def _raw_post(port: int, target: str, ca: Path, body: bytes) -> tuple[int, bytes]:
