@@ -31,6 +31,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from client.app_gate import APPROVED_ENV
 from server.deploy import (DeployError, ProcessTree, check_node_key, check_root_cert, flower_env, format_address,
                            parse_address)
 
@@ -231,8 +232,6 @@ def run_node(superlink: str, root_cert: str | Path, key: str | Path, data: str |
         raise NodeError(f"site '{check.name}' is not ready (see the check above); nothing was started")
     data_path, name, out = site_paths(data, site, output)
     cmd = supernode_command(superlink, root_cert, key, data, policy, site, output, runtime_port, max_wait)
-    from client.app_gate import APPROVED_ENV
-
     approved = approved_app_hashes(policy)
     # The study's app bundle is unpacked under FLWR_HOME: keep it with the site's outputs, not in ~/.flwr.
     env = flower_env(os.environ.get("FLWR_HOME") or out / ".flwr")

@@ -558,15 +558,15 @@ class StudySuperLink:
                                               "pid": os.getpid()})
 
     def wait(self) -> tuple[str, int]:
-        """Block until one of the processes exits, or SIGTERM/SIGINT: (which, exit code); ("", 0) when signalled."""
+        """Block until one of the processes exits: (which, exit code); ("", 0) on SIGTERM (e.g. `systemctl
+        stop`). Ctrl-C raises KeyboardInterrupt as usual; the caller then calls `stop`."""
         import signal
         import threading
 
         stop = threading.Event()
-        previous = {}
+        previous = None
         if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM,):
-                previous[sig] = signal.signal(sig, lambda *_: stop.set())
+            previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
         try:
             while not stop.wait(0.5):
                 for name, tree in self.trees.items():
@@ -575,8 +575,8 @@ class StudySuperLink:
                         return name, code
             return "", 0
         finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
 
     def stop(self) -> None:
         """Stop the proxy first (no new requests), then the SuperLink; forget the loopback address."""
@@ -615,6 +615,7 @@ def local_address(certs: str | Path) -> str:
         raise DeployError(f"the SuperLink that wrote {path} (process {pid}) is no longer running: start "
                           f"`clinfed superlink --certs {path.parent}` again")
     return address
+
 
 # ------------------------------------------------------------------ the coordinator's flwr commands
 class Connection:
