@@ -7,6 +7,11 @@ policy file (`common.policy`) without any network; `supernode_command` builds
 (the hospital's private key) and the node config the ClientApp reads
 (`data-path`, `site`, `policy-path`, `output-path`; see `client.app`); `run_node`
 starts it, streams its log, and turns Flower's exit codes into plain reasons.
+
+The node runs a study's code only from an app bundle the hospital approved:
+`run_node` puts `client.app_gate` on the SuperNode's PATH as `flwr-clientapp`
+(the command Flower starts for each message) and hands it the approved
+app-code hashes: the installed clinfed's and those in the policy file.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -25,6 +31,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from client.app_gate import APPROVED_ENV
 from server.deploy import (DeployError, ProcessTree, check_node_key, check_root_cert, flower_env, format_address,
                            parse_address)
 
@@ -107,6 +114,34 @@ def check_site(data: str | Path, policy: str | Path, site: str | None = None,
     else:
         lines.append(f"output: {out} (the site's private adapters and node log stay here)")
     return SiteCheck(ok=bool(ok), name=name, lines=lines)
+
+
+def approved_app_hashes(policy: str | Path) -> dict[str, str]:
+    """{app-code hash: why} of the bundles this node may run: its own clinfed's, and the policy file's list."""
+    from common.app_code import AppCodeError, installed_hash
+    from common.policy import load_site_policy
+
+    try:
+        approved = {installed_hash(): "the clinfed installed at this node"}
+    except AppCodeError as err:
+        raise NodeError(f"cannot hash the clinfed installed here ({err}); reinstall it (`pip install -e .`)") from None
+    for digest in load_site_policy(policy).approved_app_hashes:
+        approved.setdefault(digest, f"approved-app-hashes in {Path(policy).expanduser().resolve()}")
+    return approved
+
+
+def gate_folder(out: Path) -> Path:
+    """A folder whose `flwr-clientapp` is `client.app_gate`, for the front of the SuperNode's PATH.
+
+    `-P` keeps the working folder off `sys.path`, so the gate is the installed clinfed's.
+    """
+    folder = out / ".clinfed" / "bin"
+    folder.mkdir(parents=True, exist_ok=True)
+    script = folder / "flwr-clientapp"
+    script.write_text("#!/bin/sh\n# clinfed: run a study's ClientApp only from an approved app bundle\n"
+                      f'exec {shlex.quote(sys.executable)} -P -m client.app_gate "$@"\n')
+    script.chmod(0o755)
+    return folder
 
 
 def _toml_string(value: str) -> str:
@@ -202,12 +237,17 @@ def run_node(superlink: str, root_cert: str | Path, key: str | Path, data: str |
         raise NodeError(f"site '{check.name}' is not ready (see the check above); nothing was started")
     data_path, name, out = site_paths(data, site, output)
     cmd = supernode_command(superlink, root_cert, key, data, policy, site, output, runtime_port, max_wait)
+    approved = approved_app_hashes(policy)
     # The study's app bundle is unpacked under FLWR_HOME: keep it with the site's outputs, not in ~/.flwr.
     env = flower_env(os.environ.get("FLWR_HOME") or out / ".flwr")
     out.mkdir(parents=True, exist_ok=True)
+    env["PATH"] = f"{gate_folder(out)}{os.pathsep}{env.get('PATH', '')}"
+    env[APPROVED_ENV] = json.dumps(approved)
     log_path = out / "node.log"
     if echo:
         print(f"clinfed: site '{name}' joining the study at {superlink} (log: {log_path})", flush=True)
+        print("clinfed: this node runs a study's code only from an app bundle whose app-code hash is "
+              + "; ".join(f"{h} ({why})" for h, why in approved.items()), flush=True)
     tail: list[str] = []
     tree = ProcessTree(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=out)
 

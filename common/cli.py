@@ -357,34 +357,43 @@ def cmd_certs(args) -> int:
 
 
 def cmd_superlink(args) -> int:
-    from server.deploy import ProcessTree, flower_env, superlink_command
+    from server.deploy import StudySuperLink
 
-    certs = Path(args.certs).resolve()
-    state = Path(args.state).resolve() if args.state else certs / "superlink-state.db"
-    cmd = superlink_command(certs, args.host, args.port, state)
-    env = flower_env(os.environ.get("FLWR_HOME") or state.parent / ".flwr-superlink")
-    print(f"clinfed: SuperLink on {args.host}:{args.port} over TLS, admitting only enrolled hospitals "
-          f"(state: {state}); stop with Ctrl-C", flush=True)
-    tree = ProcessTree(cmd, env=env)
+    link = StudySuperLink(args.certs, args.host, args.port, args.state, args.local_port)
     try:
-        code = tree.wait()
+        link.start()
+        print(f"clinfed: SuperLink on {args.host}:{args.port} over TLS for the enrolled hospitals' nodes only "
+              f"(Fleet API); enroll and run from this host, at {link.local} (state: {link.state}); "
+              "stop with Ctrl-C", flush=True)
+        which, code = link.wait()
     except KeyboardInterrupt:
         return 0
     finally:
-        tree.stop()
-    if code not in (0, 1, 2, 3, -15):
-        raise CliError(f"flower-superlink stopped with exit code {code} (see its log above); is port "
-                       f"{args.port} already in use, or are the files in {certs} unreadable?")
+        link.stop()
+    if which:
+        raise CliError(f"{which} stopped with exit code {code} (see its log above), so the SuperLink was stopped; "
+                       f"is port {args.port} or {link.local_port} already in use, or are the files in "
+                       f"{link.certs} unreadable?")
     return 0
 
 
 def _connection(args):
-    from server.deploy import CA_CERT, Connection
+    """The coordinator's connection: the loopback address `clinfed superlink` wrote to the certs folder."""
+    from server.deploy import CA_CERT, Connection, check_root_cert, local_address, parse_address
 
     root = args.root_cert or (Path(args.certs) / CA_CERT if getattr(args, "certs", None) else None)
     if not root:
-        raise CliError("give --root-cert CA (the study's ca.crt) or --certs DIR (the `clinfed certs` folder)")
-    return Connection(args.superlink, root)
+        raise CliError("give --certs DIR (the `clinfed certs` folder `clinfed superlink` runs with) or "
+                       "--root-cert CA with --superlink HOST:PORT")
+    if args.superlink:
+        parse_address(args.superlink)  # a malformed address is named before anything else
+    check_root_cert(root)
+    if args.superlink:
+        return Connection(args.superlink, root)
+    if not getattr(args, "certs", None):
+        raise CliError("give --certs DIR (the folder `clinfed superlink` runs with): the SuperLink's address for "
+                       "the coordinating team is written there, on the SuperLink host")
+    return Connection(local_address(args.certs), root)
 
 
 def cmd_enroll(args) -> int:
@@ -460,6 +469,16 @@ def cmd_node(args) -> int:
                     max_wait=args.max_wait)
 
 
+def cmd_app_hash(args) -> int:
+    from common.app_code import AppCodeError, installed_hash, path_hash
+
+    try:
+        print(path_hash(args.path) if args.path else installed_hash())
+    except AppCodeError as err:
+        raise CliError(str(err)) from None
+    return 0
+
+
 def _add_deploy_commands(sub) -> None:
     c = sub.add_parser("certs", help="coordinator: create the study's CA, SuperLink certificate and hospital keys")
     c.add_argument("--out", required=True, help="folder for ca.crt, server.crt/.key, ca.key and nodes/")
@@ -475,26 +494,35 @@ def _add_deploy_commands(sub) -> None:
     sl.add_argument("--host", default="0.0.0.0", help="address to listen on (default: all interfaces)")
     sl.add_argument("--port", type=_int_in(1, 65535), default=8000)
     sl.add_argument("--state", help="database of enrolled nodes and runs (default: CERTS/superlink-state.db)")
+    sl.add_argument("--local-port", type=_int_in(1, 65535),
+                    help="loopback port of the SuperLink itself, for enroll and run on this host (default: a free one)")
     sl.set_defaults(func=cmd_superlink)
 
     e = sub.add_parser("enroll", help="coordinator: allow a hospital's node key to join the study")
-    e.add_argument("--certs", help="the `clinfed certs` folder (for its ca.crt)")
-    e.add_argument("--root-cert", help="the study's ca.crt (instead of --certs)")
-    e.add_argument("--superlink", default="127.0.0.1:8000", help="HOST:PORT of the SuperLink (default 127.0.0.1:8000)")
+    e.add_argument("--certs", help="the `clinfed certs` folder `clinfed superlink` runs with on this host")
+    e.add_argument("--root-cert", help="the study's ca.crt (instead of --certs; then give --superlink)")
+    e.add_argument("--superlink", help="HOST:PORT of the SuperLink's loopback address (default: the one "
+                                       "`clinfed superlink` wrote to --certs)")
     e.add_argument("--key", help="the hospital's public key (HOSPITAL.pub)")
     e.add_argument("--name", help="the hospital's name")
     e.add_argument("--list", action="store_true", help="list the enrolled nodes instead")
     e.set_defaults(func=cmd_enroll)
 
     r = sub.add_parser("run", help="coordinator: run a study on the enrolled hospitals and wait for its verdict")
-    r.add_argument("--superlink", default="127.0.0.1:8000", help="HOST:PORT of the SuperLink (default 127.0.0.1:8000)")
-    r.add_argument("--root-cert", help="the study's ca.crt")
-    r.add_argument("--certs", help="the `clinfed certs` folder (instead of --root-cert)")
+    r.add_argument("--certs", help="the `clinfed certs` folder `clinfed superlink` runs with on this host")
+    r.add_argument("--superlink", help="HOST:PORT of the SuperLink's loopback address (default: the one "
+                                       "`clinfed superlink` wrote to --certs)")
+    r.add_argument("--root-cert", help="the study's ca.crt (instead of --certs; then give --superlink)")
     r.add_argument("--run-config", default="", help='overrides, e.g. "num-server-rounds=2 expected-sites=3"')
     r.add_argument("--out", help="RUN_DIR on the SuperLink host (default: runs/<timestamp>)")
     r.add_argument("--timeout", type=_positive_float, help="stop the run and fail after this many seconds")
     r.add_argument("--quiet", action="store_true", help="do not stream the run's log")
     r.set_defaults(func=cmd_run)
+
+    h = sub.add_parser("app-hash", help="print the app-code hash of the clinfed installed here (what its "
+                                        "`clinfed run` sends, and what its `clinfed node` runs)")
+    h.add_argument("path", nargs="?", help="a Flower app folder or .fab file instead")
+    h.set_defaults(func=cmd_app_hash)
 
     n = sub.add_parser("node", help="hospital: check this site, or join a study as its node")
     n.add_argument("--data", required=True, help="this hospital's table or folder")

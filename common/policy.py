@@ -11,6 +11,7 @@ A hospital keeps a small TOML file next to its data (node config `policy-path`):
     refuse-instance-moving = true  # never take part in record-moving regimes (`augmented`)
     allow-full-weights = false     # never send the whole model (full fine-tuning arms of a comparison)
     max-update-bytes = 10000000    # never send an update larger than this many bytes
+    approved-app-hashes = ["<64 hex digits>"]  # app bundles the node may run besides its own clinfed's
 
 Every key is optional. The run config is written by the server, the file by
 the hospital: in `effective` the stricter side of each setting wins, so no
@@ -23,6 +24,9 @@ its effective policy (numbers and 0/1 flags only) in its `describe` reply.
 In simulation, a hospital folder may hold its own policy file,
 `clinfed-policy.toml` (`SIMULATED_POLICY_FILE`), read like a deployed node's
 `policy-path`.
+
+`approved-app-hashes` is read by the node before any app code runs
+(`client.node`, `client.app_gate`; the hash is `common.app_code`'s).
 """
 
 from __future__ import annotations
@@ -60,6 +64,7 @@ class SitePolicy:
     refuse_instance_moving: bool = True
     allow_full_weights: bool = True
     max_update_bytes: int | None = None
+    approved_app_hashes: tuple[str, ...] = ()
     source: str = ""
 
 
@@ -75,6 +80,8 @@ _FIELDS: dict[str, tuple[str, type, Any, str]] = {
     "refuse-instance-moving": ("refuse_instance_moving", bool, None, "true or false"),
     "allow-full-weights": ("allow_full_weights", bool, None, "true or false"),
     "max-update-bytes": ("max_update_bytes", int, lambda v: v >= 1, "a whole number of bytes >= 1 (omit for no cap)"),
+    "approved-app-hashes": ("approved_app_hashes", tuple, None,
+                            "a list of app-code hashes, 64 hex digits each, as `clinfed app-hash` prints them"),
 }
 POLICY_KEYS = tuple(_FIELDS)
 
@@ -82,6 +89,12 @@ POLICY_KEYS = tuple(_FIELDS)
 def _value(where: str, key: str, raw: Any) -> Any:
     attr, kind, check, expected = _FIELDS[key]
     bad = PolicyError(f"{where}: key '{key}': expected {expected}, got {raw!r}")
+    if kind is tuple:
+        from common.app_code import HASH_RE
+
+        if not isinstance(raw, list) or not all(isinstance(v, str) and HASH_RE.match(v.strip().lower()) for v in raw):
+            raise bad
+        return tuple(v.strip().lower() for v in raw)
     if kind is bool:
         if not isinstance(raw, bool):
             raise bad

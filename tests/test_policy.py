@@ -164,7 +164,7 @@ def test_policy_is_still_importable_from_config_and_keys_are_documented():
     assert config.Policy is Policy
     assert set(POLICY_KEYS) == {"allow-adapters", "share-local-adapters", "min-cell-size", "dp-required",
                                 "dp-epsilon", "dp-delta", "refuse-instance-moving", "allow-full-weights",
-                                "max-update-bytes"}
+                                "max-update-bytes", "approved-app-hashes"}
     from pathlib import Path
 
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
