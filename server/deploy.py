@@ -787,7 +787,8 @@ def wait_for_run(conn: Connection, run_id: int, timeout: float | None = None, po
 
 
 class LogFollower:
-    """`flwr log RUN --stream` into a file (and the terminal), while the run goes on."""
+    """`flwr log RUN --stream` into a file (whole, without colour codes) and the console
+    (what clinfed says, `common.console`), while the run goes on."""
 
     def __init__(self, conn: Connection, run_id: int, path: str | Path, echo: bool = True):
         exe = shutil.which("flwr")
@@ -800,13 +801,16 @@ class LogFollower:
                                      start_new_session=True)
         import threading
 
+        from common.console import ANSI, StudyConsole
+
+        self._console = StudyConsole() if echo else None
+
         def pump():
             for line in self.proc.stdout:
-                self._fh.write(line)
+                self._fh.write(ANSI.sub("", line))
                 self._fh.flush()
-                if echo:
-                    sys.stdout.write(line)
-                    sys.stdout.flush()
+                if self._console is not None:
+                    self._console.feed(line)
 
         self._thread = threading.Thread(target=pump, daemon=True)
         self._thread.start()
@@ -822,4 +826,6 @@ class LogFollower:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, 9)
         self._thread.join(timeout=5)
+        if self._console is not None:
+            self._console.close()
         self._fh.close()
