@@ -27,13 +27,15 @@ import sys
 import tempfile
 from pathlib import Path
 
+from clinfed.common.errors import ClinfedError
+
 APPROVED_ENV = "CLINFED_APPROVED_APP_HASHES"
 # The top-level packages of clinfed itself: imported from the install to run this check,
 # forgotten before Flower imports the ClientApp from the bundle.
-_OWN_PACKAGES = ("client", "common", "server", "simulations")
+_OWN_PACKAGES = ("clinfed",)
 
 
-class AppNotApproved(RuntimeError):
+class AppNotApproved(ClinfedError, RuntimeError):
     """The run's app bundle is not one this hospital approved; nothing of it was unpacked or imported."""
 
 
@@ -50,7 +52,7 @@ def approved_from_env() -> dict[str, str]:
 
 def check_bundle(fab: bytes, approved: dict[str, str]) -> str:
     """The bundle's app-code hash if approved; AppNotApproved naming it and the approved ones otherwise."""
-    from common.app_code import AppCodeError, bundle_hash
+    from clinfed.common.app_code import AppCodeError, bundle_hash
 
     try:
         digest = bundle_hash(fab)

@@ -31,12 +31,20 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from client.app_gate import APPROVED_ENV
-from server.deploy import (DeployError, ProcessTree, check_node_key, check_root_cert, flower_env, format_address,
-                           parse_address)
+from clinfed.client.app_gate import APPROVED_ENV
+from clinfed.common.errors import ClinfedError
+from clinfed.common.flower_processes import (
+    DeployError,
+    ProcessTree,
+    check_node_key,
+    check_root_cert,
+    flower_env,
+    format_address,
+    parse_address,
+)
 
 
-class NodeError(RuntimeError):
+class NodeError(ClinfedError, RuntimeError):
     """The node could not start or was refused; the message says what to do."""
 
 
@@ -78,9 +86,9 @@ def _writable(folder: Path) -> str | None:
 def check_site(data: str | Path, policy: str | Path, site: str | None = None,
                output: str | Path | None = None) -> SiteCheck:
     """Validate one hospital's data and policy file; never raises for bad input."""
-    from common.data import validate_path
-    from common.policy import PolicyError, load_site_policy
-    from common.privacy import site_name_problem
+    from clinfed.common.data import validate_path
+    from clinfed.common.policy import PolicyError, load_site_policy
+    from clinfed.common.privacy import site_name_problem
 
     data_path, name, out = site_paths(data, site, output)
     lines, ok = [], True
@@ -118,8 +126,8 @@ def check_site(data: str | Path, policy: str | Path, site: str | None = None,
 
 def approved_app_hashes(policy: str | Path) -> dict[str, str]:
     """{app-code hash: why} of the bundles this node may run: its own clinfed's, and the policy file's list."""
-    from common.app_code import AppCodeError, installed_hash
-    from common.policy import load_site_policy
+    from clinfed.common.app_code import AppCodeError, installed_hash
+    from clinfed.common.policy import load_site_policy
 
     try:
         approved = {installed_hash(): "the clinfed installed at this node"}
@@ -139,7 +147,7 @@ def gate_folder(out: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     script = folder / "flwr-clientapp"
     script.write_text("#!/bin/sh\n# clinfed: run a study's ClientApp only from an approved app bundle\n"
-                      f'exec {shlex.quote(sys.executable)} -P -m client.app_gate "$@"\n')
+                      f'exec {shlex.quote(sys.executable)} -P -m clinfed.client.app_gate "$@"\n')
     script.chmod(0o755)
     return folder
 

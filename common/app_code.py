@@ -19,9 +19,11 @@ installer deletes it.
 The same function hashes both sides: the bundle `flwr run` sends (built by
 Flower's `build_fab_from_disk` from the app folder) and, at a hospital, the
 bundle Flower would build from its own installed clinfed. Which files Flower
-packs is fixed by `fab-include` in `pyproject.toml` (the four packages' `*.py`
-and the public data's `*.jsonl`), so stray files in a checkout (run outputs,
-notes, tests) change neither the bundle nor its hash.
+packs is fixed by the app folder clinfed assembles from its installed package
+(`write_app_folder`: the `*.py` of the packages the app runs and the public
+data's `*.jsonl`), so stray files in a checkout (run outputs, notes, tests)
+change neither the bundle nor its hash, and an editable and a regular install
+of one release send the same bundle.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ import tomllib
 import zipfile
 from pathlib import Path
 
+from clinfed.common.errors import ClinfedError
+
 # A new scheme gets a new tag, so hashes of two schemes never compare equal.
 _SCHEME = b"clinfed-app-code-v1\n"
 _CONFIG = "pyproject.toml"
@@ -42,7 +46,7 @@ _MANIFEST_DIR = ".info/"
 HASH_RE = re.compile(r"^[0-9a-f]{64}$")
 
 
-class AppCodeError(ValueError):
+class AppCodeError(ClinfedError, ValueError):
     """An app folder or bundle whose code cannot be hashed; the message names it."""
 
 
@@ -113,16 +117,71 @@ def path_hash(path: str | Path) -> str:
     raise AppCodeError(f"{path} does not exist (give a Flower app folder or a .fab file)")
 
 
+# What each kind of app runs: the deployment app is what hospitals' nodes execute; the
+# simulation app adds the synthetic-federation capabilities of `clinfed.simulations`.
+APP_PACKAGES = {"deployment": ("common", "client", "server", "data"),
+                "simulation": ("common", "client", "server", "data", "simulations")}
+COMPONENTS = {"deployment": {"serverapp": "clinfed.server.app:app", "clientapp": "clinfed.client.app:app"},
+              "simulation": {"serverapp": "clinfed.simulations.app:server_app",
+                             "clientapp": "clinfed.simulations.app:app"}}
+_INCLUDE = ["clinfed/**/*.py", "clinfed/data/**/*.jsonl"]
+
+
+def _package_dir(name: str) -> Path:
+    import importlib.util
+
+    spec = importlib.util.find_spec(f"clinfed.{name}")
+    if spec is None or not spec.submodule_search_locations:
+        raise AppCodeError(f"clinfed.{name} is not installed here; reinstall clinfed")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def write_app_folder(dest: str | Path, kind: str = "deployment") -> Path:
+    """The Flower app clinfed runs, assembled from the installed package into `dest`.
+
+    Its code sits under `clinfed/`, as installed, so the bundle imports as the package
+    does (the same code whether the release was installed editable or not), and its
+    `pyproject.toml` names the components and every run-config key with its default
+    (Flower accepts overrides only of declared keys). A coordinator and a hospital
+    with the same release therefore build the same bundle."""
+    from clinfed.common.config import KEYS
+
+    dest = Path(dest)
+    shutil.rmtree(dest / "clinfed", ignore_errors=True)  # a folder reused across releases holds this one only
+    for name in APP_PACKAGES[kind]:
+        src = _package_dir(name)
+        for path in sorted(src.rglob("*")):
+            rel = path.relative_to(src)
+            wanted = path.suffix == ".py" or (name == "data" and path.suffix == ".jsonl")
+            if path.is_file() and wanted and "__pycache__" not in rel.parts:
+                target = dest / "clinfed" / name / rel
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(path, target)
+    comps = COMPONENTS[kind]
+    lines = ['[build-system]', 'requires = ["setuptools"]', 'build-backend = "setuptools.build_meta"', '',
+             '[project]', 'name = "clinfed"', 'version = "0.1.0"', 'dependencies = []', '',
+             '[tool.flwr.app]', 'publisher = "clinfed"', f"fab-include = {json.dumps(_INCLUDE)}", '',
+             '[tool.flwr.app.components]', f'serverapp = "{comps["serverapp"]}"', f'clientapp = "{comps["clientapp"]}"',
+             '', '[tool.flwr.app.config]']
+    lines += [f"{key} = {_toml_value(spec[0])}" for key, spec in KEYS.items()]
+    (dest / _CONFIG).write_text("\n".join(lines) + "\n")
+    return dest
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value)  # a JSON string is a TOML basic string
+    return repr(value)
+
+
 def installed_hash() -> str:
     """The app-code hash of the clinfed installed here: what this machine's `clinfed run` sends."""
-    from simulations.local import app_dir
+    import tempfile
 
-    folder = app_dir()
-    try:
-        return folder_hash(folder)
-    finally:
-        if folder.resolve() != Path(__file__).resolve().parent.parent:
-            shutil.rmtree(folder, ignore_errors=True)  # the copy app_dir assembles for a non-editable install
+    with tempfile.TemporaryDirectory(prefix="clinfed-app-") as tmp:
+        return folder_hash(write_app_folder(tmp, "deployment"))
 
 
 def check_hash(text: str, where: str) -> str:
@@ -134,5 +193,5 @@ def check_hash(text: str, where: str) -> str:
     return value
 
 
-__all__ = ["AppCodeError", "HASH_RE", "build_bundle", "bundle_hash", "check_hash", "folder_hash",
-           "installed_hash", "path_hash"]
+__all__ = ["APP_PACKAGES", "AppCodeError", "COMPONENTS", "HASH_RE", "build_bundle", "bundle_hash", "check_hash",
+           "folder_hash", "installed_hash", "path_hash", "write_app_folder"]

@@ -23,7 +23,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from common.config import ConfigError
+from clinfed.common.errors import ConfigError
 
 METHODS = ("lora", "head-only", "full")
 FORMS = ("cls", "prompt")
@@ -56,13 +56,6 @@ class Arm:
         if self.method == "full":
             out["learning-rate"] = float(cfg.get("full-learning-rate", 5e-5))
         return out
-
-    def config(self, cfg: dict) -> dict:
-        """The study's resolved run config with this arm applied (checked like any run config)."""
-        from common.config import resolve
-
-        base = {k: v for k, v in cfg.items() if k != "arms"}
-        return {**resolve({**base, **self.overrides(cfg)}), "arms": cfg.get("arms", "")}
 
 
 # The default comparison (`arms = "default"`, `clinfed compare`): the default encoder with

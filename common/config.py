@@ -10,7 +10,13 @@ from __future__ import annotations
 import difflib
 import shlex
 import tomllib
+from collections.abc import Mapping
+from dataclasses import field, make_dataclass
+from functools import lru_cache
 from typing import Any
+
+from clinfed.common.arms import parse_arms
+from clinfed.common.errors import ConfigError
 
 # key: (default, kind, (min, max) or allowed values or None, meaning)
 KEYS: dict[str, tuple[Any, type, Any, str]] = {
@@ -120,10 +126,6 @@ KEYS: dict[str, tuple[Any, type, Any, str]] = {
 }
 
 
-class ConfigError(ValueError):
-    """A run-config key or value a user gave that cannot be used."""
-
-
 REGIMES = ("base", "global", "local", "personalized", "cluster", "similarity-weighted", "augmented")
 
 
@@ -187,8 +189,8 @@ def _coerce(key: str, value: Any) -> Any:
     return value
 
 
-def resolve(overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Defaults updated with checked overrides; unknown keys are refused by name."""
+def resolve(overrides: Mapping[str, Any] | None = None) -> "RunConfig":
+    """The run config: defaults updated with checked overrides; unknown keys are refused by name."""
     cfg = defaults()
     for key, value in (overrides or {}).items():
         if key not in KEYS:
@@ -199,13 +201,13 @@ def resolve(overrides: dict[str, Any] | None = None) -> dict[str, Any]:
         cfg[key] = _coerce(key, value)
     regimes(cfg)
     gen_tasks(cfg)
-    from common.metrics import parse_edges
+    from clinfed.common.metrics import parse_edges
 
     try:
         parse_edges(cfg["word-bands"])
     except ValueError as err:
         raise ConfigError(f"run config 'word-bands': {err}") from None
-    from common.metrics import parse_region_vocabulary
+    from clinfed.common.metrics import parse_region_vocabulary
 
     try:
         parse_region_vocabulary(cfg["region-vocabulary"])
@@ -219,15 +221,61 @@ def resolve(overrides: dict[str, Any] | None = None) -> dict[str, Any]:
                           "path (see the README's privacy section); set dpo-rounds = 0 with dp = true")
     _check_models(cfg)
     _check_arms(cfg)
-    return cfg
+    return RunConfig(**{attribute(k): v for k, v in cfg.items()})
+
+
+def attribute(key: str) -> str:
+    """A run-config key's attribute name on RunConfig: `local-steps` -> `local_steps`."""
+    return key.replace("-", "_")
+
+
+class _ByKey(Mapping):
+    """A RunConfig is also a read-only mapping by the keys users write (`cfg["local-steps"]`):
+    what Flower's run config, run.json and the checkpoint's fingerprint hold."""
+
+    def __getitem__(self, key: str) -> Any:
+        if key not in KEYS:
+            raise KeyError(key)
+        return getattr(self, attribute(key))
+
+    def __iter__(self):
+        return iter(KEYS)
+
+    def __len__(self) -> int:
+        return len(KEYS)
+
+    def override(self, values: Mapping[str, Any]) -> "RunConfig":
+        """This config with some keys changed, checked again like any run config."""
+        return resolve({**self, **values})
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self)
+
+
+# The typed run config, built once from the table of keys (the table stays the single source of
+# defaults, ranges and meanings): `resolve` makes one; code reads attributes (`cfg.local_steps`).
+RunConfig = make_dataclass(
+    "RunConfig", [(attribute(k), spec[1], field(default=spec[0])) for k, spec in KEYS.items()],
+    bases=(_ByKey,), frozen=True, eq=True,
+    namespace={"__doc__": "A study's checked run config: one attribute per key of `common.config.KEYS`."})
+
+
+@lru_cache(maxsize=16)
+def _resolved(items: tuple) -> "RunConfig":
+    return resolve(dict(items))
+
+
+def from_run_config(run_config: Mapping[str, Any]) -> "RunConfig":
+    """The RunConfig of a Flower Context's run config, resolved once per distinct config in a process
+    (a site receives the same run config with every message of a study)."""
+    return _resolved(tuple(sorted(dict(run_config).items())))
 
 
 def _check_arms(cfg: dict[str, Any]) -> None:
     """A comparison's arms are parsed and checked with everything else, before anything runs."""
     if not str(cfg.get("arms", "")).strip():
         return
-    from common.arms import parse_arms
-    from common.models import ModelError, check_model_source
+    from clinfed.common.model_source import ModelError, check_model_source
 
     arms = parse_arms(cfg["arms"])
     if len(arms) < 2:
@@ -251,7 +299,7 @@ def _check_arms(cfg: dict[str, Any]) -> None:
 
 def _check_models(cfg: dict[str, Any]) -> None:
     """A model path that does not exist stops here, before any site loads anything."""
-    from common.models import ModelError, check_model_source
+    from clinfed.common.model_source import ModelError, check_model_source
 
     for key in ("model", "decoder"):
         if key in cfg:
@@ -259,6 +307,13 @@ def _check_models(cfg: dict[str, Any]) -> None:
                 check_model_source(cfg[key])
             except ModelError as err:
                 raise ConfigError(f"run config '{key}': {err}") from None
+
+
+def for_arm(cfg: dict[str, Any], arm) -> dict[str, Any]:
+    """The study's resolved run config with an arm of its comparison applied (checked like any run config)."""
+    base = {k: v for k, v in cfg.items() if k != "arms"}
+    checked = resolve({**base, **arm.overrides(cfg)})
+    return checked.override({"arms": cfg.get("arms", "")}) if cfg.get("arms", "") else checked
 
 
 def check_for_sites(cfg: dict[str, Any], n_sites: int, explicit: set[str] | frozenset[str] = frozenset()) -> None:
@@ -309,7 +364,3 @@ def to_toml_overrides(cfg: dict[str, Any]) -> str:
         else:
             parts.append(f"{key}={value!r}")
     return " ".join(parts)
-
-
-# The effective policy lives in common.policy (site policy file + merge); kept importable here.
-from common.policy import Policy  # noqa: E402,F401

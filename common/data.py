@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from clinfed.common.errors import ClinfedError
 
 __all__ = [
     "REQUIRED_COLUMNS",
@@ -105,7 +106,7 @@ class Problem:
         return f"{', '.join(where)}: {self.message}"
 
 
-class DataValidationError(ValueError):
+class DataValidationError(ClinfedError, ValueError):
     """A table (or path) does not meet the contract; ``.problems`` lists every finding."""
 
     def __init__(self, problems: list[Problem] | Problem, summary: str | None = None):

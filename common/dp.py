@@ -41,9 +41,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from clinfed.common.errors import ClinfedError
 
 
-class DPBudgetExhausted(RuntimeError):
+class DPBudgetExhausted(ClinfedError, RuntimeError):
     """The next training call would take the site past its epsilon budget."""
 
 
@@ -61,10 +62,10 @@ class DPSettings:
 def settings_for(cfg: dict, policy, n_train: int) -> "DPSettings | None":
     """A site's DP-SGD settings: noise, clipping and optimizer from the run config, delta and
     budget from the site's effective policy; None when the study runs without `dp`."""
-    if not cfg["dp"]:
+    if not cfg.dp:
         return None
-    return DPSettings(noise_multiplier=float(cfg["dp-noise-multiplier"]), max_grad_norm=float(cfg["dp-max-grad-norm"]),
-                      optimizer=str(cfg["dp-optimizer"]), lr=float(cfg["dp-learning-rate"]),
+    return DPSettings(noise_multiplier=cfg.dp_noise_multiplier, max_grad_norm=cfg.dp_max_grad_norm,
+                      optimizer=cfg.dp_optimizer, lr=cfg.dp_learning_rate,
                       delta=policy.delta_for(n_train), budget=float(policy.dp_epsilon))
 
 
@@ -189,10 +190,9 @@ def train_dp(model, n: int, batch_loss, settings, dp: DPSettings, progress=None)
     for a language model see `common.instruct.sft_train_dp`).
     """
     import torch
+    from clinfed.common.training import pick_device
     from opacus import GradSampleModule
     from opacus.optimizers import DPOptimizer
-
-    from common.training import pick_device
 
     if n == 0:
         raise ValueError("no training examples")
@@ -266,8 +266,7 @@ def train_classifier_dp(model, encoded: list[np.ndarray], labels: np.ndarray, se
                         dp: DPSettings, progress=None) -> dict:
     """DP-SGD steps of the sequence classifier (cross-entropy is a mean over examples)."""
     import torch
-
-    from common.training import collate
+    from clinfed.common.training import collate
 
     y_all = torch.as_tensor(np.array(labels, dtype=np.int64))
 

@@ -22,11 +22,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from common.decoder import load_causal_lm
-from common.models import LoraSettings, _LOCK, _seeded, adapter_state
-from common.training import pick_device
-
-DEFAULT_DECODER_TARGETS = ["q_proj", "v_proj"]
+from clinfed.common.adapters import adapter_state
+from clinfed.common.model_source import LOCK, load_causal_lm, seeded
+from clinfed.common.models import DEFAULT_DECODER_TARGETS, LoraSettings
+from clinfed.common.training import pick_device
 
 
 def make_lora_causal_lm(name: str, seed: int, lora: LoraSettings):
@@ -36,8 +35,8 @@ def make_lora_causal_lm(name: str, seed: int, lora: LoraSettings):
     model, tok = load_causal_lm(name, seed)
     cfg = LoraConfig(task_type=TaskType.CAUSAL_LM, r=lora.rank, lora_alpha=lora.alpha,
                      lora_dropout=lora.dropout, target_modules=list(lora.targets) or DEFAULT_DECODER_TARGETS)
-    with _LOCK:
-        _seeded(seed + 1)
+    with LOCK:
+        seeded(seed + 1)
         peft_model = get_peft_model(model, cfg)
     return peft_model, tok
 
@@ -131,7 +130,7 @@ def sft_train_dp(peft_model, tok, examples: list[dict], settings: InstructSettin
     example's (the built-in LM loss averages tokens across the batch, which would not be)."""
     import torch
 
-    from common.dp import train_dp
+    from clinfed.common.dp import train_dp
 
     seqs = sft_token_lists(tok, examples, int(settings.max_length))
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id

@@ -89,7 +89,7 @@ def cell_metrics(y: np.ndarray, p: np.ndarray, threshold: float, k: int, seed: i
                  n_boot: int = 500) -> CellResult:
     """Metrics of one cell, or its suppression unless it holds k patients, k positives and
     k negatives (common.disclosure.releasable; a cell of one class is never released)."""
-    from common.disclosure import counts, releasable
+    from clinfed.common.disclosure import counts, releasable
 
     if not releasable(counts(y), k):
         return CellResult(status="suppressed")
@@ -250,7 +250,7 @@ def _vocab(region_vocabulary) -> list[str]:
 
 def band_names(group: str, word_edges: list[float], region_vocabulary=()) -> list[str]:
     """Every band of a grouping, present at the site or not: the closed set a site always reports."""
-    from common.data import INSURANCE_VALUES
+    from clinfed.common.data import INSURANCE_VALUES
 
     if group == "age":
         return [b[0] for b in AGE_BANDS] + [MISSING]
@@ -304,7 +304,7 @@ def subgroup_labels(df, word_edges: list[float], region_vocabulary=()) -> dict[s
     Region bands exist only when the study declares its region vocabulary; a
     value outside it is `other`. A grouping whose column the table lacks is absent.
     """
-    from common.data import INSURANCE_VALUES
+    from clinfed.common.data import INSURANCE_VALUES
 
     out: dict[str, np.ndarray] = {}
     if "age" in df:
@@ -333,7 +333,7 @@ def eval_plan(y: np.ndarray, labels: dict[str, np.ndarray], k: int, word_edges: 
     From the labels alone, so every regime scored on these patients releases the same
     cells: `all` by the primary rule, each grouping's bands by `common.disclosure.protect`
     (primary and complementary suppression against `all`)."""
-    from common.disclosure import counts, protect, releasable
+    from clinfed.common.disclosure import counts, protect, releasable
 
     y = np.asarray(y).astype(int)
     plan = {("all", ""): releasable(counts(y), k)}
@@ -373,7 +373,7 @@ def split_plan(splits: dict, k: int) -> dict:
     safe, the table's size and every descriptor are withheld. The readmission rate
     is released only if the splits whose positives are not released (train, val, a
     suppressed test split) hold together k positives and k negatives."""
-    from common.disclosure import Counts, counts, protect, releasable, remainder_safe
+    from clinfed.common.disclosure import Counts, counts, protect, releasable, remainder_safe
 
     c = {s: counts(df["readmitted_30d"].to_numpy()) for s, df in splits.items()}
     eval_all = {s: releasable(c[s], k) for s in EVAL_SPLITS if s in c}
@@ -406,7 +406,7 @@ def site_descriptors(df, k: int, word_edges: list[float], region_vocabulary=()) 
     """Aggregate descriptors of a site, through disclosure control: each band's share of all
     patients (a missing value is a band) is released only where `protect` releases the band;
     a rate needs k patients on each side of it (and k or no patients with it unknown)."""
-    from common.disclosure import Counts, protect, releasable, remainder_safe
+    from clinfed.common.disclosure import Counts, protect, releasable, remainder_safe
 
     n = len(df)
     out: dict[str, float] = {}

@@ -38,16 +38,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from clinfed.common.errors import ClinfedError
 
 DEFAULT_MIN_CELL_SIZE = 10
 SIMULATED_POLICY_FILE = "clinfed-policy.toml"
 
 
-class PolicyError(ValueError):
+class PolicyError(ClinfedError, ValueError):
     """A site policy file that cannot be used; the message names the file and the key."""
 
 
-class PolicyRefusal(RuntimeError):
+class PolicyRefusal(ClinfedError, RuntimeError):
     """The site declines a request its policy forbids; the message is safe to send to the server."""
 
 
@@ -90,7 +91,7 @@ def _value(where: str, key: str, raw: Any) -> Any:
     attr, kind, check, expected = _FIELDS[key]
     bad = PolicyError(f"{where}: key '{key}': expected {expected}, got {raw!r}")
     if kind is tuple:
-        from common.app_code import HASH_RE
+        from clinfed.common.app_code import HASH_RE
 
         if not isinstance(raw, list) or not all(isinstance(v, str) and HASH_RE.match(v.strip().lower()) for v in raw):
             raise bad

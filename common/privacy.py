@@ -28,9 +28,9 @@ import threading
 
 import numpy as np
 
-from common.compare import PREFIX as CMP_PREFIX
-from common.data import INSURANCE_VALUES
-from common.metrics import AGE_BANDS, COMORBIDITY_BANDS, COUNT_METRICS, MISSING, OTHER, PREFIX, SEP
+from clinfed.common.arm_differences import PREFIX as CMP_PREFIX
+from clinfed.common.data import INSURANCE_VALUES
+from clinfed.common.metrics import AGE_BANDS, COMORBIDITY_BANDS, COUNT_METRICS, MISSING, OTHER, PREFIX, SEP
 
 log = logging.getLogger("clinfed.privacy")
 
@@ -89,7 +89,7 @@ ALLOWED_METRIC_KEYS = [
         r"[a-z_0-9]+",
         rf"{PREFIX}{SEP}{_NAME}{SEP}(test|temporal|val){SEP}({_SUBGROUP}){SEP}"
         r"(n|positives|auc|auc_lo|auc_hi|pr_auc|f1|brier|suppressed|not_computable)",
-        # paired differences between the arms of a comparison (common.compare): pair of arm
+        # paired differences between the arms of a comparison (common.arm_differences): pair of arm
         # numbers, regime, split, then the difference, its interval, n, positives or a flag
         rf"{CMP_PREFIX}{SEP}[0-9]{{1,3}}-[0-9]{{1,3}}{SEP}{_NAME}{SEP}(test|temporal){SEP}"
         r"(n|positives|diff|diff_lo|diff_hi|suppressed|not_computable)",
@@ -112,11 +112,12 @@ def public_reason(exc: BaseException, phase: str) -> str:
     config pass as they are (a policy refusal, an exhausted DP budget, a run-config
     problem); everything else becomes a fixed text, and the details stay in the site's
     log. The egress guard lets an error reply leave only with a reason made here."""
-    from common.config import ConfigError
-    from common.data import DataValidationError
-    from common.dp import DPBudgetExhausted
-    from common.models import AdapterMismatch, ModelError
-    from common.policy import PolicyError, PolicyRefusal
+    from clinfed.common.config import ConfigError
+    from clinfed.common.data import DataValidationError
+    from clinfed.common.dp import DPBudgetExhausted
+    from clinfed.common.adapters import AdapterMismatch
+    from clinfed.common.model_source import ModelError
+    from clinfed.common.policy import PolicyError, PolicyRefusal
 
     if isinstance(exc, DataValidationError):
         n = len(getattr(exc, "problems", []) or [])
@@ -248,7 +249,7 @@ def _check_metrics(items: dict, k: int) -> list[str]:
 def _check_subtraction(items: dict, cells: dict[str, dict[str, float]], k: int) -> list[str]:
     """What a reader gets by subtracting the released parts of a whole from it must not isolate
     fewer than k patients, positives or negatives (common.disclosure), checked on the reply itself."""
-    from common.disclosure import Counts, leaks
+    from clinfed.common.disclosure import Counts, leaks
 
     problems = []
     released = {c: v for c, v in cells.items() if "suppressed" not in v and "n" in v}

@@ -77,7 +77,7 @@ def load_public(task: str, split: str | None = "train", limit: int | None = None
 
 
 def _cut(text: str, max_words: int, tail: int) -> str:
-    from common.tasks import truncate_words
+    from clinfed.common.tasks import truncate_words
 
     return truncate_words(text, max_words, tail=tail)
 

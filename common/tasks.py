@@ -33,7 +33,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from common.metrics import auc_roc
+from clinfed.common.metrics import auc_roc
 
 URGENCY = ("routine", "soon", "urgent")
 PERSONNEL = ("nurse", "physician", "pharmacist", "scheduler")

@@ -151,20 +151,16 @@ class TrainSettings:
 
 
 def train_classifier(model, encoded: list[np.ndarray], labels: np.ndarray, settings: TrainSettings,
-                     pad_id: int, progress=None, dp=None) -> dict:
+                     pad_id: int, progress=None) -> dict:
     """Run `settings.steps` optimizer steps of cross-entropy on the trainable weights.
 
     Steps, not epochs: a site's compute is bounded whatever its size, and
     sites of different sizes contribute the same number of updates per round.
-    With `dp` (a `common.dp.DPSettings`) the steps are DP-SGD steps instead
-    (`common.dp.train_classifier_dp`: Poisson batches, per-example clipping, noise).
+    DP-SGD steps of the same classifier are `common.dp.train_classifier_dp` (Poisson
+    batches, per-example clipping, noise).
     """
     import torch
 
-    if dp is not None:
-        from common.dp import train_classifier_dp
-
-        return train_classifier_dp(model, encoded, labels, settings, pad_id, dp, progress=progress)
     y_all = torch.as_tensor(np.array(labels, dtype=np.int64))
 
     def batch_loss(idx, device, amp):

@@ -23,8 +23,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from common.config import REGIMES
-from common.metrics import METRIC_COLUMNS
+from clinfed.common.config import REGIMES
+from clinfed.common.metrics import METRIC_COLUMNS
 
 KNOWN_REGIMES = list(REGIMES)
 KNOWN_SPLITS = ["test", "temporal"]
@@ -56,7 +56,7 @@ BY_SITE_COLUMNS = ["site", "grouping", "subgroup", "regime", "split", "auc", "n"
 # --------------------------------------------------------------------------- inputs
 
 
-def _read_csv(path: Path) -> pd.DataFrame | None:
+def read_csv(path: Path) -> pd.DataFrame | None:
     """Strings first so empty cells stay empty; None when the file is absent or empty."""
     if not path.exists() or path.stat().st_size == 0:
         return None
@@ -68,7 +68,7 @@ def _read_csv(path: Path) -> pd.DataFrame | None:
 
 def read_metrics(run_dir) -> pd.DataFrame:
     """metrics.csv with numbers coerced and every suppressed value and n blanked."""
-    df = _read_csv(Path(run_dir) / "metrics.csv")
+    df = read_csv(Path(run_dir) / "metrics.csv")
     if df is None:
         df = pd.DataFrame(columns=METRIC_COLUMNS)
     for col in METRIC_COLUMNS:
@@ -93,7 +93,7 @@ def read_metrics(run_dir) -> pd.DataFrame:
 
 def read_sites(run_dir, metrics: pd.DataFrame | None = None) -> pd.DataFrame:
     """Sites from sites.csv plus any site seen only in metrics.csv (size unknown), largest first."""
-    df = _read_csv(Path(run_dir) / "sites.csv")
+    df = read_csv(Path(run_dir) / "sites.csv")
     if df is None:
         df = pd.DataFrame(columns=SITE_COLUMNS)
     for col in SITE_COLUMNS:
@@ -126,7 +126,7 @@ def read_run(run_dir) -> dict:
 
 def read_descriptors(run_dir) -> pd.DataFrame:
     """Wide site × descriptor table (floats); suppressed or non-numeric descriptors are NaN."""
-    df = _read_csv(Path(run_dir) / "descriptors.csv")
+    df = read_csv(Path(run_dir) / "descriptors.csv")
     if df is None or not {"site", "descriptor", "value"} <= set(df.columns):
         return pd.DataFrame(dtype=float)
     if "status" not in df.columns:
@@ -147,7 +147,7 @@ def read_descriptors(run_dir) -> pd.DataFrame:
 
 def read_driver_importances(run_dir) -> pd.DataFrame:
     cols = ["site", "driver", "importance", "n"]
-    df = _read_csv(Path(run_dir) / "driver_importances.csv")
+    df = read_csv(Path(run_dir) / "driver_importances.csv")
     if df is None or not {"driver", "importance"} <= set(df.columns):
         return pd.DataFrame(columns=cols)
     for c in cols:

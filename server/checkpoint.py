@@ -27,13 +27,14 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+from clinfed.common.errors import ClinfedError
 
 # keys that change how a run is watched or where it writes, not what it computes
 NOT_IN_FINGERPRINT = ("out-dir", "resume", "report", "round-timeout", "node-wait-timeout", "expected-sites",
                       "min-sites", "client-threads")
 
 
-class ResumeError(RuntimeError):
+class ResumeError(ClinfedError, RuntimeError):
     """RUN_DIR cannot be resumed (no checkpoint, or a different study)."""
 
 

@@ -15,8 +15,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from common.data import find_table, list_sites, read_site_table, split_site
-from common.metrics import word_counts
+from clinfed.common.data import find_table, list_sites, read_site_table, split_site
+from clinfed.common.metrics import word_counts
 
 FEATURE_COLUMNS = ("age", "n_comorbidities", "insurance", "region", "sex")
 POOL_CAP = 4000  # other sites' instances considered, for bounded cost
@@ -44,7 +44,7 @@ def embeddings(lm, encoded: list[np.ndarray], batch: int = 64) -> np.ndarray:
     """Mean-pooled last hidden states of the base model (the adapter at its init is a no-op)."""
     import torch
 
-    from common.training import collate, pick_device
+    from clinfed.common.training import collate, pick_device
 
     model = lm.use(lm.init_state)
     device = pick_device()
@@ -74,8 +74,8 @@ def borrow(site, data_dir, lm, k: int, space: str = "features", seed: int = 0) -
         if name == site.name:
             continue
         df = read_site_table(find_table(folder), warn=False)
-        tr = split_site(df, seed=int(site.cfg["seed"]), temporal_frac=site.cfg["temporal-frac"],
-                        test_frac=site.cfg["test-frac"], val_frac=site.cfg["val-frac"])["train"]
+        tr = split_site(df, seed=int(site.cfg.seed), temporal_frac=site.cfg.temporal_frac,
+                        test_frac=site.cfg.test_frac, val_frac=site.cfg.val_frac)["train"]
         frames.append(tr)
     if not frames:
         return site.splits["train"].iloc[:0]
@@ -84,9 +84,9 @@ def borrow(site, data_dir, lm, k: int, space: str = "features", seed: int = 0) -
         pool = pool.sample(POOL_CAP, random_state=seed).reset_index(drop=True)
     own = site.splits["train"]
     if space == "embedding":
-        from common.training import encode_texts
+        from clinfed.common.training import encode_texts
 
-        ml = int(site.cfg["max-length"])
+        ml = int(site.cfg.max_length)
         pool_x = embeddings(lm, encode_texts(lm.tokenizer, pool["note_text"], ml))
         own_x = embeddings(lm, site.encoded("train", lm.tokenizer))
     else:

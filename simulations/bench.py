@@ -107,7 +107,7 @@ def _median(xs):
     return statistics.median(xs) if xs else float("nan")
 
 
-def _quiet():
+def quiet():
     import warnings
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -123,7 +123,7 @@ def _quiet():
 
 
 def _federation(folder: Path, sizes: list[int], seed: int) -> Path:
-    from simulations.generate import SYNTHETIC_SITE_POLICY, generate_federation
+    from clinfed.simulations.generate import SYNTHETIC_SITE_POLICY, generate_federation
 
     if not (folder / "truth.json").exists():
         # benchmark hospitals are small: their own policy allows cells of 5 (a study asking for
@@ -213,12 +213,13 @@ def throughput(model="minilm", steps=20, repeats=3, size=800, threads=0, seed=0,
     """
     import torch
 
-    from client.site import LoadedModel, Site, model_key
-    from common.config import resolve
-    from common.data import find_table
-    from common.training import TrainSettings, autocast_dtype, set_threads, train_classifier
+    from clinfed.common.model_cache import LoadedModel, model_key
+    from clinfed.client.classifier_site import Site
+    from clinfed.common.config import resolve
+    from clinfed.common.data import find_table
+    from clinfed.common.training import TrainSettings, autocast_dtype, set_threads, train_classifier
 
-    _quiet()
+    quiet()
     cfg = resolve({"model": model, "seed": seed})
     n_threads = set_threads(threads or None)
     fed = _federation(work / "federation", [size, 100], seed)
@@ -228,11 +229,11 @@ def throughput(model="minilm", steps=20, repeats=3, size=800, threads=0, seed=0,
     load_s = time.perf_counter() - t
     tok = lm.tokenizer
     enc, y = site.encoded("train", tok), site.labels("train")
-    bs, lr, max_len = int(cfg["batch-size"]), float(cfg["learning-rate"]), int(cfg["max-length"])
+    bs, lr, max_len = cfg.batch_size, cfg.learning_rate, cfg.max_length
     padded = _Padded(tok, site.splits["train"]["note_text"].tolist(), y, max_len)
     counter = ForwardCounter(lm.model)
-    amp = autocast_dtype("cpu" if not torch.cuda.is_available() else "cuda", cfg["precision"])
-    arms = {"clinfed": cfg["precision"], "clinfed-fp32": "fp32", "naive-trainer": None}
+    amp = autocast_dtype("cpu" if not torch.cuda.is_available() else "cuda", cfg.precision)
+    arms = {"clinfed": cfg.precision, "clinfed-fp32": "fp32", "naive-trainer": None}
     runs: dict[str, list[dict]] = {a: [] for a in arms}
     for rep in range(-1, repeats):  # rep -1: an untimed warm-up block of each arm (first-call costs)
         for arm, precision in arms.items():
@@ -284,7 +285,7 @@ def throughput(model="minilm", steps=20, repeats=3, size=800, threads=0, seed=0,
     }
     tables = [("training, medians of alternating blocks", rows)]
     if profile_steps:
-        result["profile"] = _profile(lm, enc, y, padded, bs, lr, seed, cfg["precision"], profile_steps)
+        result["profile"] = _profile(lm, enc, y, padded, bs, lr, seed, cfg.precision, profile_steps)
         tables.append((f"where a training step's CPU time goes ({profile_steps} steps per arm, torch.profiler, "
                        "share of self CPU time)", result["profile"]))
     if score:
@@ -298,7 +299,7 @@ def _profile(lm, enc, y, padded, bs, lr, seed, precision, steps) -> list[dict]:
     """Self CPU time by operator, clinfed's loop vs the naive Trainer: what a step is made of."""
     from torch.profiler import ProfilerActivity, profile
 
-    from common.training import TrainSettings, train_classifier
+    from clinfed.common.training import TrainSettings, train_classifier
 
     shares = {}
     for arm in ("clinfed", "naive-trainer"):
@@ -324,19 +325,19 @@ def _scoring(lm, site, cfg, repeats: int, seed: int) -> dict:
     """No-grad, length-sorted, larger-batch scoring vs `Trainer.predict` on max-length padding."""
     import numpy as np
 
-    from common.training import predict_proba
+    from clinfed.common.training import predict_proba
 
     tok = lm.tokenizer
     enc = site.encoded("test", tok) + site.encoded("temporal", tok)
     texts = site.splits["test"]["note_text"].tolist() + site.splits["temporal"]["note_text"].tolist()
     y = np.concatenate([site.labels("test"), site.labels("temporal")])
-    padded = _Padded(tok, texts, y, int(cfg["max-length"]))
+    padded = _Padded(tok, texts, y, cfg.max_length)
     lm.use(lm.init_state)
     times = {"clinfed": [], "naive-trainer": []}
     for _ in range(repeats):
         t = time.perf_counter()
-        p1 = predict_proba(lm.model, enc, tok.pad_token_id, batch_size=int(cfg["eval-batch-size"]),
-                           precision=cfg["precision"])
+        p1 = predict_proba(lm.model, enc, tok.pad_token_id, batch_size=cfg.eval_batch_size,
+                           precision=cfg.precision)
         times["clinfed"].append(time.perf_counter() - t)
         with tempfile.TemporaryDirectory() as out:
             trainer = _naive_trainer(lm, padded, 1, 16, 1e-3, seed, out)
@@ -346,7 +347,7 @@ def _scoring(lm, site, cfg, repeats: int, seed: int) -> dict:
     logits = np.asarray(pred.predictions)
     p2 = np.exp(logits - logits.max(1, keepdims=True))
     p2 = p2[:, 1] / p2.sum(1)
-    rows = [{"arm": a, "batch": int(cfg["eval-batch-size"]) if a == "clinfed" else 8,
+    rows = [{"arm": a, "batch": cfg.eval_batch_size if a == "clinfed" else 8,
              "notes/s": len(enc) / _median(ts), "blocks": len(ts)} for a, ts in times.items()]
     return {"rows": rows, "ratio": rows[0]["notes/s"] / rows[1]["notes/s"], "n_notes": len(enc),
             "max_abs_prob_diff": float(np.max(np.abs(p1 - p2))) if len(p1) else 0.0}
@@ -370,12 +371,13 @@ def _inprocess_study(fed: Path, cfg: dict, out: Path) -> dict:
     sites, splits, seeds, steps, batch shapes and evaluation, one site after another."""
     import numpy as np
 
-    from client.site import LoadedModel, Site, model_key
-    from common.data import find_table, list_sites
-    from common.training import set_threads
+    from clinfed.common.model_cache import LoadedModel, model_key
+    from clinfed.client.classifier_site import Site
+    from clinfed.common.data import find_table, list_sites
+    from clinfed.common.training import set_threads
 
-    set_threads(int(cfg["client-threads"]) or None)
-    k = int(cfg["min-cell-size"])
+    set_threads(cfg.client_threads or None)
+    k = cfg.min_cell_size
     timer = {"load-model": 0.0, "describe": 0.0, "federated": 0.0, "personalize": 0.0, "evaluate": 0.0}
     t = time.perf_counter()
     lm = LoadedModel(model_key(cfg))
@@ -389,8 +391,8 @@ def _inprocess_study(fed: Path, cfg: dict, out: Path) -> dict:
         timer["describe"] += time.perf_counter() - t
         sites.append(site)
     glob = lm.init_state
-    steps = int(cfg["local-steps"])
-    for rnd in range(1, int(cfg["num-server-rounds"]) + 1):
+    steps = cfg.local_steps
+    for rnd in range(1, cfg.num_server_rounds + 1):
         updates = []
         for site in sites:
             t = time.perf_counter()
@@ -399,13 +401,13 @@ def _inprocess_study(fed: Path, cfg: dict, out: Path) -> dict:
             updates.append((state, len(site.splits["train"])))
         total = sum(n for _, n in updates)
         glob = {key: sum(s[key] * (n / total) for s, n in updates).astype(np.float32) for key in glob}
-    local_steps = int(cfg["local-regime-steps"]) or int(cfg["num-server-rounds"]) * steps
+    local_steps = cfg.local_regime_steps or cfg.num_server_rounds * steps
     for site in sites:
         t = time.perf_counter()
         state, _ = site.train(lm, lm.init_state, local_steps, seed_offset=10_000, label="local")
         site.save_private(lm, "local", state)
-        if int(cfg["personalize-steps"]) > 0:
-            state, _ = site.train(lm, glob, int(cfg["personalize-steps"]), seed_offset=20_000, label="personalized")
+        if cfg.personalize_steps > 0:
+            state, _ = site.train(lm, glob, cfg.personalize_steps, seed_offset=20_000, label="personalized")
             site.save_private(lm, "personalized", state)
         timer["personalize"] += time.perf_counter() - t
     for site in sites:
@@ -415,7 +417,7 @@ def _inprocess_study(fed: Path, cfg: dict, out: Path) -> dict:
             s = site.load_private(lm, regime)
             if s is not None:
                 states[regime] = s
-        site.evaluate(lm, states, k=k, subgroups=bool(cfg["subgroups"]))
+        site.evaluate(lm, states, k=k, subgroups=cfg.subgroups)
         timer["evaluate"] += time.perf_counter() - t
     timer["cpu"] = time.process_time() - cpu0
     return timer
@@ -432,10 +434,10 @@ def overhead(model="minilm", sizes=(500, 300, 200), rounds=3, local_steps=10, pe
     before and (with `bracket`) after the simulation, and the denominator is their
     mean, so a change of the machine's load during the run shows and averages out.
     """
-    from common.config import resolve
-    from simulations.local import simulate
+    from clinfed.common.config import resolve
+    from clinfed.simulations.local import simulate
 
-    _quiet()
+    quiet()
     cores = os.cpu_count() or 1
     threads = int(threads or cores)
     fed = _federation(work / "federation", list(sizes), seed)
@@ -516,7 +518,7 @@ def _round_messages(state: dict, run_dir: str, n_train: int, base_model: str = "
     from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
     from flwr.supercore.task_identity import TaskIdentity
 
-    from common.models import wire_hash
+    from clinfed.common.adapters import wire_hash
 
     TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 1  # outside a Flower runtime
     arrays = ArrayRecord({k: Array(v) for k, v in state.items()})
@@ -535,12 +537,13 @@ def comm(model="minilm", ranks=(4, 8, 16), train_steps=60, size=800, seed=0, thr
     `train_steps`, or a study's adapter folder `adapter` scored on hospital folder `site_data`)."""
     import numpy as np
 
-    from client.site import LoadedModel, ModelKey, model_key
-    from common.config import resolve
-    from common.models import LoraSettings, load_classifier, model_identity
-    from common.training import set_threads
+    from clinfed.common.model_cache import LoadedModel, ModelKey, model_key
+    from clinfed.common.config import resolve
+    from clinfed.common.models import LoraSettings, load_classifier
+    from clinfed.common.model_source import model_identity
+    from clinfed.common.training import set_threads
 
-    _quiet()
+    quiet()
     cfg = resolve({"model": model, "seed": seed})
     set_threads(threads or None)
     run_dir = str(Path.cwd() / "runs" / "20250101-000000")  # a typical RUN_DIR path in the config record
@@ -551,7 +554,7 @@ def comm(model="minilm", ranks=(4, 8, 16), train_steps=60, size=800, seed=0, thr
     full_down, full_up = _round_messages(full_state, run_dir, 1000, model_identity(model))
     full = {"down": wire_bytes(full_down), "up": wire_bytes(full_up), "raw": int(sum(a.nbytes for a in full_state.values()))}
     del full_state, full_down, full_up
-    default_rank = int(cfg["lora-rank"])
+    default_rank = cfg.lora_rank
     ranks = sorted({int(r) for r in ranks} | {default_rank})
     rows, per_rank = [], {}
     fp16 = None
@@ -590,8 +593,8 @@ def comm(model="minilm", ranks=(4, 8, 16), train_steps=60, size=800, seed=0, thr
         "full_model": {"parameters": full_params, "raw_bytes": full["raw"], "message_bytes": full["down"]["objects"],
                        "proto_bytes": full["down"]["proto"]},
         "per_rank": per_rank, "fp16_round_trip": fp16,
-        "settings": {"model": model, "ranks": ranks, "lora-alpha": int(cfg["lora-alpha"]),
-                     "targets": "per architecture" if not cfg["lora-targets"] else cfg["lora-targets"],
+        "settings": {"model": model, "ranks": ranks, "lora-alpha": cfg.lora_alpha,
+                     "targets": "per architecture" if not cfg.lora_targets else cfg.lora_targets,
                      "head_and_pooler_federated": True, "fp16_adapter": adapter or f"trained here, {train_steps} steps"},
         "_tables": [(f"bytes per client per round (full model: {full_params:,} parameters, "
                      f"{full['down']['objects']:,} bytes per message)", rows),
@@ -605,11 +608,11 @@ def _fp16_round_trip(lm, cfg, steps, size, seed, work, adapter=None, site_data=N
     import numpy as np
     from sklearn.metrics import roc_auc_score
 
-    from client.site import Site
-    from common.data import find_table
-    from common.training import predict_proba
+    from clinfed.client.classifier_site import Site
+    from clinfed.common.data import find_table
+    from clinfed.common.training import predict_proba
 
-    from common.models import read_adapter
+    from clinfed.common.adapters import read_adapter
 
     folder = Path(site_data) if site_data else _federation(work / "federation", [size, 100], seed) / "h01"
     site = Site(folder.name, find_table(folder), work / "site", cfg)
@@ -750,9 +753,9 @@ def scale(model="minilm", sites=(5, 20, 50), size=120, data_factor=4, data_sites
     growing number of small synthetic hospitals (and one row with `data_factor` times
     the data per site, to separate growth with data from growth with sites). Sites run
     as the default study runs them: one CPU and one thread each."""
-    from simulations.local import simulate
+    from clinfed.simulations.local import simulate
 
-    _quiet()
+    quiet()
     configs = [(int(n), int(size)) for n in sites]
     if data_factor and data_factor != 1 and data_sites:
         configs.append((int(data_sites), int(size * data_factor)))
@@ -809,16 +812,17 @@ def generative(decoder="smollm2", sft_steps=0, dpo_steps=0, threads=0, seed=0, c
     settings (gen-*, sft-*, dpo-* defaults), one site, through the same code the site runs."""
     import torch
 
-    from client.gensite import GenSite, get_decoder
-    from common.config import resolve
-    from common.data import find_table
-    from common.models import ModelError
-    from common.training import set_threads
+    from clinfed.client.generative_site import GenSite
+    from clinfed.common.model_cache import get_decoder
+    from clinfed.common.config import resolve
+    from clinfed.common.data import find_table
+    from clinfed.common.model_source import ModelError
+    from clinfed.common.training import set_threads
 
-    _quiet()
+    quiet()
     cfg = resolve({"decoder": decoder, "seed": seed, "task": "generative"})
-    sft_steps = int(sft_steps or cfg["sft-steps"])
-    dpo_steps = int(dpo_steps or cfg["dpo-steps"])
+    sft_steps = int(sft_steps or cfg.sft_steps)
+    dpo_steps = int(dpo_steps or cfg.dpo_steps)
     n_threads = set_threads(threads or None)
     fed = _federation(work / "federation", [300, 100], seed)
     t = time.perf_counter()
@@ -839,7 +843,7 @@ def generative(decoder="smollm2", sft_steps=0, dpo_steps=0, threads=0, seed=0, c
             state, info = fn()
         total = time.perf_counter() - t
         steps = int(info["steps"])
-        row = {"stage": name, "steps": steps, "batch": int(cfg["gen-batch-size"]),
+        row = {"stage": name, "steps": steps, "batch": cfg.gen_batch_size,
                "step s (median)": counter.step_seconds() if steps > 1 else info["seconds"],
                "step s (mean)": info["seconds"] / steps,
                "trained tok/s": counter.real / info["seconds"], "sequences/s": counter.samples / info["seconds"],
@@ -862,11 +866,11 @@ def generative(decoder="smollm2", sft_steps=0, dpo_steps=0, threads=0, seed=0, c
                              if "sft_bf16" in res else None),
         "stages": rows, "model_load_s": load_s, "adapter_parameters": n_params,
         "settings": {"decoder": decoder, "sft-steps": sft_steps, "dpo-steps": dpo_steps,
-                     "gen-batch-size": int(cfg["gen-batch-size"]), "gen-max-length": int(cfg["gen-max-length"]),
-                     "gen-max-words": int(cfg["gen-max-words"]), "gen-tasks": cfg["gen-tasks"],
-                     "gen-learning-rate": cfg["gen-learning-rate"], "dpo-learning-rate": cfg["dpo-learning-rate"],
-                     "lora-rank": cfg["lora-rank"], "threads": n_threads,
-                     "dpo-self-rejected": cfg["dpo-self-rejected"]},
+                     "gen-batch-size": cfg.gen_batch_size, "gen-max-length": cfg.gen_max_length,
+                     "gen-max-words": cfg.gen_max_words, "gen-tasks": cfg.gen_tasks,
+                     "gen-learning-rate": cfg.gen_learning_rate, "dpo-learning-rate": cfg.dpo_learning_rate,
+                     "lora-rank": cfg.lora_rank, "threads": n_threads,
+                     "dpo-self-rejected": cfg.dpo_self_rejected},
         "_tables": [("instruction tuning at one site (trained tokens = attention-mask ones of training forwards)",
                      rows)],
     }

@@ -35,17 +35,18 @@ def measure(threads: int = 2, busy_ms: float = 1.6, period_ms: float = 20.0, ste
     """Median seconds of `steps` training steps, quiet and loaded, alternating `repeats` times."""
     from pathlib import Path
 
-    from client.app import default_federation_dir
-    from client.site import LoadedModel, Site, model_key
-    from common.config import resolve
-    from common.data import find_table
-    from common.training import set_threads
-    from simulations.bench import _quiet
+    from clinfed.simulations.app import default_federation
+    from clinfed.common.model_cache import LoadedModel, model_key
+    from clinfed.client.classifier_site import Site
+    from clinfed.common.config import resolve
+    from clinfed.common.data import find_table
+    from clinfed.common.training import set_threads
+    from clinfed.simulations.bench import quiet
 
-    _quiet()
+    quiet()
     set_threads(threads)
     cfg = resolve({"model": model})
-    fed = Path(data_dir) if data_dir else default_federation_dir(cfg)
+    fed = Path(data_dir) if data_dir else default_federation(cfg)
     lm = LoadedModel(model_key(cfg))
     s = Site(site, find_table(fed / site), Path(os.environ.get("TMPDIR", "/tmp")) / "clinfed-contention", cfg)
     s.train(lm, lm.init_state, min(3, steps), 0, "warm-up")
@@ -80,7 +81,7 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default="minilm")
     ap.add_argument("--data", default="", help="federation folder (default: the default synthetic federation)")
     args = ap.parse_args(argv)
-    from simulations.bench import machine, print_kv, versions
+    from clinfed.simulations.bench import machine, print_kv, versions
 
     out = measure(args.threads, args.busy_ms, args.period_ms, args.steps, args.repeats, args.site, args.model,
                   args.data)

@@ -4,7 +4,7 @@
                                   [--run-config "k=v ..."] [--threads 2]
 
 Each setting runs the study in process (the real ClientApp and ServerApp logic
-through `tests/inprocess_grid.py`'s Grid, sites one after another, no Ray), on
+through `simulations.inprocess`'s Grid, sites one after another, no Ray), on
 the default synthetic federation unless `--data` is given, with the default run
 config plus `--run-config`. It prints, per setting, the mean AUC over sites of
 `base` (the untrained floor), `global` and `local` on the random and temporal tests, and the sites' epsilon
@@ -28,7 +28,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def _machine(threads: int) -> str:
@@ -50,14 +49,13 @@ def _machine(threads: int) -> str:
 
 def run_setting(cfg: dict, data_dir: Path, run_dir: Path) -> dict:
     """One study, in process; returns mean AUCs and the sites' epsilons."""
-    sys.path.insert(0, str(ROOT / "tests"))
-    from inprocess_grid import LocalGrid
+    from clinfed.simulations.inprocess import LocalGrid
 
-    from client.app import app as client_app
-    from client.app import site_home
-    from common.data import list_sites
-    from common.dp import LEDGER_FOLDER
-    from server.study import Study
+    from clinfed.simulations.app import app as client_app
+    from clinfed.client.locate import site_home
+    from clinfed.common.data import list_sites
+    from clinfed.common.dp import LEDGER_FOLDER
+    from clinfed.server.study import Study
 
     sites = list_sites(data_dir)
     # Each setting is its own experiment on the same synthetic hospitals: standing in for them,
@@ -100,13 +98,13 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-baseline", action="store_true", help="run only the DP settings (no `no DP` run)")
     args = ap.parse_args(argv)
 
-    from common.config import parse_overrides, resolve
-    from client.app import default_federation_dir
+    from clinfed.common.config import parse_overrides, resolve
+    from clinfed.simulations.app import default_federation
 
     extra = parse_overrides(args.run_config)
     base = {"hospitals": args.hospitals, "regimes": "base,global,local", "subgroups": False, "report": False,
             "client-threads": args.threads, **extra}
-    data_dir = Path(args.data) if args.data else default_federation_dir(resolve(base))
+    data_dir = Path(args.data) if args.data else default_federation(resolve(base))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     settings = ([] if args.skip_baseline else [("no DP", {})]) + [(f"DP-SGD σ={float(s):g}", {"dp": True, "dp-noise-multiplier": float(s)})

@@ -28,20 +28,21 @@ def run(noise: float = 0.5, rounds: int = 10, steps: int = 20, lr: float = 0.5, 
         model: str = "minilm", threads: int = 2, out_dir: str = "", echo=print) -> list[dict]:
     from sklearn.metrics import roc_auc_score
 
-    from client.app import default_federation_dir
-    from client.site import LoadedModel, Site, model_key
-    from common.config import resolve
-    from common.data import find_table, list_sites
-    from common.dp import DPLedger, settings_for
-    from common.policy import effective
-    from common.training import predict_proba, set_threads
-    from simulations.bench import _quiet
+    from clinfed.simulations.app import default_federation
+    from clinfed.common.model_cache import LoadedModel, model_key
+    from clinfed.client.classifier_site import Site
+    from clinfed.common.config import resolve
+    from clinfed.common.data import find_table, list_sites
+    from clinfed.common.dp import DPLedger, settings_for
+    from clinfed.common.policy import effective
+    from clinfed.common.training import predict_proba, set_threads
+    from clinfed.simulations.bench import quiet
 
-    _quiet()
+    quiet()
     set_threads(threads)
     dp_cfg = {"dp": True, "dp-noise-multiplier": noise, "dp-optimizer": "sgd", "dp-learning-rate": lr} if noise >= 0 else {}
     cfg = resolve({"model": model, "local-steps": steps, **dp_cfg})
-    fed = Path(data_dir) if data_dir else default_federation_dir(cfg)
+    fed = Path(data_dir) if data_dir else default_federation(cfg)
     out = Path(out_dir or tempfile.mkdtemp(prefix="clinfed-dp-rounds-"))
     lm = LoadedModel(model_key(cfg))
     tok = lm.tokenizer
@@ -49,7 +50,7 @@ def run(noise: float = 0.5, rounds: int = 10, steps: int = 20, lr: float = 0.5, 
     study = f"dp-rounds-{time.time_ns()}"
     policy = effective(cfg, None, deployment=False)  # the study's DP settings, as a site without a policy file
     dps = {s.name: settings_for(cfg, policy, len(s.splits["train"])) for s in sites}
-    ledgers = {s.name: DPLedger.open(s.out_dir, study) for s in sites} if cfg["dp"] else {}
+    ledgers = {s.name: DPLedger.open(s.out_dir, study) for s in sites} if cfg.dp else {}
 
     def evaluate(state) -> dict[str, float]:
         net = lm.use(state)
@@ -87,7 +88,7 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default="minilm")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
-    from simulations.bench import machine, print_kv
+    from clinfed.simulations.bench import machine, print_kv
 
     print_kv("machine", machine())
     print_kv("settings", {"noise": args.noise, "rounds": args.rounds, "steps": args.steps, "lr": args.lr,

@@ -28,11 +28,12 @@ from __future__ import annotations
 import csv
 import json
 import math
-from dataclasses import dataclass
 from datetime import date, timedelta
 from pathlib import Path
 
 import numpy as np
+
+from clinfed.simulations.vocabulary import CONCEPTS, NEUTRAL_CONDITIONS, Concept, site_name  # noqa: F401
 
 __all__ = [
     "GENERATOR_VERSION",
@@ -55,104 +56,9 @@ CSV_COLUMNS = (
     "insurance", "n_comorbidities", "region", "died",
 )
 
-# --------------------------------------------------------------------------------------------
-# Clinical concepts: weight in the label model, note section, and the vocabulary pools sites
-# choose from ("formal" and "abbrev" are what large systems write; "local" is idiosyncratic).
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Concept:
-    name: str
-    weight: float
-    section: str  # hpi, pmh, course, social, dispo
-    formal: tuple[str, ...]
-    abbrev: tuple[str, ...]
-    local: tuple[str, ...]
-
-    @property
-    def kind(self) -> str:
-        return "risk" if self.weight > 0 else "protective"
-
-    def pool(self, style: str) -> tuple[str, ...]:
-        return {"formal": self.formal, "abbrev": self.abbrev, "local": self.local}[style]
-
-
-CONCEPTS: tuple[Concept, ...] = (
-    # chronic conditions (listed in the past medical history; prevalence follows n_comorbidities)
-    Concept("heart_failure", 0.70, "pmh",
-            ("congestive heart failure", "heart failure with reduced ejection fraction"),
-            ("CHF", "HFrEF"), ("CCF", "cardiac failure", "pump failure")),
-    Concept("copd", 0.60, "pmh",
-            ("chronic obstructive pulmonary disease", "emphysema"),
-            ("COPD", "AECOPD"), ("COAD", "chronic airflow limitation", "obstructive lung dz")),
-    Concept("ckd", 0.55, "pmh",
-            ("chronic kidney disease stage 3", "chronic renal insufficiency"),
-            ("CKD", "CKD3b"), ("CRI", "renal impairment", "chronic renal failure")),
-    Concept("diabetes", 0.35, "pmh",
-            ("type 2 diabetes mellitus, poorly controlled", "uncontrolled diabetes mellitus"),
-            ("T2DM", "DM2 uncontrolled"), ("NIDDM", "sugar diabetes", "brittle diabetic")),
-    # admission and course
-    Concept("dyspnea", 0.30, "hpi",
-            ("shortness of breath", "dyspnea on exertion"),
-            ("SOB", "DOE"), ("breathlessness", "winded with minimal exertion")),
-    Concept("prior_admissions", 1.10, "hpi",
-            ("two hospital admissions in the past six months", "multiple recent hospitalizations"),
-            ("2 admits in last 6 mo", "frequent readmits"),
-            ("bounce-back patient", "recurrent admissions this year", "known frequent flyer")),
-    Concept("med_nonadherence", 0.80, "hpi",
-            ("non-adherent to medications", "poor medication adherence"),
-            ("med noncompliance", "nonadherent w/ meds"),
-            ("not taking meds as prescribed", "ran out of pills", "erratic with tablets")),
-    Concept("polypharmacy", 0.40, "course",
-            ("polypharmacy with more than ten medications", "complex medication regimen"),
-            ("polypharmacy", "10+ meds"), ("extensive med list", "high pill burden")),
-    Concept("functional_decline", 0.50, "course",
-            ("recent falls with functional decline", "progressive deconditioning"),
-            ("frequent falls", "debility"), ("weak and unsteady", "needs assist with ADLs")),
-    Concept("stable_room_air", -0.45, "course",
-            ("stable on room air", "oxygen saturation normal on room air"),
-            ("sats OK on RA", "stable on RA"), ("no O2 requirement", "weaned off oxygen")),
-    Concept("independent_ambulation", -0.40, "course",
-            ("ambulating independently", "independent with mobility"),
-            ("ambulating indep", "indep ADLs"), ("walking without assistance", "up and about")),
-    # social
-    Concept("lives_alone", 0.50, "social",
-            ("lives alone", "lives alone without nearby family"),
-            ("lives alone", "lives alone, no caregiver"), ("no caregiver at home", "home alone most days")),
-    Concept("substance_use", 0.55, "social",
-            ("active alcohol use disorder", "ongoing substance use"),
-            ("EtOH abuse", "active SUD"), ("drinks daily", "using again")),
-    Concept("family_support", -0.40, "social",
-            ("strong family support", "lives with spouse who assists"),
-            ("good social support", "family involved"), ("daughter at bedside", "supportive kin")),
-    # disposition
-    Concept("against_medical_advice", 1.20, "dispo",
-            ("left against medical advice", "discharged against medical advice"),
-            ("left AMA", "AMA"), ("self-discharged", "eloped from the ward", "signed self out")),
-    Concept("followup_scheduled", -0.75, "dispo",
-            ("follow-up appointment scheduled within 7 days", "outpatient follow-up arranged"),
-            ("f/u appt made", "PCP f/u in 1 wk"), ("clinic visit booked", "TCM visit set")),
-    Concept("home_health", -0.50, "dispo",
-            ("home health services arranged", "visiting nurse arranged"),
-            ("HHC set up", "VNA arranged"), ("home nursing in place", "community nurse referral")),
-)
 CONCEPT_INDEX = {c.name: i for i, c in enumerate(CONCEPTS)}
 COMORBIDITY_CONCEPTS = ("heart_failure", "copd", "ckd", "diabetes")
 
-# Conditions that count toward n_comorbidities but carry no weight of their own.
-NEUTRAL_CONDITIONS: tuple[tuple[str, tuple[str, ...], tuple[str, ...], tuple[str, ...]], ...] = (
-    ("hypertension", ("hypertension",), ("HTN",), ("high blood pressure",)),
-    ("hyperlipidemia", ("hyperlipidemia",), ("HLD",), ("high cholesterol",)),
-    ("atrial_fibrillation", ("atrial fibrillation",), ("AFib",), ("irregular heartbeat",)),
-    ("coronary_disease", ("coronary artery disease",), ("CAD",), ("ischemic heart dz",)),
-    ("depression", ("major depressive disorder",), ("MDD",), ("low mood",)),
-    ("obesity", ("obesity",), ("BMI>35",), ("morbid obesity",)),
-    ("hypothyroidism", ("hypothyroidism",), ("hypoT4",), ("underactive thyroid",)),
-    ("osteoarthritis", ("osteoarthritis",), ("OA",), ("arthritis of knees",)),
-    ("anemia", ("chronic anemia",), ("anemia",), ("low blood count",)),
-    ("gerd", ("gastroesophageal reflux disease",), ("GERD",), ("acid reflux",)),
-)
 # Relative chance each condition is among a patient's n_comorbidities (concepts first).
 CONDITION_WEIGHTS = np.array([1.0, 1.0, 1.0, 1.6, 2.2, 1.6, 0.8, 1.0, 0.8, 0.8, 0.5, 0.6, 0.6, 0.6])
 
@@ -261,11 +167,6 @@ LABS = (("Na", 133, 145, 0), ("K", 3.4, 5.1, 1), ("Cl", 96, 108, 0), ("HCO3", 20
         ("glucose", 80, 220, 0), ("WBC", 4.0, 12.5, 1), ("Hgb", 9.0, 15.5, 1), ("Plt", 140, 400, 0),
         ("Mg", 1.6, 2.4, 1), ("Phos", 2.5, 4.5, 1), ("INR", 0.9, 1.4, 1), ("albumin", 2.8, 4.6, 1),
         ("TSH", 0.5, 4.5, 1))
-
-
-def site_name(i: int) -> str:
-    """``h01``, ``h02``, ...: zero-padded so lexical order is site order."""
-    return f"h{i + 1:02d}"
 
 
 def default_sizes(n_hospitals: int = DEFAULT_N_HOSPITALS,
@@ -741,7 +642,7 @@ def generate_federation(out_dir, n_hospitals: int = DEFAULT_N_HOSPITALS, seed: i
         words = np.array([len(t.split()) for t in notes])
         _write_site(out / s["name"], s["name"], notes, y, p, died, d0)
         if site_policy is not None:
-            from common.policy import SIMULATED_POLICY_FILE
+            from clinfed.common.policy import SIMULATED_POLICY_FILE
 
             (out / s["name"] / SIMULATED_POLICY_FILE).write_text(site_policy, encoding="utf-8")
 
@@ -887,7 +788,7 @@ def generate_federation(out_dir, n_hospitals: int = DEFAULT_N_HOSPITALS, seed: i
         "overall_base_rate": float(y.mean()),
     }
     if generative:  # generative tasks per site (simulations/generative.py), own seeded stream
-        from simulations.generative import write_generative_tasks
+        from clinfed.simulations.generative import write_generative_tasks
         truth["generative"] = write_generative_tasks(out, truth, seed)
     truth = _r(truth)
     (out / "truth.json").write_text(json.dumps(truth, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from simulations.generate import CONCEPTS, NEUTRAL_CONDITIONS, site_name
+from clinfed.simulations.vocabulary import CONCEPTS, NEUTRAL_CONDITIONS, site_name
 
 __all__ = [
     "GENERATIVE_VERSION",

@@ -13,59 +13,27 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from common.config import resolve, to_toml_overrides
-from common.console import ANSI, StudyConsole
+from clinfed.common.app_code import write_app_folder
+from clinfed.common.config import resolve, to_toml_overrides
+from clinfed.common.console import ANSI, StudyConsole
+from clinfed.common.errors import ClinfedError
+from clinfed.common.flower_processes import flwr_command
 
-PACKAGES = ("server", "client", "common", "simulations")
 
-
-class SimulationError(RuntimeError):
+class SimulationError(ClinfedError, RuntimeError):
     """The study did not complete; the message says where to look."""
-
-
-def flwr_command() -> list[str]:
-    """The `flwr` command: beside this interpreter first (a virtual environment that is not
-    activated, as pipx runs it), else on PATH, else `python -m` of its module."""
-    beside = Path(sys.executable).parent / "flwr"
-    if beside.exists():
-        return [str(beside)]
-    found = shutil.which("flwr")
-    return [found] if found else [sys.executable, "-m", "flwr.cli.app"]
 
 
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def app_dir() -> Path:
-    """The Flower app to run: the source tree, or a copy built from the installed packages."""
-    root = Path(__file__).resolve().parent.parent
-    pyproject = root / "pyproject.toml"
-    if pyproject.exists() and "[tool.flwr.app]" in pyproject.read_text():
-        return root
-    # Installed without the source tree: assemble a minimal app folder.
-    out = Path(tempfile.mkdtemp(prefix="clinfed-app-"))
-    for pkg in PACKAGES:
-        shutil.copytree(root / pkg, out / pkg, ignore=shutil.ignore_patterns("__pycache__"))
-    from common.config import KEYS
-
-    lines = ['[build-system]', 'requires = ["setuptools"]', 'build-backend = "setuptools.build_meta"',
-             '[project]', 'name = "clinfed"', 'version = "0.1.0"', 'dependencies = []',
-             '[tool.flwr.app]', 'publisher = "clinfed"', '[tool.flwr.app.components]',
-             'serverapp = "server.app:app"', 'clientapp = "client.app:app"', '[tool.flwr.app.config]']
-    lines += [line for line in to_toml_overrides({k: v[0] for k, v in KEYS.items()}).split(" ")]
-    (out / "pyproject.toml").write_text("\n".join(lines) + "\n")
-    return out
 
 
 RUN_TAG = "CLINFED_RUN_ID"  # every process of a simulated run inherits it: "<RUN_DIR>:<pid of clinfed>:<start ns>"
@@ -243,7 +211,7 @@ def simulate(run_dir: str | Path, overrides: dict, n_sites: int, cpus_per_site: 
     if run_json.exists():
         run_json.unlink()  # the verdict must come from this run
     cmd = [
-        *flwr_command(), "run", str(app_dir()),
+        *flwr_command(), "run", str(write_app_folder(run_dir / ".app", "simulation")),
         "--run-config", to_toml_overrides({k: v for k, v in cfg.items()
                                            if k in overrides or k == "out-dir"}),
         "--federation-config", f"num-supernodes={n_sites} client-resources-num-cpus="
@@ -310,9 +278,9 @@ def resume_settings(run_dir: str | Path) -> tuple[dict, int]:
     The settings come from the checkpoint itself, so a resumed study cannot
     silently run with different ones.
     """
-    from common.config import defaults
-    from common.data import list_sites
-    from server.checkpoint import ResumeError
+    from clinfed.common.config import defaults
+    from clinfed.common.data import list_sites
+    from clinfed.server.checkpoint import ResumeError
 
     run_dir = Path(run_dir).resolve()
     state = run_dir / "checkpoint" / "state.json"

@@ -32,7 +32,7 @@ def _round(out: Path) -> int:
 def measure(out: Path, sig: signal.Signals, extra: list[str]) -> dict:
     out = out.resolve()
     resuming = (out / "checkpoint" / "state.json").exists()
-    cmd = [sys.executable, "-m", "common.cli", "simulate",
+    cmd = [sys.executable, "-m", "clinfed.cli", "simulate",
            *(["--resume", str(out)] if resuming else ["--out", str(out), *extra])]
     before = _round(out)
     log = out.parent / f"{out.name}.{sig.name}.log"

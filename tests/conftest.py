@@ -1,15 +1,12 @@
 """Shared fixtures: tiny federations and quiet, offline libraries."""
 
 import os
-import sys
 import warnings
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 warnings.filterwarnings("ignore", category=FutureWarning)
@@ -22,7 +19,7 @@ SMALL_CELLS_POLICY = "min-cell-size = 5\n"
 
 
 def small_cells_policy():
-    from simulations.generate import SYNTHETIC_SITE_POLICY
+    from clinfed.simulations.generate import SYNTHETIC_SITE_POLICY
 
     return SYNTHETIC_SITE_POLICY + SMALL_CELLS_POLICY
 
@@ -31,7 +28,7 @@ def small_cells_policy():
 def small_federation(tmp_path_factory):
     """Three generated hospitals, small enough for a tiny-model study in seconds; each one's
     policy file allows cells of 5 (studies that want them also ask for min-cell-size = 5)."""
-    from simulations.generate import generate_federation
+    from clinfed.simulations.generate import generate_federation
 
     out = tmp_path_factory.mktemp("fed")
     generate_federation(out, n_hospitals=3, seed=7, sizes=[220, 160, 120], site_policy=small_cells_policy())

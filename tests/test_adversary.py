@@ -17,13 +17,14 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common.serde import message_to_proto
 
-from client.app import app as client_app
-from common.config import resolve
-from common.data import list_sites, read_site_table, split_site
+from clinfed.simulations.app import app as client_app
+from clinfed.simulations.app import app as simulation_app
+from clinfed.common.config import for_arm, resolve
+from clinfed.common.data import list_sites, read_site_table, split_site
 from conftest import small_cells_policy
-from inprocess_grid import LocalGrid, simulated_nodes
-from server.study import Study
-from simulations.generate import generate_federation
+from clinfed.simulations.inprocess import LocalGrid, simulated_nodes
+from clinfed.server.study import Study
+from clinfed.simulations.generate import generate_federation
 
 TINY = {"model": "tiny-bert", "num-server-rounds": 1, "local-steps": 2, "personalize-steps": 1, "bootstrap": 10,
         "batch-size": 8}
@@ -58,7 +59,7 @@ def _msg(mtype, node, config=None, **arrays):
 
 
 def _init_state(cfg):
-    from client.site import get_model, model_key
+    from clinfed.common.model_cache import get_model, model_key
 
     return get_model(model_key(cfg)).init_state
 
@@ -127,7 +128,7 @@ def test_a_region_value_never_leaves_and_new_york_is_a_band_like_any_other(regio
     desc = pd.read_csv(run_dir / "descriptors.csv")
     assert ((desc.site == "h01") & (desc.descriptor == "region=New York")).any()
     # the canary patient counts as `other` (one patient: withheld, with a complement)
-    from common.metrics import subgroup_labels
+    from clinfed.common.metrics import subgroup_labels
 
     table = read_site_table(region_study["fed"] / "h01", warn=False)
     labels = subgroup_labels(table, [117.0, 163.0, 197.0], REGIONS)["region"]
@@ -137,7 +138,7 @@ def test_a_region_value_never_leaves_and_new_york_is_a_band_like_any_other(regio
 
 
 def test_without_a_declared_vocabulary_there_are_no_region_bands(tmp_path):
-    from common.metrics import site_descriptors, subgroup_labels
+    from clinfed.common.metrics import site_descriptors, subgroup_labels
 
     df = pd.DataFrame({"note_text": ["a b c"] * 30, "readmitted_30d": [0, 1] * 15, "region": ["New York"] * 30})
     assert "region" not in subgroup_labels(df, [1.0], "")
@@ -172,7 +173,7 @@ def test_error_texts_quote_no_key_value_or_path_of_the_site(small_federation, tm
 
 
 def test_node_check_applies_the_guards_rule_to_the_site_name(small_federation, tmp_path):
-    from client.node import check_site
+    from clinfed.client.node import check_site
 
     folder = shutil.copytree(small_federation / "h01", tmp_path / "Hospital St Mary")
     policy = tmp_path / "policy.toml"
@@ -181,7 +182,7 @@ def test_node_check_applies_the_guards_rule_to_the_site_name(small_federation, t
     assert not bad.ok and "site name" in bad.summary(), bad.summary()
     good = check_site(folder, policy, site="st-mary", output=tmp_path / "out")
     assert good.ok, good.summary()
-    from common.privacy import site_name_problem  # the very rule the guard applies to describe
+    from clinfed.common.privacy import site_name_problem  # the very rule the guard applies to describe
 
     assert site_name_problem("Hospital St Mary") and site_name_problem("st-mary") is None
 
@@ -234,7 +235,7 @@ def test_a_server_varying_every_field_cannot_exceed_the_sites_budget(fresh_feder
     as if from a new study: another run-dir, arm, seed, split fractions, noise, run id, round
     number, a looser run-config budget and delta. The epsilon of every call the site accepted,
     composed, stays within the site's budget; the site reports its lifetime total."""
-    from common.dp import rdp_epsilon
+    from clinfed.common.dp import rdp_epsilon
 
     budget = 2.0
     policy = tmp_path / "h01-policy.toml"  # the hospital's own file, named by its node config
@@ -253,9 +254,9 @@ def test_a_server_varying_every_field_cannot_exceed_the_sites_budget(fresh_feder
         for ctx in grid.contexts.values():
             ctx.run_id = 100 + call
         arm = "tiny-bert:head-only" if call % 2 else "tiny-bert:lora"
-        from common.arms import parse_arm
+        from clinfed.common.arms import parse_arm
 
-        state = _init_state(parse_arm(arm).config(cfg))
+        state = _init_state(for_arm(cfg, parse_arm(arm)))
         msg = _msg("train", 1000, {"run-dir": str(tmp_path / f"study-{call}"), "arm": arm,
                                    "server-round": call + 1}, arrays=state)
         [rep] = grid.send_and_receive([msg])
@@ -315,17 +316,22 @@ LEAKS = {
 }
 
 
+@pytest.mark.parametrize("which", ["hospital", "simulation"])
 @pytest.mark.parametrize("leak", sorted(LEAKS) + ["error_text", "exception_text"])
-def test_the_real_client_app_blocks_a_handler_that_leaks(small_federation, tmp_path, leak):
-    """A handler registered on the real ClientApp (so it gets exactly the app's mods) tries to
-    send note text, encounter ids or per-patient arrays; each reply that reaches the server is
-    an error with no data. Taking `mods=[privacy.egress_guard]` off the app makes this fail."""
+def test_the_real_client_app_blocks_a_handler_that_leaks(small_federation, tmp_path, leak, which):
+    """A handler registered on the real ClientApp (the one a hospital's node runs, and the one a
+    simulation runs, so it gets exactly the app's mods) tries to send note text, encounter ids or
+    per-patient arrays; each reply that reaches the server is an error with no data. Taking
+    `mods=[privacy.egress_guard]` off `client.app.build_app` makes this fail."""
+    from clinfed.client.app import app as hospital_app
+
+    client_app = hospital_app if which == "hospital" else simulation_app
     cfg = resolve({**TINY, "data-dir": str(small_federation), "min-cell-size": 5})
     grid = LocalGrid(client_app, simulated_nodes(3), cfg)
     table = read_site_table(small_federation / "h01", warn=False)
 
     def handler(msg, context):
-        from common.privacy import PUBLIC_REASON_PREFIX
+        from clinfed.common.privacy import PUBLIC_REASON_PREFIX
 
         if leak == "error_text":  # a reason dressed as a public one, quoting a note
             from flwr.app import Error

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from server.analysis import analyze
+from clinfed.server.analysis import analyze
 
 FIELDS = ["site", "regime", "split", "subgroup", "metric", "value", "n", "status", "note"]
 N_TRAIN = {"h01": 2000, "h02": 1000, "h03": 500, "h04": 250, "h05": 120}

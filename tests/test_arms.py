@@ -2,8 +2,8 @@
 
 import pytest
 
-from common.arms import Arm, parse_arms
-from common.config import ConfigError
+from clinfed.common.arms import Arm, parse_arms
+from clinfed.common.config import ConfigError
 
 
 def test_default_comparison_parses_in_order():

@@ -21,7 +21,7 @@ def _finite(x) -> bool:
 
 
 def _bench(name: str, tmp_path) -> dict:
-    from simulations.bench import SMOKE, run
+    from clinfed.simulations.bench import SMOKE, run
 
     out = tmp_path / f"{name}.json"
     doc = run(name, dict(SMOKE[name]), str(out), smoke=True)
@@ -75,18 +75,18 @@ def test_scale_smoke(tmp_path):
 
 
 def test_clinfed_bench_command_parses_and_refuses_unknown_names():
-    from common.cli import build_parser
+    from clinfed.cli.main import build_parser
 
     args = build_parser().parse_args(["bench", "comm", "--smoke", "--json", "x.json", "--ranks", "2,4"])
     assert args.name == "comm" and args.smoke and args.ranks == (2, 4)
-    res = subprocess.run([sys.executable, "-m", "common.cli", "bench", "nope"], capture_output=True, text=True,
+    res = subprocess.run([sys.executable, "-m", "clinfed.cli", "bench", "nope"], capture_output=True, text=True,
                          cwd=ROOT, timeout=120)
     assert res.returncode == 2 and "invalid choice" in res.stderr
 
 
 def test_contention_smoke(small_federation, capsys):
     """The contention measurement behind the overhead's profile runs and reports both arms."""
-    from simulations.contention import main, measure
+    from clinfed.simulations.contention import main, measure
 
     name = sorted(p.name for p in small_federation.iterdir() if p.is_dir())[0]
     got = measure(threads=1, steps=2, repeats=1, site=name, model="tiny-bert", data_dir=str(small_federation))

@@ -7,14 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from common.cli import main
-from common.config import KEYS, ConfigError, parse_overrides, resolve
+from clinfed.cli.main import main
+from clinfed.common.config import KEYS, ConfigError, parse_overrides, resolve
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "common.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "clinfed.cli", *args], capture_output=True, text=True,
                           cwd=ROOT, timeout=120)
 
 

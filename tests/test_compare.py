@@ -10,13 +10,14 @@ import pandas as pd
 import pytest
 from flwr.common.serde import message_to_proto
 
-from client.app import app as client_app
-from common.arms import DEFAULT_ARMS, DEFAULT_COMPARISON, parse_arm, parse_arms
-from common.compare import compare_metrics, load_scores, paired_auc_difference, save_scores
-from common.config import ConfigError, resolve
-from common.data import list_sites, read_site_table
-from inprocess_grid import LocalGrid, canary_federation, simulated_nodes
-from server.compare import Comparison, plan_costs
+from clinfed.simulations.app import app as client_app
+from clinfed.common.arms import DEFAULT_ARMS, DEFAULT_COMPARISON, parse_arm, parse_arms
+from clinfed.common.arm_differences import compare_metrics, load_scores, paired_auc_difference, save_scores
+from clinfed.common.config import ConfigError, for_arm, resolve
+from clinfed.common.data import list_sites, read_site_table
+from clinfed.simulations.inprocess import LocalGrid, simulated_nodes
+from helpers import canary_federation
+from clinfed.server.comparison import Comparison, plan_costs
 
 # tiny-bert:lora-r8 is tiny-bert:lora at the run's default rank 8 (alpha 16): the same model,
 # the same seeds, so every paired difference between the two must be exactly zero
@@ -46,12 +47,12 @@ def _arm_of(msg) -> str:
 def test_default_arms_and_their_run_configs():
     assert [a.name for a in parse_arms("default")] == DEFAULT_ARMS.split(",")
     cfg = resolve({"arms": "default"})
-    prompt = parse_arm("smollm2:lora:prompt").config(cfg)
+    prompt = for_arm(cfg, parse_arm("smollm2:lora:prompt"))
     assert (prompt["model"], prompt["arm-method"], prompt["arm-form"]) == ("smollm2", "lora", "prompt")
-    full = parse_arm("minilm:full").config(cfg)
+    full = for_arm(cfg, parse_arm("minilm:full"))
     assert full["arm-method"] == "full" and full["learning-rate"] == cfg["full-learning-rate"]
-    assert parse_arm("minilm:lora").config(cfg)["learning-rate"] == cfg["learning-rate"]
-    assert parse_arm("minilm:lora-r4").config(cfg)["lora-rank"] == 4
+    assert for_arm(cfg, parse_arm("minilm:lora"))["learning-rate"] == cfg["learning-rate"]
+    assert for_arm(cfg, parse_arm("minilm:lora-r4"))["lora-rank"] == 4
     assert resolve(DEFAULT_COMPARISON)["eval-items"] == DEFAULT_COMPARISON["eval-items"]
 
 
@@ -90,7 +91,7 @@ def test_paired_interval_is_narrower_than_ignoring_the_pairing():
     a = rng.random(300) + 0.5 * y
     b = a + rng.normal(0, 0.05, 300)
     d, lo, hi = paired_auc_difference(y, a, b, seed=0, n_boot=300)
-    from common.metrics import bootstrap_auc_ci
+    from clinfed.common.metrics import bootstrap_auc_ci
 
     la, ha = bootstrap_auc_ci(y, a, seed=0, n_boot=300)
     lb, hb = bootstrap_auc_ci(y, b, seed=1, n_boot=300)
@@ -139,7 +140,7 @@ def test_every_arm_has_its_rows_with_the_arm_column(comparison):
 def test_arms_score_the_same_items_with_the_same_seeds(comparison):
     """Pairing, from the sites' own score files: for every site, regime and split, every arm
     scored the same encounter ids (the site's capped test split) with the same labels and seed."""
-    from common.data import split_site
+    from clinfed.common.data import split_site
 
     cfg = comparison["cfg"]
     for site in comparison["sites"]:
@@ -222,7 +223,7 @@ def test_unseen_tasks_scored_for_decoders_and_not_applicable_for_encoders(compar
 
 
 def test_every_message_of_the_comparison_passes_the_guard_and_holds_no_patient_data(comparison):
-    from common.privacy import check_reply
+    from clinfed.common.privacy import check_reply
 
     grid = comparison["grid"]
     ids, dates = set(), set()
@@ -278,7 +279,7 @@ def test_full_fine_tuning_refused_by_the_bytes_budget_before_anything_runs(small
 
 
 def test_clinfed_compare_refuses_the_budget_before_flower_starts(small_federation, tmp_path, capsys):
-    from common.cli import main
+    from clinfed.cli.main import main
 
     code = main(["compare", "--arms", "tiny-bert:lora,tiny-bert:full", "--data", str(small_federation),
                  "--out", str(tmp_path / "run"), "--run-config", "max-bytes-per-round=40000"])
@@ -310,10 +311,10 @@ def test_a_site_policy_forbidding_full_weights_refuses_the_arm(small_federation,
     # and the site itself refuses, should a server ask anyway
     from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 
-    from client.site import LoadedModel, model_key
+    from clinfed.common.model_cache import LoadedModel, model_key
 
     full = parse_arm("tiny-bert:full")
-    lm = LoadedModel(model_key(full.config(cfg)))
+    lm = LoadedModel(model_key(for_arm(cfg, full)))
     msg = Message(RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in lm.init_state.items()}),
                               "config": ConfigRecord({"run-dir": str(tmp_path / "run"), "arm": full.name,
                                                       "server-round": 1})}),
@@ -365,7 +366,7 @@ def test_clinfed_compare_runs_through_the_flower_simulation_engine(small_federat
     root = Path(__file__).resolve().parent.parent
     out = tmp_path / "run"
     res = subprocess.run(
-        [sys.executable, "-m", "common.cli", "compare", "--arms", "tiny-bert:lora,tiny-llama:lora,tiny-llama:lora:prompt",
+        [sys.executable, "-m", "clinfed.cli", "compare", "--arms", "tiny-bert:lora,tiny-llama:lora,tiny-llama:lora:prompt",
          "--data", str(small_federation), "--out", str(out),
          "--run-config", "num-server-rounds=2 local-steps=2 bootstrap=30 min-cell-size=5 eval-items=40 "
                          "gen-eval-items=2 gen-max-new-tokens=4 drivers=false"],
@@ -385,7 +386,7 @@ def test_clinfed_compare_runs_through_the_flower_simulation_engine(small_federat
     assert 'id="comparison"' in (out / "report.html").read_text()
     # `clinfed report` rebuilds the comparison report from the files alone
     (out / "report.html").unlink()
-    res = subprocess.run([sys.executable, "-m", "common.cli", "report", str(out)], capture_output=True, text=True,
+    res = subprocess.run([sys.executable, "-m", "clinfed.cli", "report", str(out)], capture_output=True, text=True,
                          cwd=root, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     assert 'id="comparison"' in (out / "report.html").read_text()

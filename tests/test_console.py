@@ -2,7 +2,7 @@
 
 import io
 
-from common.console import StudyConsole, progress_line
+from clinfed.common.console import StudyConsole, progress_line
 
 # as `flwr run --stream` delivers them (colour codes, Ray's actor prefix and dedup note included)
 RAW = [

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from common.data import (
+from clinfed.common.data import (
     INSURANCE_VALUES,
     OPTIONAL_COLUMNS,
     REQUIRED_COLUMNS,

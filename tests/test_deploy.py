@@ -30,10 +30,17 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from client.node import check_site, node_config
-from common.cli import main
-from common.app_code import AppCodeError, build_bundle, bundle_hash, folder_hash, installed_hash
-from server.deploy import (CONNECTION, REFUSAL, Connection, DeployError, ProcessTree, check_node_key, list_nodes,
+from clinfed.client.node import check_site, node_config
+from clinfed.cli.main import main
+from clinfed.common.app_code import (
+    AppCodeError,
+    build_bundle,
+    bundle_hash,
+    folder_hash,
+    installed_hash,
+    write_app_folder,
+)
+from clinfed.server.deploy import (CONNECTION, REFUSAL, Connection, DeployError, ProcessTree, check_node_key, list_nodes,
                            local_address, make_certs, make_node_key, parse_address, run_status, stop_run, submit,
                            wait_for_run)
 
@@ -54,7 +61,7 @@ def _env(home: Path) -> dict:
 
 
 def clinfed(*args, home: Path, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "common.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "clinfed.cli", *args], capture_output=True, text=True,
                           cwd=ROOT, env=_env(home), timeout=timeout)
 
 
@@ -112,7 +119,6 @@ def test_ssh_keygen_keys_are_accepted(tmp_path):
 
 
 def shutil_which(name):
-    import shutil
 
     return shutil.which(name)
 
@@ -159,13 +165,9 @@ def test_node_check_gives_a_verdict(small_federation, tmp_path, capsys):
 
 
 def _release_copy(folder: Path, strays: dict[str, str]) -> Path:
-    """A checkout of this release on another machine: the tracked files the bundle is built from, plus its own
-    stray files (run outputs, notes, caches), which differ from machine to machine."""
-    for name in zipfile.ZipFile(io.BytesIO(build_bundle(ROOT))).namelist():
-        if not name.startswith(".info/"):
-            (folder / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(ROOT / name, folder / name)
-    shutil.copyfile(ROOT / "pyproject.toml", folder / "pyproject.toml")
+    """The app folder of this release as another machine assembles it from its own install, plus that
+    machine's stray files (run outputs, notes, caches), which differ from machine to machine."""
+    write_app_folder(folder, "deployment")
     for name, text in strays.items():
         (folder / name).parent.mkdir(parents=True, exist_ok=True)
         (folder / name).write_text(text)
@@ -175,13 +177,13 @@ def _release_copy(folder: Path, strays: dict[str, str]) -> Path:
 def test_a_coordinator_and_a_hospital_with_the_same_release_compute_the_same_app_hash(tmp_path):
     coordinator = _release_copy(tmp_path / "coordinator" / "clinfed", {
         "runs/study1/run.json": '{"status": "completed"}', "notes.md": "# to do", "tests/test_x.py": "x = 1",
-        "client/__pycache__/app.cpython-311.pyc": "stale", ".gitignore": "runs/\n"})
+        "clinfed/client/__pycache__/app.cpython-311.pyc": "stale", ".gitignore": "runs/\n"})
     hospital = _release_copy(tmp_path / "hospital" / "clinfed", {"README.md": "our local copy", "scratch.json": "{}"})
     # What the coordinator's `clinfed run` sends (Flower's own bundle of its app folder) ...
     sent = bundle_hash(build_bundle(coordinator))
     # ... is what the hospital's node approves by default, and what `clinfed app-hash` prints on either side.
     assert sent == folder_hash(hospital) == installed_hash()
-    printed = subprocess.run([sys.executable, "-m", "common.cli", "app-hash"], capture_output=True, text=True,
+    printed = subprocess.run([sys.executable, "-m", "clinfed.cli", "app-hash"], capture_output=True, text=True,
                              cwd=tmp_path, env=_env(tmp_path / "home"), timeout=120)
     assert printed.returncode == 0 and printed.stdout.strip() == sent, printed.stderr
     printed = clinfed("app-hash", str(hospital), home=tmp_path / "home")
@@ -190,11 +192,11 @@ def test_a_coordinator_and_a_hospital_with_the_same_release_compute_the_same_app
     # Any change to what the node would unpack changes the hash: a byte of code, one more module, public data
     # the app reads, the ClientApp reference.
     changes = {
-        "client/app.py": lambda p: p.write_text(p.read_text() + "\n"),
-        "client/extra.py": lambda p: p.write_text(""),
-        "data/pubmedqa/pqal.jsonl": lambda p: p.write_bytes(p.read_bytes()[:-1]),
-        "pyproject.toml": lambda p: p.write_text(p.read_text().replace('clientapp = "client.app:app"',
-                                                                       'clientapp = "client.site:app"')),
+        "clinfed/client/app.py": lambda p: p.write_text(p.read_text() + "\n"),
+        "clinfed/client/extra.py": lambda p: p.write_text(""),
+        "clinfed/data/pubmedqa/pqal.jsonl": lambda p: p.write_bytes(p.read_bytes()[:-1]),
+        "pyproject.toml": lambda p: p.write_text(p.read_text().replace('clientapp = "clinfed.client.app:app"',
+                                                                       'clientapp = "clinfed.client.locate:app"')),
     }
     seen = {sent}
     for name, change in changes.items():
@@ -205,7 +207,7 @@ def test_a_coordinator_and_a_hospital_with_the_same_release_compute_the_same_app
         seen.add(digest)
     # So does any file a hand-made bundle adds, e.g. one that would shadow a package (the bundle's folder goes
     # first on sys.path); Flower's builder would not pack it from a checkout, but a hostile SuperLink could send it.
-    with zipfile.ZipFile(io.BytesIO(build_bundle(ROOT))) as z:
+    with zipfile.ZipFile(io.BytesIO(build_bundle(coordinator))) as z:
         entries = [(i.filename, z.read(i)) for i in z.infolist()]
     out = io.BytesIO()
     with zipfile.ZipFile(out, "w") as z:
@@ -218,13 +220,13 @@ def test_a_coordinator_and_a_hospital_with_the_same_release_compute_the_same_app
     assert folder_hash(copy) == sent
 
 
-def test_a_bundle_with_two_entries_under_one_name_has_no_hash():
-    fab = build_bundle(ROOT)
+def test_a_bundle_with_two_entries_under_one_name_has_no_hash(tmp_path):
+    fab = build_bundle(write_app_folder(tmp_path / "app"))
     with zipfile.ZipFile(io.BytesIO(fab)) as z:
         entries = [(i.filename, z.read(i)) for i in z.infolist()]
     out = io.BytesIO()
     with zipfile.ZipFile(out, "w") as z, pytest.warns(UserWarning, match="Duplicate name"):
-        for name, data in entries + [("client/app.py", b"import os\n")]:
+        for name, data in entries + [("clinfed/client/app.py", b"import os\n")]:
             z.writestr(name, data)
     with pytest.raises(AppCodeError, match="twice"):
         bundle_hash(out.getvalue())
@@ -233,7 +235,7 @@ def test_a_bundle_with_two_entries_under_one_name_has_no_hash():
 
 
 def test_the_policy_file_may_approve_other_app_hashes(tmp_path):
-    from common.policy import PolicyError, load_site_policy
+    from clinfed.common.policy import PolicyError, load_site_policy
 
     digest = installed_hash()
     path = tmp_path / "policy.toml"
@@ -257,7 +259,7 @@ def test_the_coordinators_commands_need_the_superlink_of_this_host(tmp_path):
 
 
 def test_the_proxy_forwards_exactly_the_fleet_api_to_loopback(tmp_path):
-    from server.deploy import fleet_paths, proxy_config
+    from clinfed.server.deploy import fleet_paths, proxy_config
 
     certs = make_certs(tmp_path / "certs", ["localhost"], [])["ca"].parent
     paths = fleet_paths()
@@ -310,15 +312,11 @@ def _stop_all(trees):
 def tampered_app(folder: Path, marker_dir: Path) -> Path:
     """clinfed's app with the egress guard taken off the ClientApp and a line that, on import, leaves a
     marker named after the importing node's output folder: what a hostile or careless coordinator could send."""
-    files = zipfile.ZipFile(io.BytesIO(build_bundle(ROOT))).namelist()
-    for name in [n for n in files if not n.startswith(".info/")]:
-        (folder / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(ROOT / name, folder / name)
-    shutil.copyfile(ROOT / "pyproject.toml", folder / "pyproject.toml")
-    app = folder / "client" / "app.py"
+    write_app_folder(folder, "deployment")
+    app = folder / "clinfed" / "client" / "app.py"
     text = app.read_text()
-    assert "app = ClientApp(mods=[privacy.egress_guard])" in text
-    text = text.replace("app = ClientApp(mods=[privacy.egress_guard])", "app = ClientApp()")
+    assert "client_app = ClientApp(mods=[privacy.egress_guard])" in text
+    text = text.replace("client_app = ClientApp(mods=[privacy.egress_guard])", "client_app = ClientApp()")
     text = text.replace("from __future__ import annotations\n", "from __future__ import annotations\n"
                         f"import os, pathlib; pathlib.Path({str(marker_dir)!r}, "
                         "pathlib.Path(os.getcwd()).name).write_text('imported')\n", 1)
@@ -332,7 +330,7 @@ def federation(tmp_path_factory):
 
     hospC's policy file approves the tampered bundle's hash as well; hospA and hospB approve only their
     installed clinfed."""
-    from simulations.generate import generate_federation
+    from clinfed.simulations.generate import generate_federation
 
     base = tmp_path_factory.mktemp("deploy")
     fed = base / "fed"
@@ -352,7 +350,7 @@ def federation(tmp_path_factory):
     info = {"base": base, "fed": fed, "certs": certs, "port": port, "policy": policy, "nodes": {},
             "policies": {"hospC": policy_c}, "tampered": tampered, "markers": markers}
     log = open(base / "superlink.log", "w")
-    trees = [ProcessTree([sys.executable, "-m", "common.cli", "superlink", "--certs", str(certs),
+    trees = [ProcessTree([sys.executable, "-m", "clinfed.cli", "superlink", "--certs", str(certs),
                           "--host", "127.0.0.1", "--port", str(port), "--state", str(base / "state.db")],
                          cwd=ROOT, env=_env(base / "superlink-home"), stdout=log, stderr=subprocess.STDOUT)]
     info["superlink"] = trees[0]
@@ -384,7 +382,7 @@ def _node(fed, name, folder):
     """`clinfed node` for one hospital, as its IT team would start it."""
     base = fed["base"]
     log = open(base / f"node-{name}.log", "w")
-    tree = ProcessTree([sys.executable, "-m", "common.cli", "node", "--data", str(fed["fed"] / folder),
+    tree = ProcessTree([sys.executable, "-m", "clinfed.cli", "node", "--data", str(fed["fed"] / folder),
                         "--policy", str(fed["policies"].get(name, fed["policy"])),
                         "--superlink", f"127.0.0.1:{fed['port']}",
                         "--root-cert", str(fed["certs"] / "ca.crt"),
@@ -521,7 +519,7 @@ def test_a_second_superlink_on_the_study_port_is_refused(federation, tmp_path):
     the nodes' connections. It is refused before it starts anything, and the running study is untouched."""
     state = tmp_path / "state.db"
     with open(tmp_path / "log", "w") as log:
-        second = ProcessTree([sys.executable, "-m", "common.cli", "superlink", "--certs", str(federation["certs"]),
+        second = ProcessTree([sys.executable, "-m", "clinfed.cli", "superlink", "--certs", str(federation["certs"]),
                               "--host", "127.0.0.1", "--port", str(federation["port"]), "--state", str(state)],
                              cwd=ROOT, env=_env(tmp_path / "home"), stdout=log, stderr=subprocess.STDOUT)
         try:

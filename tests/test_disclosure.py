@@ -11,8 +11,8 @@ import pandas as pd
 import pytest
 from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
-from common.disclosure import Counts, protect, releasable, remainder_safe
-from common.metrics import (
+from clinfed.common.disclosure import Counts, protect, releasable, remainder_safe
+from clinfed.common.metrics import (
     EVAL_SPLITS,
     describe_release,
     eval_plan,
@@ -20,7 +20,7 @@ from common.metrics import (
     parse_cells,
     subgroup_labels,
 )
-from common.privacy import check_reply
+from clinfed.common.privacy import check_reply
 
 EDGES = [117.0, 163.0, 197.0]
 VOCAB = ["north", "south", "New York"]
@@ -136,7 +136,7 @@ def test_no_grouping_leaks_by_subtraction_over_many_random_sites():
 def test_the_guard_refuses_a_release_that_subtraction_opens():
     """Primary suppression alone (the old release): `all` minus the released age bands gives
     away the one 80+ patient; the guard refuses it, and its refusal text names no key."""
-    from common.metrics import CellResult, flatten_cell
+    from clinfed.common.metrics import CellResult, flatten_cell
 
     rec = flatten_cell("global", "test", "all", CellResult("ok", n=41, values={"positives": 11, "auc": .7}))
     rec.update(flatten_cell("global", "test", "age=<45", CellResult("ok", n=20, values={"positives": 5, "auc": .7})))

@@ -5,12 +5,12 @@ import json
 import numpy as np
 import pytest
 
-from common.dp import DPBudgetExhausted, DPLedger, DPSettings, plan, rdp_epsilon
+from clinfed.common.dp import DPBudgetExhausted, DPLedger, DPSettings, plan, rdp_epsilon
 
 
 def _easy_task(tok, n, rng):
     """Readmitted notes say `chf`, the others `stable`: learnable by a tiny random BERT + LoRA."""
-    from common.training import encode_texts
+    from clinfed.common.training import encode_texts
 
     words = "the patient was admitted with and discharged home on day history of lives alone normal".split()
     texts, y = [], []
@@ -27,7 +27,8 @@ def _easy_task(tok, n, rng):
 def tiny():
     import torch
 
-    from common.models import LoraSettings, adapter_state, make_lora_model
+    from clinfed.common.models import LoraSettings, make_lora_model
+    from clinfed.common.adapters import adapter_state
 
     torch.set_num_threads(1)
     model, tok = make_lora_model("tiny-bert", 0, LoraSettings())
@@ -39,22 +40,23 @@ def tiny():
 def _auc(model, tok, test):
     from sklearn.metrics import roc_auc_score
 
-    from common.training import predict_proba
+    from clinfed.common.training import predict_proba
 
     return roc_auc_score(test[1], predict_proba(model, test[0], tok.pad_token_id))
 
 
 @pytest.mark.parametrize("optimizer,lr", [("sgd", 0.5), ("adam", 1e-2)])
 def test_dp_training_changes_the_adapter_and_learns(tiny, optimizer, lr):
-    from common.models import adapter_state, load_adapter_state
-    from common.training import TrainSettings, train_classifier
+    from clinfed.common.adapters import adapter_state, load_adapter_state
+    from clinfed.common.dp import train_classifier_dp
+    from clinfed.common.training import TrainSettings, train_classifier
 
     model, tok, train, test, init = tiny
     load_adapter_state(model, init)
     before = _auc(model, tok, test)
     settings = TrainSettings(steps=40, batch_size=32, lr=1e-2, precision="fp32")
-    info = train_classifier(model, *train, settings, tok.pad_token_id,
-                            dp=DPSettings(noise_multiplier=1.0, max_grad_norm=1.0, delta=1e-3, secret_seed=1,
+    info = train_classifier_dp(model, *train, settings, tok.pad_token_id,
+                               DPSettings(noise_multiplier=1.0, max_grad_norm=1.0, delta=1e-3, secret_seed=1,
                                           optimizer=optimizer, lr=lr))
     after = adapter_state(model)
     moved = {k: float(np.abs(after[k] - init[k]).max()) for k in init}
@@ -75,15 +77,16 @@ def test_dp_training_changes_the_adapter_and_learns(tiny, optimizer, lr):
 
 def test_dp_noise_is_not_the_public_seed(tiny):
     """Two runs with everything public equal (the same study seed) draw different noise."""
-    from common.models import adapter_state, load_adapter_state
-    from common.training import TrainSettings, train_classifier
+    from clinfed.common.adapters import adapter_state, load_adapter_state
+    from clinfed.common.dp import train_classifier_dp
+    from clinfed.common.training import TrainSettings
 
     model, tok, train, _, init = tiny
     settings = TrainSettings(steps=2, batch_size=32, lr=1e-2, seed=0, precision="fp32")
     outs = []
     for _ in range(2):
         load_adapter_state(model, init)
-        train_classifier(model, *train, settings, tok.pad_token_id, dp=DPSettings(1.0, 1.0, 1e-3))
+        train_classifier_dp(model, *train, settings, tok.pad_token_id, DPSettings(1.0, 1.0, 1e-3))
         outs.append(adapter_state(model))
     assert any(not np.array_equal(outs[0][k], outs[1][k]) for k in init)
 
@@ -122,17 +125,14 @@ def test_update_dp_wrapper_clips_against_the_rounds_start():
     from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, FedAvg
     from flwr.supercore.task_identity import TaskIdentity
 
-    from common.config import resolve
-    from server.study import Study
+    from clinfed.common.config import resolve
+    from clinfed.server.aggregation import make_strategy, prime_update_dp
 
     TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 1
-    study = Study.__new__(Study)
-    study.cfg = resolve({"update-dp-noise": 1e-3, "update-dp-clip": 0.1})
-    strat = study._strategy(2)
+    strat = make_strategy(resolve({"update-dp-noise": 1e-3, "update-dp-clip": 0.1}), 2)
     assert isinstance(strat, DifferentialPrivacyServerSideFixedClipping)
     assert isinstance(strat.strategy, FedAvg) and strat.strategy.weighted_by_key == "train-steps"
-    study.cfg = resolve({})
-    assert type(study._strategy(2)) is FedAvg
+    assert type(make_strategy(resolve({}), 2)) is FedAvg
 
     start = {"w": np.full(100, 5.0, dtype=np.float32)}
     rec = lambda a: ArrayRecord({"w": Array(a.astype(np.float32))})  # noqa: E731
@@ -142,7 +142,7 @@ def test_update_dp_wrapper_clips_against_the_rounds_start():
                               "metrics": MetricRecord({"num-examples": examples, "train-steps": 20})})
         m = Message(content, dst_node_id=1, message_type="train")
         replies.append(Message(content, reply_to=m))
-    Study._prime_update_dp(strat, rec(start["w"]), len(replies))
+    prime_update_dp(strat, rec(start["w"]), len(replies))
     new, _ = strat.aggregate_train(1, replies)
     delta = new["w"].numpy() - start["w"]
     # each update clipped to norm 0.1 (direction kept), averaged with equal weights: +0.1 and -0.1 cancel
@@ -154,11 +154,11 @@ def test_update_dp_wrapper_clips_against_the_rounds_start():
 def dp_study(small_federation, tmp_path_factory):
     import shutil
 
-    from client.app import app as client_app
-    from common.config import resolve
-    from common.data import list_sites
-    from inprocess_grid import LocalGrid
-    from server.study import Study
+    from clinfed.simulations.app import app as client_app
+    from clinfed.common.config import resolve
+    from clinfed.common.data import list_sites
+    from clinfed.simulations.inprocess import LocalGrid
+    from clinfed.server.study import Study
 
     run_dir = tmp_path_factory.mktemp("dprun")
     # the sites' DP ledgers live beside their data and add up across studies: a private copy
@@ -168,7 +168,7 @@ def dp_study(small_federation, tmp_path_factory):
             "regimes": "base,global,local,personalized", "dp": True, "dp-delta": 1e-5}
     sites = list_sites(small_federation)
     # the budget: every site affords one round; the largest site (smallest sampling rate) two
-    from common.data import read_site_table, split_site
+    from clinfed.common.data import read_site_table, split_site
 
     cfg0 = resolve(base)
     n_train = {}
@@ -244,7 +244,7 @@ def test_dp_replies_release_only_aggregates(dp_study):
 
 def test_dp_is_refused_where_it_is_not_built():
     """DPO has no DP path (common.instruct): a generative study with dp must skip DPO."""
-    from common.config import ConfigError, resolve
+    from clinfed.common.config import ConfigError, resolve
 
     with pytest.raises(ConfigError, match="'dp'.*DPO has no DP path.*dpo-rounds = 0"):
         resolve({"dp": True, "task": "generative"})
@@ -269,10 +269,16 @@ def test_dp_sft_changes_the_decoder_adapter_and_learns():
     import torch
     from sklearn.metrics import roc_auc_score
 
-    from common.instruct import (InstructSettings, answer_probability, make_lora_causal_lm, sft_train,
-                                 sft_train_dp)
-    from common.models import LoraSettings, adapter_state
-    from common.tasks import TASKS
+    from clinfed.common.instruct import (
+        InstructSettings,
+        answer_probability,
+        make_lora_causal_lm,
+        sft_train,
+        sft_train_dp,
+    )
+    from clinfed.common.models import LoraSettings
+    from clinfed.common.adapters import adapter_state
+    from clinfed.common.tasks import TASKS
 
     torch.set_num_threads(1)
     model, tok = make_lora_causal_lm("tiny-llama", 0, LoraSettings())
@@ -303,11 +309,11 @@ def test_generative_study_with_dp_sft_reports_epsilon(fresh_federation, tmp_path
     run.json and metrics.csv; the local regime stops at SFT (no DP path for DPO)."""
     import pandas as pd
 
-    from client.app import app as client_app
-    from common.config import resolve
-    from common.data import list_sites
-    from inprocess_grid import LocalGrid, simulated_nodes
-    from server.study import Study
+    from clinfed.simulations.app import app as client_app
+    from clinfed.common.config import resolve
+    from clinfed.common.data import list_sites
+    from clinfed.simulations.inprocess import LocalGrid, simulated_nodes
+    from clinfed.server.generative_study import GenerativeStudy
 
     sites = list_sites(fresh_federation)
     cfg = resolve({"task": "generative", "decoder": "tiny-llama", "data-dir": str(fresh_federation),
@@ -315,7 +321,7 @@ def test_generative_study_with_dp_sft_reports_epsilon(fresh_federation, tmp_path
                    "gen-eval-items": 10, "min-cell-size": 5, "gen-batch-size": 4, "gen-max-new-tokens": 4,
                    "gen-max-words": 20, "gen-examples": 0, "public-eval": False})
     grid = LocalGrid(client_app, simulated_nodes(len(sites)), cfg)
-    Study(grid, cfg, tmp_path / "run").execute()
+    GenerativeStudy(grid, cfg, tmp_path / "run").execute()
     run = json.loads((tmp_path / "run" / "run.json").read_text())
     assert run["status"] == "completed", run["errors"]
     rounds = [r for r in run["rounds"] if r["phase"] == "sft"]
@@ -343,7 +349,7 @@ def test_generative_study_with_dp_sft_reports_epsilon(fresh_federation, tmp_path
 def test_dp_cost_command_runs(fresh_federation, tmp_path, capsys):
     import pandas as pd
 
-    from simulations.dp_cost import main
+    from clinfed.simulations.dp_cost import main
 
     assert main(["--out", str(tmp_path / "out"), "--data", str(fresh_federation), "--noise", "1.0", "--threads", "1",
                  "--run-config", "model=tiny-bert num-server-rounds=1 local-steps=2 bootstrap=10 min-cell-size=5 "
@@ -358,7 +364,7 @@ def test_dp_cost_command_runs(fresh_federation, tmp_path, capsys):
 
 def test_dp_rounds_reports_each_round_with_growing_epsilon(small_federation, tmp_path):
     """The round-by-round DP trajectory: one row per round, every site's epsilon growing."""
-    from simulations.dp_rounds import run
+    from clinfed.simulations.dp_rounds import run
 
     rows = run(noise=1.0, rounds=2, steps=2, lr=0.5, data_dir=str(small_federation), model="tiny-bert",
                threads=1, out_dir=str(tmp_path), echo=lambda *_: None)

@@ -3,7 +3,7 @@
 import time
 from types import SimpleNamespace
 
-from server.study import exchange
+from clinfed.server.study import exchange
 
 
 class SlowGrid:

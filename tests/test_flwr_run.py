@@ -13,12 +13,19 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.mark.slow
 def test_clinfed_simulate_runs_a_study_with_flower(small_federation, tmp_path):
+    """Run as pipx runs it: the `clinfed` script by its absolute path, its environment not activated
+    (no virtual environment on PATH), from a folder that is not the checkout."""
+    import os
+
     out = tmp_path / "run"
+    script = Path(sys.executable).parent / "clinfed"
+    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH")}
+    env["PATH"] = "/usr/bin:/bin"
     res = subprocess.run(
-        [sys.executable, "-m", "common.cli", "simulate", "--data", str(small_federation), "--out", str(out),
+        [str(script), "simulate", "--data", str(small_federation), "--out", str(out),
          "--run-config", 'model="tiny-bert" num-server-rounds=2 local-steps=3 personalize-steps=2 '
                          "bootstrap=20 min-cell-size=5"],
-        capture_output=True, text=True, cwd=ROOT, timeout=600)
+        capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     run = json.loads((out / "run.json").read_text())
     assert run["status"] == "completed"
@@ -45,7 +52,7 @@ def test_clinfed_simulate_exits_non_zero_when_the_study_fails(small_federation, 
     # unlike min-sites above the number of hospitals), flwr run exits 0, we must not.
     out = tmp_path / "run"
     res = subprocess.run(
-        [sys.executable, "-m", "common.cli", "simulate", "--data", str(small_federation), "--out", str(out),
+        [sys.executable, "-m", "clinfed.cli", "simulate", "--data", str(small_federation), "--out", str(out),
          "--run-config", 'model="tiny-bert" lora-targets="no_such_module" node-wait-timeout=3'],
         capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert res.returncode != 0
@@ -55,7 +62,7 @@ def test_clinfed_simulate_exits_non_zero_when_the_study_fails(small_federation, 
 
 def test_small_federations_run_all_sites_at_once():
     """Ray gets the cores, or all sites when that oversubscribes by at most half (no lone last wave)."""
-    from simulations.local import ray_cpus
+    from clinfed.simulations.local import ray_cpus
 
     assert ray_cpus(3, 1, cores=2) == 3      # the generative default: one wave of 3, not 2 + 1
     assert ray_cpus(2, 1, cores=2) == 2

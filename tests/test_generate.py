@@ -11,8 +11,8 @@ from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 
-from common.data import list_sites, read_site_table, split_site
-from simulations.generate import default_sizes, generate_federation
+from clinfed.common.data import list_sites, read_site_table, split_site
+from clinfed.simulations.generate import default_sizes, generate_federation
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +43,7 @@ def test_same_seed_identical_bytes_and_other_seed_differs(fed, tmp_path):
 def test_each_synthetic_hospital_has_its_own_policy_file(fed):
     """Synthetic hospitals let their local adapter travel and their made-up records be borrowed
     (`augmented`); they keep the safe default k."""
-    from common.policy import load_site_policy
+    from clinfed.common.policy import load_site_policy
 
     out, _ = fed
     pol = load_site_policy(out / "h01" / "clinfed-policy.toml")

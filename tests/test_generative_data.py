@@ -8,9 +8,9 @@ import time
 
 import pytest
 
-from common.data import list_sites, read_site_table, validate_path
-from simulations.generate import generate_federation
-from simulations.generative import (EXTRACTION_FILE, PERSONNEL, TASK_DIR, TRIAGE_FILE, URGENCY, task_count,
+from clinfed.common.data import list_sites, read_site_table, validate_path
+from clinfed.simulations.generate import generate_federation
+from clinfed.simulations.generative import (EXTRACTION_FILE, PERSONNEL, TASK_DIR, TRIAGE_FILE, URGENCY, task_count,
                                     write_generative_tasks)
 
 TRIAGE_KEYS = {"id", "message", "urgency", "personnel"}

@@ -6,11 +6,12 @@ import json
 import pandas as pd
 from flwr.common.serde import message_to_proto
 
-from client.app import app as client_app
-from common.config import resolve
-from common.data import list_sites
-from inprocess_grid import LocalGrid, simulated_nodes
-from server.study import Study
+from clinfed.simulations.app import app as client_app
+from clinfed.common.config import resolve
+from clinfed.common.data import list_sites
+from clinfed.simulations.inprocess import LocalGrid, simulated_nodes
+from clinfed.server.generative_study import GenerativeStudy
+from clinfed.simulations.generative import probe_items
 
 
 def test_generative_study_sft_then_dpo(small_federation, tmp_path):
@@ -21,7 +22,7 @@ def test_generative_study_sft_then_dpo(small_federation, tmp_path):
                    "gen-eval-items": 20, "min-cell-size": 5, "gen-batch-size": 4, "gen-max-new-tokens": 8,
                    "gen-max-words": 30, "gen-holdout-task": "readmission", "gen-examples": 2})
     grid = LocalGrid(client_app, simulated_nodes(len(sites)), cfg)
-    Study(grid, cfg, tmp_path).execute()
+    GenerativeStudy(grid, cfg, tmp_path, probe_items=probe_items).execute()
     run = json.loads((tmp_path / "run.json").read_text())
     assert run["status"] == "completed", run["errors"]
     assert [r["phase"] for r in run["rounds"]] == ["sft", "dpo"]
@@ -70,11 +71,11 @@ def _reload_with_plain_peft(cfg, run_dir, sites, df):
     the base and reproduce the scores the study reported (server-side and site-side)."""
     from peft import PeftModel
 
-    from client.gensite import GenSite
-    from common.decoder import load_causal_lm
-    from common.instruct import generate
-    from common.public_data import load_public
-    from common.tasks import TASKS
+    from clinfed.client.generative_site import GenSite
+    from clinfed.common.model_source import load_causal_lm
+    from clinfed.common.instruct import generate
+    from clinfed.common.public_data import load_public
+    from clinfed.common.tasks import TASKS
 
     def plain(folder):
         base, tok = load_causal_lm("tiny-llama", int(cfg["seed"]))

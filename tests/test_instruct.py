@@ -3,7 +3,7 @@
 import numpy as np
 import torch
 
-from common.instruct import (
+from clinfed.common.instruct import (
     InstructSettings,
     answer_probability,
     decoder_adapter_state,
@@ -11,7 +11,8 @@ from common.instruct import (
     make_lora_causal_lm,
     sft_train,
 )
-from common.models import LoraSettings, load_adapter_state, save_adapter
+from clinfed.common.models import LoraSettings
+from clinfed.common.adapters import load_adapter_state, save_adapter
 
 SYS = {"role": "system", "content": "You are a clinical assistant."}
 ALL_LINEAR = LoraSettings(rank=8, targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))
@@ -68,7 +69,7 @@ def test_dpo_reference_is_the_adapter_the_stage_starts_from():
 def test_dpo_moves_towards_chosen_and_the_adapter_reloads_with_plain_peft(tmp_path):
     from peft import PeftModel
 
-    from common.decoder import load_causal_lm
+    from clinfed.common.model_source import load_causal_lm
 
     model, tok = make_lora_causal_lm("tiny-llama", 0, LoraSettings(rank=8))
     exs = examples(16)
@@ -87,9 +88,10 @@ def test_dpo_moves_towards_chosen_and_the_adapter_reloads_with_plain_peft(tmp_pa
 def test_dpo_pairs_reject_the_models_own_wrong_answers(small_federation):
     """An untrained tiny model answers wrongly, so with dpo-self-rejected its own outputs
     become `rejected`; without it, the plausible wrong answers are used."""
-    from client.gensite import GenSite, get_decoder
-    from common.config import resolve
-    from common.data import list_sites
+    from clinfed.client.generative_site import GenSite
+    from clinfed.common.model_cache import get_decoder
+    from clinfed.common.config import resolve
+    from clinfed.common.data import list_sites
 
     name, folder = list_sites(small_federation)[0]
     for own in (True, False):
@@ -107,9 +109,9 @@ def test_dpo_pairs_reject_the_models_own_wrong_answers(small_federation):
 def test_holdout_task_has_no_training_items(small_federation):
     import pytest
 
-    from client.gensite import GenSite
-    from common.config import ConfigError, resolve
-    from common.data import list_sites
+    from clinfed.client.generative_site import GenSite
+    from clinfed.common.config import ConfigError, resolve
+    from clinfed.common.data import list_sites
 
     name, folder = list_sites(small_federation)[0]
     cfg = resolve({"task": "generative", "gen-holdout-task": "extraction"})

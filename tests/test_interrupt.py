@@ -37,7 +37,7 @@ def _dispositions():
 
 
 def _clinfed(*args, log: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "common.cli", *args], cwd=ROOT, stdout=open(log, "w"),
+    return subprocess.Popen([sys.executable, "-m", "clinfed.cli", *args], cwd=ROOT, stdout=open(log, "w"),
                             stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_dispositions)
 
 
@@ -152,7 +152,7 @@ def test_sigterm_sigint_and_sigkill_each_stop_the_study_and_resume_finishes_it(s
     assert _living(_run_processes(out)), "a SIGKILLed command is expected to leave its run's processes behind"
 
     # 4. --resume finds what the killed command left, stops it, says so, and finishes the study
-    res = subprocess.run([sys.executable, "-m", "common.cli", *resume], cwd=ROOT, capture_output=True,
+    res = subprocess.run([sys.executable, "-m", "clinfed.cli", *resume], cwd=ROOT, capture_output=True,
                          text=True, timeout=600, preexec_fn=_dispositions)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "left running by an earlier, killed run" in res.stdout, res.stdout[-3000:]
@@ -188,7 +188,7 @@ def test_a_signal_before_any_round_stops_everything_and_says_there_is_nothing_to
 
 def test_a_run_dir_whose_command_still_runs_is_not_taken_over(tmp_path):
     """Leftovers are stopped only when the command that started them is gone; a live one is refused."""
-    from simulations.local import SimulationError, stop_leftovers
+    from clinfed.simulations.local import SimulationError, stop_leftovers
 
     tag = f"{tmp_path.resolve()}:{os.getpid()}:{time.time_ns()}"  # this test plays the live command
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"],

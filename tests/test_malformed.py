@@ -1,7 +1,7 @@
 """Issue 6: every bad input is answered with one clear error naming what and where, no traceback.
 
 One table of malformed inputs, each run through the real `clinfed` entry point
-(`common.cli.main`, in-process for speed), plus a subset in a subprocess to prove that what
+(`clinfed.cli.main.main`, in-process for speed), plus a subset in a subprocess to prove that what
 reaches the terminal carries no traceback. Each case asserts the exit code, the absence of a
 traceback and of the catch-all "internal error" (so the answer comes from a deliberate check),
 and specific substrings: the file and line/row/column for data, the key for run config, the
@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from common.cli import main
+from clinfed.cli.main import main
 
 ROOT = Path(__file__).resolve().parent.parent
 HEADER = "encounter_id,note_text,readmitted_30d,discharge_date"
@@ -84,7 +84,7 @@ class Case:
     make: Callable[[Path], list[str]]  # writes its inputs into tmp_path, returns the CLI arguments
     expect: list[str]  # substrings of stdout + stderr, each required
     code: int = 1  # expected exit code (0: a warning, not an error)
-    subprocess: bool = False  # also run through a real `python -m common.cli` process
+    subprocess: bool = False  # also run through a real `python -m clinfed.cli` process
     absent: list[str] = field(default_factory=list)  # substrings that must not appear
 
 
@@ -355,14 +355,15 @@ def check(case: Case, code, text: str) -> None:
 @pytest.fixture
 def no_study(monkeypatch):
     """Any case that reaches the study (Flower, model loading) fails loudly: errors must come first."""
-    import simulations.generate
-    import simulations.local
 
     def started(*a, **k):
         raise FlowerStarted("a malformed input got as far as starting the study")
 
-    monkeypatch.setattr(simulations.local, "simulate", started)
-    monkeypatch.setattr(simulations.generate, "generate_federation", started)
+    import clinfed.simulations.generate
+    import clinfed.simulations.local
+
+    monkeypatch.setattr(clinfed.simulations.local, "simulate", started)
+    monkeypatch.setattr(clinfed.simulations.generate, "generate_federation", started)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 
@@ -389,7 +390,7 @@ def test_malformed_input_in_process(case, tmp_path, capsys, no_study):
 def test_malformed_input_in_a_real_process(case, tmp_path):
     """What the terminal shows: stderr carries the paragraph, nothing carries a traceback."""
     args = case.make(tmp_path)
-    res = subprocess.run([sys.executable, "-m", "common.cli", *args], capture_output=True, text=True,
+    res = subprocess.run([sys.executable, "-m", "clinfed.cli", *args], capture_output=True, text=True,
                          cwd=ROOT, timeout=120, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
     check(case, res.returncode, res.stdout + res.stderr)
     if case.code != 0 and args[0] != "validate":  # validate prints its report on stdout
@@ -399,7 +400,7 @@ def test_malformed_input_in_a_real_process(case, tmp_path):
 
 def test_debug_variable_shows_the_traceback(tmp_path, monkeypatch):
     """CLINFED_DEBUG=1 is the documented way to get the traceback back."""
-    from common.config import ConfigError
+    from clinfed.common.config import ConfigError
 
     monkeypatch.setenv("CLINFED_DEBUG", "1")
     with pytest.raises(ConfigError, match="local-steps"):
@@ -408,12 +409,12 @@ def test_debug_variable_shows_the_traceback(tmp_path, monkeypatch):
 
 def test_unexpected_errors_are_one_paragraph_and_name_the_command(tmp_path, monkeypatch, capsys):
     """The last-resort handler: a bug still ends in one paragraph and leaves written files alone."""
-    import common.data
+    import clinfed.common.data
 
     def boom(path):
         raise RuntimeError("simulated bug")
 
-    monkeypatch.setattr(common.data, "validate_path", boom)
+    monkeypatch.setattr(clinfed.common.data, "validate_path", boom)
     kept = put(tmp_path / "h01" / "encounters.csv", csv_text())
     assert main(["validate", str(kept)]) == 1
     err = capsys.readouterr().err
@@ -426,7 +427,7 @@ def test_single_class_test_set_auc_is_not_computable_in_metrics_csv(tmp_path):
     """A test set with one class is never released (fewer than k negatives): withheld, no number,
     no n. Scored anyway (as disclosure control never does), its AUC is written as not computable
     with the reason, never a number."""
-    from common.metrics import METRIC_COLUMNS, cell_metrics, cell_rows, flatten_cell, score_cell
+    from clinfed.common.metrics import METRIC_COLUMNS, cell_metrics, cell_rows, flatten_cell, score_cell
 
     y = np.ones(40, dtype=int)
     withheld = cell_rows("h01", flatten_cell("global", "test", "all", cell_metrics(y, np.linspace(0, 1, 40),
@@ -448,7 +449,7 @@ def test_single_class_test_set_auc_is_not_computable_in_metrics_csv(tmp_path):
 
 def test_single_class_all_negative_cell_is_withheld_not_scored():
     """No positives at all is below k positives: suppressed (no number, no n), never an AUC of 0.5."""
-    from common.metrics import cell_metrics, cell_rows, flatten_cell
+    from clinfed.common.metrics import cell_metrics, cell_rows, flatten_cell
 
     cell = cell_metrics(np.zeros(50, dtype=int), np.linspace(0, 1, 50), threshold=0.5, k=1, seed=0)
     assert cell.status == "suppressed"

@@ -4,7 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from common.metrics import (
+from clinfed.common.metrics import (
     auc_roc,
     cell_metrics,
     cell_rows,

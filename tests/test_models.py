@@ -6,19 +6,16 @@ import torch
 from flwr.app import Array, ArrayRecord
 from flwr.common.serde import array_record_from_proto, array_record_to_proto
 
-from common.models import (
+from clinfed.common.adapters import (
     AdapterMismatch,
-    LoraSettings,
     adapter_state,
     check_adapter_state,
     load_adapter_state,
-    lora_targets,
-    make_lora_model,
     read_adapter,
-    resolve_model,
-    ModelError,
     save_adapter,
 )
+from clinfed.common.models import LoraSettings, lora_targets, make_lora_model
+from clinfed.common.model_source import resolve_model, ModelError
 
 
 @pytest.mark.parametrize("name", ["tiny-bert", "tiny-llama"])
@@ -62,7 +59,7 @@ def test_same_seed_same_initial_adapter_and_head():
 def test_saved_adapter_loads_with_plain_peft_and_changes_outputs(tmp_path):
     from peft import PeftModel
 
-    from common.models import load_classifier
+    from clinfed.common.models import load_classifier
 
     model, tok = make_lora_model("tiny-bert", 1, LoraSettings(rank=4))
     state = {k: v + 0.5 for k, v in adapter_state(model).items()}
@@ -117,7 +114,8 @@ def _trained_state(model, scale=0.05):
 def test_an_inactive_adapter_is_caught_after_loading():
     """The silent failure: an adapter that loads but does not change outputs (here: LoRA
     scaling 0, as a wrong alpha or a disabled layer gives) is refused, naming why."""
-    from common.models import AdapterMismatch, LoraSettings, load_adapter_state, make_lora_model
+    from clinfed.common.adapters import AdapterMismatch, load_adapter_state
+    from clinfed.common.models import LoraSettings, make_lora_model
 
     model, _ = make_lora_model("tiny-bert", 0, LoraSettings(rank=4))
     fresh = adapter_state(model)  # head copies still equal the base head
@@ -133,7 +131,8 @@ def test_an_inactive_adapter_is_caught_after_loading():
 def test_a_changed_adapter_file_or_another_base_is_refused(tmp_path):
     from safetensors.numpy import load_file, save_file
 
-    from common.models import AdapterMismatch, LoraSettings, make_lora_model, read_adapter, save_adapter
+    from clinfed.common.adapters import AdapterMismatch, read_adapter, save_adapter
+    from clinfed.common.models import LoraSettings, make_lora_model
 
     model, _ = make_lora_model("tiny-bert", 0, LoraSettings(rank=4))
     state = _trained_state(model)
@@ -158,7 +157,7 @@ def _fast_equals_plain(model, init, train_and_score):
     autocast: the adapters and scores must be bit-identical, and training must have moved."""
     import contextlib
 
-    import common.training as T
+    import clinfed.common.training as T
     from peft import set_peft_model_state_dict
 
     def run():
@@ -178,7 +177,7 @@ def _fast_equals_plain(model, init, train_and_score):
 
 
 def _random_notes(tok, n: int, words_per_note: int, max_length: int):
-    import common.training as T
+    import clinfed.common.training as T
 
     rng = np.random.default_rng(0)
     words = "the patient was admitted with and discharged home on day history of lives alone".split()
@@ -189,7 +188,7 @@ def _random_notes(tok, n: int, words_per_note: int, max_length: int):
 def test_bf16_frozen_base_is_a_pure_speedup():
     """Holding the frozen Linear weights in bf16 during a bf16-autocast step gives exactly
     what autocast's per-call cast gives, and the fp32 base is intact afterwards."""
-    import common.training as T
+    import clinfed.common.training as T
 
     model, tok = make_lora_model("tiny-bert", 0, LoraSettings())
     enc, y = _random_notes(tok, 64, 40, 48)
@@ -216,8 +215,8 @@ def test_bf16_frozen_base_leaves_tied_embeddings_alone():
     """A decoder whose lm_head shares the token embedding (SmolLM2 does): the fast path must
     not cast that shared weight (the residual stream would turn bf16), so the prompt form's
     training and scoring equal plain autocast's exactly."""
-    import common.training as T
-    from common.instruct import make_lora_causal_lm
+    import clinfed.common.training as T
+    from clinfed.common.instruct import make_lora_causal_lm
 
     model, tok = make_lora_causal_lm("tiny-llama", 0, LoraSettings())
     inner = model.get_base_model()

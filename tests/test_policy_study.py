@@ -8,11 +8,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from client.app import app as client_app
-from common.config import resolve
-from common.data import list_sites
-from inprocess_grid import LocalGrid, simulated_nodes
-from server.study import Study
+from clinfed.simulations.app import app as client_app
+from clinfed.common.config import resolve
+from clinfed.common.data import list_sites
+from clinfed.simulations.inprocess import LocalGrid, simulated_nodes
+from clinfed.server.study import Study
 
 BASE = {"model": "tiny-bert", "num-server-rounds": 2, "local-steps": 3, "personalize-steps": 2, "bootstrap": 10,
         "min-cell-size": 5, "batch-size": 8, "regimes": "base,global,local,personalized,similarity-weighted",
@@ -77,7 +77,8 @@ def test_a_metrics_only_site_is_trained_at_home_and_evaluated(metrics_only):
 
 def test_update_dp_clips_what_the_server_averages(metrics_only):
     """With update-dp-clip = 1e-3 each round's global adapter moves at most ~1e-3 from the last."""
-    from common.models import LoraSettings, adapter_state, make_lora_model, read_adapter
+    from clinfed.common.models import LoraSettings, make_lora_model
+    from clinfed.common.adapters import adapter_state, read_adapter
 
     run_dir = metrics_only["run_dir"]
     run = json.loads((run_dir / "run.json").read_text())
@@ -95,7 +96,8 @@ def test_the_site_refuses_a_train_message_its_policy_forbids(metrics_only):
     """A server that ignores the reported policy gets an error without data, never arrays."""
     from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 
-    from common.models import LoraSettings, adapter_state, make_lora_model
+    from clinfed.common.models import LoraSettings, make_lora_model
+    from clinfed.common.adapters import adapter_state
 
     grid, node = metrics_only["grid"], metrics_only["node"]
     init = adapter_state(make_lora_model("tiny-bert", 0, LoraSettings())[0])

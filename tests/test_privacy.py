@@ -5,8 +5,8 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from common import privacy
-from common.metrics import CellResult, flatten_cell
+from clinfed.common import privacy
+from clinfed.common.metrics import CellResult, flatten_cell
 
 SHAPES = {"base_model.model.x.lora_A.weight": (4, 8), "base_model.model.classifier.weight": (2, 8)}
 K = 10

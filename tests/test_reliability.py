@@ -6,17 +6,17 @@ import json
 import pandas as pd
 import pytest
 
-from client.app import app as client_app
-from common.config import resolve
-from common.data import list_sites
-from inprocess_grid import LocalGrid
-from server.study import Study
+from clinfed.simulations.app import app as client_app
+from clinfed.common.config import resolve
+from clinfed.common.data import list_sites
+from clinfed.simulations.inprocess import LocalGrid
+from clinfed.server.study import Study
 
 
 @pytest.fixture(scope="module")
 def five_sites(tmp_path_factory):
     from conftest import small_cells_policy
-    from simulations.generate import generate_federation
+    from clinfed.simulations.generate import generate_federation
 
     out = tmp_path_factory.mktemp("fed5")
     generate_federation(out, n_hospitals=5, seed=11, sizes=[180, 150, 130, 120, 110], site_policy=small_cells_policy())

@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from server.report import build_report
+from clinfed.server.reports import build_report
 
 SITES = {"h01": 5000, "h02": 1200, "h03": 150}
 REGIMES = ["base", "global", "local", "personalized"]
@@ -192,7 +192,7 @@ def test_failed_run_shows_banner(tmp_path):
 
 def test_the_header_counts_rounds_per_phase():
     """Six rounds recorded in two phases of three are "3 of 3" each, not "6 of 3 configured"."""
-    from server.report import rounds_summary
+    from clinfed.server.reports.classifier import rounds_summary
 
     rounds = [{"phase": p, "round": r} for p in ("global", "cluster") for r in (1, 2, 3)]
     assert rounds_summary(rounds, {"num-server-rounds": 3}) == "3 of 3 (global), 3 of 3 (cluster)"

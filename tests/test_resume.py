@@ -6,12 +6,12 @@ import json
 import pandas as pd
 import pytest
 
-from client.app import app as client_app
-from common.config import resolve
-from common.data import list_sites
-from inprocess_grid import LocalGrid, simulated_nodes
-from server.checkpoint import ResumeError
-from server.study import Study
+from clinfed.simulations.app import app as client_app
+from clinfed.common.config import resolve
+from clinfed.common.data import list_sites
+from clinfed.simulations.inprocess import LocalGrid, simulated_nodes
+from clinfed.server.checkpoint import ResumeError
+from clinfed.server.study import Study
 
 
 class ServerCrash(RuntimeError):
@@ -109,7 +109,7 @@ def test_a_run_dir_in_use_by_another_study_is_refused_untouched(small_federation
     import subprocess
     import sys
 
-    from server.study import StudyError
+    from clinfed.server.study import StudyError
 
     # another process holds the RUN_DIR's lock, as a still-running study does
     holder = subprocess.Popen([sys.executable, "-c", (

@@ -12,7 +12,7 @@ from scipy.stats import chi2, norm, rankdata
 from scipy.stats import t as t_dist
 from sklearn.metrics import roc_auc_score
 
-from common.stats import (
+from clinfed.common.stats import (
     auc_delong,
     auc_interval,
     auc_interval_from_variance,

@@ -7,12 +7,13 @@ import pandas as pd
 import pytest
 from flwr.common.serde import message_to_proto
 
-from client.app import app as client_app
-from common.config import resolve
-from common.data import list_sites, read_site_table
-from common.metrics import PREFIX
-from inprocess_grid import LocalGrid, canary_federation, simulated_nodes
-from server.study import Study
+from clinfed.simulations.app import app as client_app
+from clinfed.common.config import resolve
+from clinfed.common.data import list_sites, read_site_table
+from clinfed.common.metrics import PREFIX
+from clinfed.simulations.inprocess import LocalGrid, simulated_nodes
+from helpers import canary_federation
+from clinfed.server.study import Study
 
 REGIMES = {"base", "global", "local", "personalized", "cluster", "similarity-weighted", "augmented"}
 
@@ -73,7 +74,8 @@ def test_sites_sent_adapter_arrays_and_aggregates_only(study):
         df = read_site_table(folder, warn=False)
         ids.update(df["encounter_id"])
         dates.update(df["discharge_date"].dt.strftime("%Y-%m-%d"))
-    from common.models import LoraSettings, adapter_state, make_lora_model
+    from clinfed.common.models import LoraSettings, make_lora_model
+    from clinfed.common.adapters import adapter_state
 
     adapter_keys = set(adapter_state(make_lora_model("tiny-bert", 0, LoraSettings())[0]))
     for rep in replies:
@@ -186,7 +188,7 @@ def test_deployment_nodes_read_data_path_and_refuse_augmented(small_federation, 
 def test_an_outsized_update_is_rejected_and_the_site_named(small_federation, tmp_path):
     from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 
-    from common.models import wire_hash
+    from clinfed.common.adapters import wire_hash
 
     sites = list_sites(small_federation)
     cfg = resolve({"model": "tiny-bert", "data-dir": str(small_federation), "num-server-rounds": 1,

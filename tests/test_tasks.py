@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common.public_data import DATA_DIR, FILES, MAX_FILE_BYTES, convert_from, load_public
-from common.tasks import (
+from clinfed.common.public_data import DATA_DIR, FILES, MAX_FILE_BYTES, convert_from, load_public
+from clinfed.common.tasks import (
     TASKS,
     entity_prf,
     get_task,

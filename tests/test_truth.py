@@ -6,14 +6,14 @@ Ray): four hospitals, two short rounds. Slow-marked; it runs in CI.
 
 import pytest
 
-from client.app import app as client_app
-from common.config import resolve
-from common.data import list_sites
-from inprocess_grid import LocalGrid
-from server.analysis import analyze
-from server.study import Study
-from simulations.generate import generate_federation
-from simulations.truth_check import compare
+from clinfed.simulations.app import app as client_app
+from clinfed.common.config import resolve
+from clinfed.common.data import list_sites
+from clinfed.simulations.inprocess import LocalGrid
+from clinfed.server.analysis import analyze
+from clinfed.server.study import Study
+from clinfed.simulations.generate import generate_federation
+from clinfed.simulations.truth_check import compare
 
 
 @pytest.mark.slow

@@ -7,7 +7,7 @@ differences between arms are paired. Then:
 - `evaluate.compare`: each site computes, from the per-item scores every arm left
   in its own folder, the AUC difference of each pair of arms per regime and split
   with a paired-bootstrap interval, and releases only those aggregates
-  (common.compare; small cells suppressed; the egress guard checks every key);
+  (common.arm_differences; small cells suppressed; the egress guard checks every key);
 - cost per arm, measured: trainable parameters, bytes per round per site (counted
   on the messages), training seconds and peak memory per site (released by sites);
 - the unseen-task check: decoder arms are scored at the server on public PubMedQA
@@ -33,11 +33,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from common.arms import Arm, parse_arms
-from common.config import ConfigError
-from common.metrics import METRIC_COLUMNS
-from server.checkpoint import write_json
-from server.study import Study, StudyError, _say, exchange, versions
+from clinfed.common import protocol
+from clinfed.common.arms import Arm, parse_arms
+from clinfed.common.config import ConfigError, for_arm
+from clinfed.common.metrics import METRIC_COLUMNS
+from clinfed.server.checkpoint import write_json
+from clinfed.server.messaging import StudyError, exchange, say
+from clinfed.server.study import Study, versions
 
 log = logging.getLogger("clinfed.server")
 
@@ -58,21 +60,23 @@ def plan_costs(cfg: dict) -> list[dict]:
     """Per arm, what one update carries, read from the model's configuration (no weights loaded),
     and the study's bytes budget checked: an arm whose round (arrays to and from one site) exceeds
     `max-bytes-per-round` is refused with a ConfigError naming it, before anything runs."""
-    from client.site import model_key
-    from common.models import ModelError, is_decoder_model, shapes_nbytes, trainable_shapes
+    from clinfed.common.model_cache import model_key
+    from clinfed.common.model_source import ModelError
+    from clinfed.common.model_cache import shapes_nbytes, trainable_shapes
+    from clinfed.common.models import is_decoder_model
 
     out = []
     budget = int(cfg.get("max-bytes-per-round", 0) or 0)
     over = []
-    for arm in parse_arms(cfg["arms"]):
-        acfg = arm.config(cfg)
+    for arm in parse_arms(cfg.arms):
+        acfg = for_arm(cfg, arm)
         key = model_key(acfg)
         try:
             decoder = is_decoder_model(arm.model)
             if arm.form == "prompt" and not decoder:
                 raise ConfigError(f"run config 'arms': arm {arm.name}: the prompt form needs a decoder (causal) "
                                   f"language model; {arm.model} is an encoder: use {arm.model}:{arm.method} (cls)")
-            shapes = trainable_shapes(arm.model, arm.method, arm.form, key.lora, seed=int(cfg["seed"]))
+            shapes = trainable_shapes(arm.model, arm.method, arm.form, key.lora, seed=cfg.seed)
         except ModelError as err:
             raise ConfigError(f"run config 'arms': arm {arm.name}: {err}") from None
         nbytes = shapes_nbytes(shapes)
@@ -123,7 +127,7 @@ class Comparison:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.arms: list[Arm] = parse_arms(cfg["arms"])
+        self.arms: list[Arm] = parse_arms(cfg.arms)
         self.rows: list[dict] = []
         self.diff_rows: list[dict] = []
         self.costs: list[dict] = []
@@ -133,7 +137,7 @@ class Comparison:
         self.t0 = time.time()
         self.run = {"status": "running", "kind": "comparison",
                     "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                    "config": cfg, "seed": cfg["seed"], "versions": versions(),
+                    "config": dict(cfg), "seed": cfg.seed, "versions": versions(),
                     "arms": [{"name": a.name, "model": a.model, "method": a.method, "form": a.form,
                               "folder": f"arms/{a.safe_name}"} for a in self.arms],
                     "overall_method": ("n-weighted mean of the sites' paired AUC differences; 95 % interval "
@@ -160,11 +164,11 @@ class Comparison:
         return f"arm {arm.name} refused before training: " + "; ".join(why)
 
     def run_arm(self, arm: Arm, first: Study | None, plan: dict) -> Study:
-        acfg = arm.config(self.cfg)
+        acfg = for_arm(self.cfg, arm)
         study = Study(self.grid, acfg, self.arm_dir(arm), arm=arm, site_run_dir=self.run_dir)
         if first is not None:
             study.adopt_sites(first)
-        _say(f"arm {arm.name}: {plan['parameters']:,} trainable parameters, "
+        say(f"arm {arm.name}: {plan['parameters']:,} trainable parameters, "
              f"{plan['round_bytes_per_site']:,} bytes per site per round")
         study.execute()
         return study
@@ -188,7 +192,7 @@ class Comparison:
                     if first is None:
                         # the first arm waits for the sites and has them describe themselves; its
                         # policies decide whether later arms may run at all
-                        study = Study(self.grid, arm.config(self.cfg), self.arm_dir(arm), arm=arm,
+                        study = Study(self.grid, for_arm(self.cfg, arm), self.arm_dir(arm), arm=arm,
                                       site_run_dir=self.run_dir)
                         nodes = study._timed("wait", study.wait_for_nodes)
                         study._timed("describe", study.describe, nodes)
@@ -198,14 +202,14 @@ class Comparison:
                             self._refuse(arm, plan, why)
                             continue
                         study._adopted = True
-                        _say(f"arm {arm.name}: {plan['parameters']:,} trainable parameters, "
+                        say(f"arm {arm.name}: {plan['parameters']:,} trainable parameters, "
                              f"{plan['round_bytes_per_site']:,} bytes per site per round")
                         study.execute()
                     else:
                         study = self.run_arm(arm, first, plan)
                 except Exception as exc:  # noqa: BLE001 - one arm failing leaves the others' results
                     self.errors.append(f"arm {arm.name} failed: {type(exc).__name__}: {exc}")
-                    _say(f"arm {arm.name} failed: {exc}")
+                    say(f"arm {arm.name} failed: {exc}")
                     self.costs.append(self._cost_row(arm, plan, None, "failed", str(exc)))
                     if first is None:
                         raise
@@ -236,19 +240,19 @@ class Comparison:
             self.write()
             if self.cfg.get("report", True):
                 try:
-                    from server.compare_report import build_comparison_report
+                    from clinfed.server.reports import build_report
 
-                    _say(f"report: {build_comparison_report(self.run_dir)}")
+                    say(f"report: {build_report(self.run_dir)}")
                 except Exception as exc:  # the numbers are on disk even if a figure fails
                     log.error("comparison report failed: %s\n%s", exc, traceback.format_exc())
-        _say(f"comparison of {len(self.studies)} arms completed in {self.timings['total']:.0f}s: {self.run_dir}")
+        say(f"comparison of {len(self.studies)} arms completed in {self.timings['total']:.0f}s: {self.run_dir}")
         return self.run_dir
 
     def _refuse(self, arm: Arm, plan: dict, why: str):
         self.errors.append(why)
         self.run.setdefault("refused", {})[arm.name] = why
         self.costs.append(self._cost_row(arm, plan, None, "refused", why))
-        _say(why)
+        say(why)
 
     # ------------------------------------------------------------------- costs
     def _cost_row(self, arm: Arm, plan: dict, study: Study | None, status: str, note: str) -> dict:
@@ -310,11 +314,11 @@ class Comparison:
             return
         if not self.cfg.get("public-eval", True):
             return
-        from client.gensite import get_decoder
-        from common.models import state_hash
+        from clinfed.common.model_cache import get_decoder
+        from clinfed.common.adapters import state_hash
 
-        acfg = arm.config(self.cfg)
-        dec = get_decoder({**acfg, "decoder": arm.model})
+        acfg = for_arm(self.cfg, arm)
+        dec = get_decoder(acfg.override({"decoder": arm.model}))
         final = {k: v.numpy() for k, v in study.final_global.items()}
         cells: dict[str, tuple[dict | None, str]] = {"base": (dec.init_state, "")}
         if arm.method == "lora":
@@ -331,11 +335,11 @@ class Comparison:
         else:
             cells["global"] = (None, "not computed: moving a fully fine-tuned classifier's backbone into the "
                                      "causal LM is not implemented")
-        from common.instruct import generate
-        from common.public_data import load_public
-        from common.tasks import TASKS
+        from clinfed.common.instruct import generate
+        from clinfed.common.public_data import load_public
+        from clinfed.common.tasks import TASKS
 
-        n = int(self.cfg["gen-eval-items"])
+        n = self.cfg.gen_eval_items
         for regime, (state, note) in cells.items():
             if state is None:
                 for task in PUBLIC_TASKS:
@@ -348,9 +352,9 @@ class Comparison:
                 scores = {}
                 for task in PUBLIC_TASKS:
                     recs = load_public(task, "test", limit=n)
-                    prompts = [TASKS[task].prompt(r, max_words=int(self.cfg["gen-max-words"]) * 2) for r in recs]
+                    prompts = [TASKS[task].prompt(r, max_words=self.cfg.gen_max_words * 2) for r in recs]
                     gens = generate(dec.use(state), dec.tokenizer, prompts,
-                                    max_new_tokens=int(self.cfg["gen-max-new-tokens"]))
+                                    max_new_tokens=self.cfg.gen_max_new_tokens)
                     scores[task] = (len(recs), {m: float(v) for m, v in TASKS[task].score(recs, gens).items()
                                                 if v is not None and np.isfinite(v) and m != "n"})
                 self._public_cache[key] = scores
@@ -360,25 +364,25 @@ class Comparison:
                                       "metric": metric, "value": value, "n": n_items, "status": "ok",
                                       "note": "; ".join(x for x in ("public data, scored at the server", note) if x),
                                       "arm": arm.name, "task": task})
-        _say(f"arm {arm.name}: public PubMedQA and MeQSum scored on {n} items each")
+        say(f"arm {arm.name}: public PubMedQA and MeQSum scored on {n} items each")
 
     # ---------------------------------------------------------- paired differences
     def compare(self, first: Study, done: list[Arm]):
         """Ask every site for the paired differences between the completed arms."""
         from flwr.app import ConfigRecord, Message, RecordDict
 
-        from common.compare import cmp_rows
+        from clinfed.common.arm_differences import cmp_rows
 
         names = [a.name for a in done]
-        config = {"run-dir": str(self.run_dir.resolve()), "compare-arms": ",".join(names)}
+        config = {protocol.RUN_DIR: str(self.run_dir.resolve()), protocol.COMPARE_ARMS: ",".join(names)}
         msgs = [Message(RecordDict({"config": ConfigRecord(dict(config))}), dst_node_id=node,
-                        message_type="evaluate.compare") for node in first.sites]
-        replies = list(exchange(self.grid, msgs, timeout=float(self.cfg["round-timeout"])))
+                        message_type=protocol.COMPARE) for node in first.sites]
+        replies = list(exchange(self.grid, msgs, timeout=self.cfg.round_timeout))
         ok = first._collect(list(first.sites), replies, "compare")
         self.errors.extend(e for e in first.errors if e.startswith("compare:"))
         for site, rep in ok.items():
-            self.diff_rows.extend(cmp_rows(site, dict(rep.content["metrics"]), names))
-        _say(f"paired differences from {len(ok)} sites")
+            self.diff_rows.extend(cmp_rows(site, dict(rep.content[protocol.METRICS]), names))
+        say(f"paired differences from {len(ok)} sites")
         if not ok:
             raise StudyError("no site returned the paired differences between arms")
 

@@ -7,9 +7,7 @@ sites released are shown; no generation of a site is ever available here.
 
 from __future__ import annotations
 
-import base64
 import html
-import io
 import json
 from pathlib import Path
 
@@ -19,17 +17,12 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from clinfed.server.reports.toolkit import png  # noqa: E402
+
 HEADLINE = {"triage": ["urgency_f1", "personnel_f1"], "extraction": ["f1", "unparseable_share"],
             "readmission": ["auc", "f1"], "pubmedqa": ["accuracy", "macro_f1"], "meqsum": ["rouge_l"]}
 CELL_ORDER = [("base", "base"), ("sft", "global"), ("sft", "local"), ("dpo", "global"), ("dpo", "local"),
               ("dpo", "personalized")]
-
-
-def _png(fig) -> str:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return base64.b64encode(buf.getvalue()).decode()
 
 
 def is_generative(run_dir) -> bool:
@@ -127,7 +120,7 @@ def build_generative_report(run_dir) -> Path:
             ax.set_ylabel(metric)
             ax.set_title(f"{task}: {metric}, mean over sites")
             fig.savefig(run_dir / "figures" / f"generative_{task}_{metric}.png", dpi=110, bbox_inches="tight")
-            parts.append(f"<img src='data:image/png;base64,{_png(fig)}'>")
+            parts.append(f"<img src='data:image/png;base64,{png(fig)}'>")
     parts.append(_examples_section(run_dir / "examples.json"))
     rounds = pd.DataFrame([{k: r.get(k) for k in ("phase", "round", "bytes_sent", "bytes_received", "seconds")}
                            for r in run.get("rounds", [])])

@@ -22,8 +22,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from server.analysis import _read_csv, read_metrics  # noqa: E402
-from server.report import CSS, _f3, _human_bytes, _human_seconds, _img, _kv_table, _simple_table  # noqa: E402
+from clinfed.server.analysis import read_csv, read_metrics  # noqa: E402
+from clinfed.server.reports.toolkit import CSS, f3, human_bytes, human_seconds, img, kv_table, simple_table  # noqa: E402
 
 SPLITS = ("test", "temporal")
 SPLIT_TEXT = {"test": "random test split", "temporal": "temporal test split (most recent encounters)"}
@@ -60,7 +60,7 @@ def _num(df: pd.DataFrame, cols) -> pd.DataFrame:
 def _fmt_ci(v, lo, hi, signed=False) -> str:
     if v is None or not np.isfinite(v):
         return ""
-    f = (lambda x: f"{x:+.3f}") if signed else _f3
+    f = (lambda x: f"{x:+.3f}") if signed else f3
     if lo is not None and hi is not None and np.isfinite(lo) and np.isfinite(hi):
         return f"{f(v)} [{f(lo)}, {f(hi)}]"
     return f(v)
@@ -136,15 +136,15 @@ def _cost_table(costs: pd.DataFrame, metrics: pd.DataFrame, regime: str, split: 
             f"mean AUC ({regime}, {split})": f"{auc:.3f}" if np.isfinite(auc) else "",
             "trainable parameters": (f"{int(r.trainable_parameters):,}{share}" if pd.notna(r.trainable_parameters)
                                      else ""),
-            "bytes per round per site (sent + received)": _human_bytes(
+            "bytes per round per site (sent + received)": human_bytes(
                 r.bytes_per_round_per_site if pd.notna(r.bytes_per_round_per_site)
                 else r.bytes_per_round_per_site_planned),
-            "train time per site (mean / max)": (f"{_human_seconds(r.train_seconds_per_site)} / "
-                                                 f"{_human_seconds(r.train_seconds_per_site_max)}"
+            "train time per site (mean / max)": (f"{human_seconds(r.train_seconds_per_site)} / "
+                                                 f"{human_seconds(r.train_seconds_per_site_max)}"
                                                  if pd.notna(r.train_seconds_per_site) else ""),
             "peak RSS per site (mean / max)": (f"{r.peak_rss_mb_per_site:,.0f} / {r.peak_rss_mb_max:,.0f} MB"
                                                if pd.notna(r.peak_rss_mb_per_site) else ""),
-            "arm wall time": _human_seconds(r.wall_seconds) if pd.notna(r.wall_seconds) else "",
+            "arm wall time": human_seconds(r.wall_seconds) if pd.notna(r.wall_seconds) else "",
             "note": r.note if isinstance(r.note, str) else "",
         })
     return pd.DataFrame(rows)
@@ -235,8 +235,8 @@ def _findings(metrics, diffs, costs, arms, reference, regime, run) -> list[str]:
     c = costs[costs["status"] == "completed"]
     if len(c) >= 2 and c["bytes_per_round_per_site"].notna().all():
         lo, hi = c.loc[c["bytes_per_round_per_site"].idxmin()], c.loc[c["bytes_per_round_per_site"].idxmax()]
-        out.append(f"Cost: one round moves {_human_bytes(lo.bytes_per_round_per_site)} per site for "
-                   f"{html.escape(lo.arm)} and {_human_bytes(hi.bytes_per_round_per_site)} for "
+        out.append(f"Cost: one round moves {human_bytes(lo.bytes_per_round_per_site)} per site for "
+                   f"{html.escape(lo.arm)} and {human_bytes(hi.bytes_per_round_per_site)} for "
                    f"{html.escape(hi.arm)} ({hi.bytes_per_round_per_site / max(1, lo.bytes_per_round_per_site):.0f}×).")
     for arm, why in (run.get("refused") or {}).items():
         out.append(f"Refused: {html.escape(why)}")
@@ -255,12 +255,12 @@ def build_comparison_report(run_dir) -> Path:
         if col not in metrics.columns:
             metrics[col] = ""
         metrics[col] = metrics[col].astype(str)
-    diffs = _read_csv(run_dir / "comparison.csv")
+    diffs = read_csv(run_dir / "comparison.csv")
     diffs = _num(diffs if diffs is not None else pd.DataFrame(columns=["site", "reference", "arm", "regime",
                                                                         "split", "diff", "diff_lo", "diff_hi",
                                                                         "n", "positives", "status", "note"]),
                  ["diff", "diff_lo", "diff_hi", "n", "positives"])
-    costs = _read_csv(run_dir / "costs.csv")
+    costs = read_csv(run_dir / "costs.csv")
     costs = _num(costs if costs is not None else pd.DataFrame(columns=["arm", "status", "note"]),
                  ["trainable_parameters", "total_parameters", "trainable_share", "bytes_per_round_per_site",
                   "bytes_per_round_per_site_planned", "train_seconds_per_site", "train_seconds_per_site_max",
@@ -288,7 +288,7 @@ def build_comparison_report(run_dir) -> Path:
     total = (run.get("timings") or {}).get("total")
     meta = [("Arms", ", ".join(arms)), ("Completed arms", len(done)), ("Sites", len(set(metrics["site"]) - {"public"})),
             ("Regimes", ", ".join(regimes)), ("Status", status),
-            ("Total wall time", _human_seconds(total) if total is not None else ""),
+            ("Total wall time", human_seconds(total) if total is not None else ""),
             ("Date", str(run.get("finished") or run.get("started") or "")),
             ("Report built", datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))]
     parts.append('<table class="meta">' + "".join(
@@ -326,14 +326,14 @@ def build_comparison_report(run_dir) -> Path:
             t = _auc_table(metrics, done, regime, split)
             t.to_csv(tab_dir / f"auc_{regime}_{split}.csv", index=False)
             parts.append(f"<h3>AUC [95 % CI] per site and arm — {esc(regime)}, {esc(SPLIT_TEXT[split])}</h3>"
-                         + _simple_table(t))
+                         + simple_table(t))
             others = [a for a in done if a != reference]
             dt = _diff_table(diffs, reference, others, regime, split)
             if len(dt):
                 dt.to_csv(tab_dir / f"diff_{regime}_{split}.csv", index=False)
                 parts.append(f"<p class=\"caption\">Paired AUC difference vs the reference arm <strong>"
                              f"{esc(reference)}</strong> (arm − reference) [95 % paired-bootstrap interval], "
-                             f"{esc(regime)}, {esc(split)}; last row: overall.</p>" + _simple_table(dt))
+                             f"{esc(regime)}, {esc(split)}; last row: overall.</p>" + simple_table(dt))
     if len(done) > 2:
         others = diffs[(diffs["reference"] != reference) & (diffs["site"] == "overall")
                        & (diffs["regime"] == main_regime)].copy()
@@ -341,15 +341,15 @@ def build_comparison_report(run_dir) -> Path:
             others["difference"] = [_fmt_ci(r.diff, r.diff_lo, r.diff_hi, signed=True)
                                     for r in others.itertuples(index=False)]
             parts.append(f"<h3>Other pairs (overall, {esc(main_regime)})</h3>"
-                         + _simple_table(others[["reference", "arm", "split", "difference", "n"]], left_cols=3))
+                         + simple_table(others[["reference", "arm", "split", "difference", "n"]], left_cols=3))
 
     parts.append("<h3>Accuracy against cost</h3>")
     ct = _cost_table(costs, metrics, main_regime, "test")
     ct.to_csv(tab_dir / "costs.csv", index=False)
-    parts.append(_simple_table(ct) if len(ct) else "<p>No cost records.</p>")
+    parts.append(simple_table(ct) if len(ct) else "<p>No cost records.</p>")
     f_cost = fig_dir / "auc_vs_cost.png"
     if _fig_cost(costs[costs["status"] == "completed"], metrics, main_regime, SPLITS, f_cost):
-        parts.append(_img(f_cost, "Mean AUC against bytes per round and training time")
+        parts.append(img(f_cost, "Mean AUC against bytes per round and training time")
                      + '<p class="caption">Each point: one arm on one test split (circle: random; square: '
                        f"temporal), mean AUC over sites of the {esc(main_regime)} regime, against what it cost. "
                        "Up and to the left is better.</p>")
@@ -365,20 +365,20 @@ def build_comparison_report(run_dir) -> Path:
         "for the tuned task. Encoder arms with a classification head cannot answer free text: "
         "<em>not applicable</em>, no number is given. A decoder classifier arm is scored with its LoRA on the "
         "decoder's language-model head (the classification head unused).</p>"
-        + (_simple_table(pt) if len(pt) else "<p>No public scores.</p>"))
+        + (simple_table(pt) if len(pt) else "<p>No public scores.</p>"))
     parts.append("</section>")
 
     refused = run.get("refused") or {}
     if refused:
         parts.append("<h2>Refused arms</h2><ul>" + "".join(f"<li>{esc(w)}</li>" for w in refused.values()) + "</ul>")
     timings = run.get("timings") or {}
-    tdf = pd.DataFrame([{"phase": k, "wall time": _human_seconds(v)} for k, v in timings.items()])
-    parts.append("<h2>Timings</h2>" + (_simple_table(tdf) if len(tdf) else "<p>No timings.</p>"))
+    tdf = pd.DataFrame([{"phase": k, "wall time": human_seconds(v)} for k, v in timings.items()])
+    parts.append("<h2>Timings</h2>" + (simple_table(tdf) if len(tdf) else "<p>No timings.</p>"))
     parts.append("<h2>Configuration and versions</h2>")
-    parts.append("<details><summary>Run configuration</summary>" + _simple_table(_kv_table(config, "key", "value"))
+    parts.append("<details><summary>Run configuration</summary>" + simple_table(kv_table(config, "key", "value"))
                  + "</details>")
     parts.append("<details><summary>Software versions</summary>"
-                 + _simple_table(_kv_table(run.get("versions") or {}, "package", "version")) + "</details>")
+                 + simple_table(kv_table(run.get("versions") or {}, "package", "version")) + "</details>")
     parts.append('<p class="foot">Tables: tables/*.csv; paired differences: comparison.csv; costs: costs.csv; '
                  "each arm's own study: arms/&lt;arm&gt;/.</p></body></html>")
     out = run_dir / "report.html"

@@ -14,39 +14,26 @@ from pathlib import Path
 
 import numpy as np
 
-from common.data import read_site_table, split_site, stable_uniform
-from common.instruct import (
+from clinfed.common.data import read_site_table, split_site, stable_uniform
+from clinfed.common.instruct import (
     InstructSettings,
     answer_probability,
     decoder_adapter_state,
     dpo_train,
     generate,
-    make_lora_causal_lm,
     sft_train,
 )
-from client.site import LoadedModel, ModelKey, model_key
-from common.config import gen_tasks
-from common.tasks import TASKS
+from clinfed.common.model_cache import LoadedModel
+from clinfed.common.config import gen_tasks
+from clinfed.common.tasks import TASKS
 
 GEN_SUBDIR = "generative"
-
-
-_DECODERS: dict[ModelKey, LoadedModel] = {}
-
-
-def get_decoder(cfg: dict) -> LoadedModel:
-    """The decoder with its LoRA adapter, loaded once per process (like the classifier)."""
-    key = model_key({**cfg, "model": cfg["decoder"]})
-    if key not in _DECODERS:
-        _DECODERS.clear()
-        _DECODERS[key] = LoadedModel(key, build=make_lora_causal_lm)
-    return _DECODERS[key]
 
 
 class GenSite:
     def __init__(self, name: str, folder: Path, table: Path, cfg: dict):
         self.name, self.cfg, self.table = name, cfg, Path(table)
-        seed, mw = int(cfg["seed"]), int(cfg["gen-max-words"])
+        seed, mw = cfg.seed, cfg.gen_max_words
         trained, self.held_out = gen_tasks(cfg)
         self.items: dict[str, dict[str, list[dict]]] = {}
         for task in trained + self.held_out:
@@ -66,8 +53,8 @@ class GenSite:
                 test = [r for r, x in zip(recs, u) if x < 0.25]
             seen = lambda rs: [TASKS[task].as_seen(r, mw) for r in rs]  # noqa: E731
             # a held-out task is scored zero-shot: none of its items reach training
-            keep = 0 if task in self.held_out else int(cfg["gen-train-items"])
-            self.items[task] = {"train": seen(train[:keep]), "test": seen(test[:int(cfg["gen-eval-items"])])}
+            keep = 0 if task in self.held_out else cfg.gen_train_items
+            self.items[task] = {"train": seen(train[:keep]), "test": seen(test[:cfg.gen_eval_items])}
 
     def n_train(self) -> int:
         return sum(len(v["train"]) for v in self.items.values())
@@ -79,7 +66,7 @@ class GenSite:
                                 seed=int(c["seed"]) + offset)
 
     def sft_examples(self) -> list[dict]:
-        mw = int(self.cfg["gen-max-words"])
+        mw = self.cfg.gen_max_words
         return [TASKS[t].build_example(r, max_words=mw) for t, v in self.items.items() for r in v["train"]]
 
     def dpo_pairs(self, dec: LoadedModel | None, n: int, offset: int) -> tuple[list[dict], int]:
@@ -91,19 +78,19 @@ class GenSite:
         plausible wrong answer (`Task.rejected`). Only the pairs a DPO stage
         will use are generated for, so self-rejection costs n generations.
         """
-        mw = int(self.cfg["gen-max-words"])
-        rng = random.Random(int(self.cfg["seed"]) * 7919 + offset)
+        mw = self.cfg.gen_max_words
+        rng = random.Random(self.cfg.seed * 7919 + offset)
         pool = [(t, r) for t, v in self.items.items() for r in v["train"]]
         if not pool:
             return [], 0
         picked = [pool[i] for i in rng.sample(range(len(pool)), min(n, len(pool)))]
         own: list[str | None] = [None] * len(picked)
-        if dec is not None and self.cfg["dpo-self-rejected"]:
+        if dec is not None and self.cfg.dpo_self_rejected:
             gen_idx = [i for i, (t, _) in enumerate(picked) if t != "readmission"]
             if gen_idx:
                 texts = generate(dec.model, dec.tokenizer, [TASKS[picked[i][0]].prompt(picked[i][1], max_words=mw)
                                                             for i in gen_idx],
-                                 max_new_tokens=int(self.cfg["gen-max-new-tokens"]))
+                                 max_new_tokens=self.cfg.gen_max_new_tokens)
                 for i, text in zip(gen_idx, texts):
                     t, r = picked[i]
                     if text.strip() and not TASKS[t].is_correct(r, text):
@@ -119,7 +106,7 @@ class GenSite:
 
     def dp_settings(self, policy):
         """DP-SGD settings when the study runs with `dp` (delta from the effective policy)."""
-        from common.dp import settings_for
+        from clinfed.common.dp import settings_for
 
         return settings_for(self.cfg, policy, self.n_train())
 
@@ -132,8 +119,8 @@ class GenSite:
             model = dec.use(start)
             info = sft_train(model, dec.tokenizer, examples, settings)
             return decoder_adapter_state(model), info
-        from common.dp import plan
-        from common.instruct import sft_train_dp
+        from clinfed.common.dp import plan
+        from clinfed.common.instruct import sft_train_dp
 
         event = plan(ledger, dp, len(examples), settings.batch_size, settings.steps, label)
         model = dec.use(start)
@@ -144,7 +131,7 @@ class GenSite:
     def dpo(self, dec: LoadedModel, start, steps: int, offset: int):
         """DPO from `start`; TRL's reference is `start` itself (see common.instruct)."""
         model = dec.use(start)
-        pairs, own = self.dpo_pairs(dec, int(steps) * int(self.cfg["gen-batch-size"]), offset)
+        pairs, own = self.dpo_pairs(dec, int(steps) * self.cfg.gen_batch_size, offset)
         info = dpo_train(model, dec.tokenizer, pairs, self.settings(steps, offset, "dpo-learning-rate"))
         info.update(self_rejected=own, pairs=len(pairs))
         return decoder_adapter_state(model), info
@@ -156,7 +143,7 @@ class GenSite:
     def released_tasks(self, k: int) -> list[str]:
         """The tasks whose scores may leave: at least k test items, and for the readmission
         question k readmitted and k not (its accuracy and F1 would give the counts away)."""
-        from common.disclosure import Counts, releasable
+        from clinfed.common.disclosure import Counts, releasable
 
         out = []
         for t, v in self.items.items():
@@ -168,7 +155,7 @@ class GenSite:
 
     def score_model(self, model, tok, k: int) -> dict[str, dict[str, float]]:
         """Scores of any causal LM (e.g. one loaded with plain PEFT) on the site's test items."""
-        mw = int(self.cfg["gen-max-words"])
+        mw = self.cfg.gen_max_words
         out = {}
         released = self.released_tasks(k)
         for t, v in self.items.items():
@@ -181,7 +168,7 @@ class GenSite:
                 answers = ["yes" if p >= 0.5 else "no" for p in p_yes]
                 scores = TASKS[t].score(recs, answers, p_yes=p_yes)
             else:
-                gens = generate(model, tok, prompts, max_new_tokens=int(self.cfg["gen-max-new-tokens"]))
+                gens = generate(model, tok, prompts, max_new_tokens=self.cfg.gen_max_new_tokens)
                 scores = TASKS[t].score(recs, gens)
             out[t] = {m: float(x) for m, x in scores.items() if x is not None and np.isfinite(x)}
         return out

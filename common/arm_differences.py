@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from common.disclosure import Counts, releasable
-from common.metrics import auc_roc
+from clinfed.common.disclosure import Counts, releasable
+from clinfed.common.metrics import auc_roc
 
 PREFIX = "cmp"
 SEP = "/"

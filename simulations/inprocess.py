@@ -1,9 +1,11 @@
-"""An in-process Grid: runs the real ClientApp synchronously for each message.
+"""An in-process Grid: the real ClientApp run synchronously for each message, without Ray or a SuperLink.
 
-Every message and reply goes through Flower's own protobuf serialization, so
-anything unserializable fails as it would on the wire, and every reply a
-client sent is kept in `self.replies` for the privacy audit. It uses Flower
-internals (message ids, serde), kept to this one file because they may move.
+For studies and benchmarks that must not pay for Flower's engines (replays,
+unit tests of the server's protocol). Every message and reply goes through
+Flower's own protobuf serialization, so anything unserializable fails as it
+would on the wire, and every reply a client sent is kept in `self.replies` for
+a privacy audit. It uses Flower internals (message ids, serde, the task
+identity), kept to this one file because they may move between releases.
 """
 
 from __future__ import annotations
@@ -21,24 +23,6 @@ from flwr.supercore.task_identity import TaskIdentity
 def simulated_nodes(n_sites: int) -> list[dict]:
     """The node configs of a simulation: one partition per hospital of the federation."""
     return [{"partition-id": i, "num-partitions": n_sites} for i in range(n_sites)]
-
-
-def canary_federation(src, dst):
-    """Copy a federation and plant a unique canary string in every note, so that an audit
-    of the messages can look for text that must never leave a site."""
-    import shutil
-
-    import pandas as pd
-
-    from common.data import list_sites
-
-    shutil.copytree(src, dst)
-    for name, folder in list_sites(dst):
-        path = folder / "encounters.csv"
-        df = pd.read_csv(path, dtype=str, keep_default_na=False)
-        df["note_text"] = [f"{t} CANARY{name}x{i:05d}Q" for i, t in enumerate(df["note_text"])]
-        df.to_csv(path, index=False)
-    return dst
 
 
 def _wire(msg: Message) -> Message:

@@ -15,9 +15,7 @@ Privacy rule enforced here, not trusted upstream: a cell whose status is
 
 from __future__ import annotations
 
-import base64
 import html
-import json
 import math
 import sys
 from datetime import datetime, timezone
@@ -32,7 +30,10 @@ import numpy as np  # noqa: E402
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from server.analysis import (  # noqa: E402
+from clinfed.server.reports.toolkit import (  # noqa: E402
+    CSS, f3, html_table, human_bytes, human_seconds, img, kv_table, simple_table,
+)
+from clinfed.server.analysis import (  # noqa: E402
     GROUPINGS, KNOWN_REGIMES, KNOWN_SPLITS, analyze, gain_regimes, ordered, read_metrics,
     read_run, read_sites, split_subgroup, subgroup_sort_key,
 )
@@ -63,31 +64,6 @@ REGIME_COLORS = {
     "augmented": "#d62728",
 }
 EXTRA_COLORS = ["#e377c2", "#bcbd22", "#17becf", "#7f7f7f"]
-
-CSS = """
-body{font-family:Helvetica,Arial,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222;line-height:1.45}
-h1{margin-bottom:.2em} h2{border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:1.8em}
-.meta td{padding:2px 12px 2px 0} .howto{background:#f5f7fa;border-left:4px solid #1f77b4;padding:.6em 1em}
-.banner{padding:.8em 1em;margin:1em 0;border-radius:4px;font-weight:bold}
-.banner.failed{background:#fde2e1;border:2px solid #c62828;color:#8e0000}
-.banner.running{background:#fff4d6;border:2px solid #e0a800;color:#6b5200}
-.banner ul{font-weight:normal}
-table.data{border-collapse:collapse;font-size:.85em;margin:.5em 0}
-table.data th,table.data td{border:1px solid #ccc;padding:3px 6px;text-align:right;white-space:nowrap}
-table.data th{background:#eef1f5} table.data td.l,table.data th.l{text-align:left}
-.supp{color:#8a6d00;font-style:italic} .nc{color:#b00;font-style:italic} .na{color:#999}
-.foot{font-size:.85em;color:#444} img{max-width:100%} .caption{font-size:.9em;color:#444}
-details{margin:.6em 0} summary{cursor:pointer;font-weight:bold}
-.wrapnote table.data td:last-child{white-space:normal;text-align:left;min-width:16em}
-"""
-
-
-# --------------------------------------------------------------------------- inputs
-
-# One reader per file, shared with the analysis so both enforce suppression the same way.
-_read_metrics = read_metrics
-_read_run = read_run
-
 
 def _read_sites(run_dir: Path, metrics: pd.DataFrame) -> pd.DataFrame:
     return read_sites(run_dir, metrics)
@@ -163,10 +139,6 @@ class Notes:
         return self.items.index(note) + 1
 
 
-def _f3(v: float) -> str:
-    return f"{v:.3f}"
-
-
 def _fmt_cell(cells: Cells, notes: Notes, site, regime, split, metric, with_ci=False) -> tuple[str, str]:
     """Return (plain text for CSV, HTML) for one table cell."""
     c = cells.get(site, regime, split, metric)
@@ -181,12 +153,12 @@ def _fmt_cell(cells: Cells, notes: Notes, site, regime, split, metric, with_ci=F
     v = cells.value(site, regime, split, metric)
     if not np.isfinite(v):
         return "", '<span class="na">—</span>'
-    text = _f3(v)
+    text = f3(v)
     if with_ci:
         lo = cells.value(site, regime, split, "auc_lo")
         hi = cells.value(site, regime, split, "auc_hi")
         if np.isfinite(lo) and np.isfinite(hi):
-            text += f" [{_f3(lo)}, {_f3(hi)}]"
+            text += f" [{f3(lo)}, {f3(hi)}]"
     return text, html.escape(text)
 
 
@@ -231,36 +203,6 @@ def _spearman(x, y) -> float:
     if np.std(rx) == 0 or np.std(ry) == 0:
         return math.nan
     return float(np.corrcoef(rx, ry)[0, 1])
-
-
-def _human_bytes(b: Any) -> str:
-    try:
-        b = float(b)
-    except (TypeError, ValueError):
-        return ""
-    if not np.isfinite(b):
-        return ""
-    for unit in ["B", "KB", "MB", "GB", "TB"]:
-        if abs(b) < 1000 or unit == "TB":
-            return f"{b:.0f} {unit}" if unit == "B" else f"{b:.1f} {unit}"
-        b /= 1000.0
-    return ""
-
-
-def _human_seconds(s: Any) -> str:
-    try:
-        s = float(s)
-    except (TypeError, ValueError):
-        return ""
-    if not np.isfinite(s):
-        return ""
-    if s < 60:
-        return f"{s:.1f} s"
-    m, sec = divmod(int(round(s)), 60)
-    if m < 60:
-        return f"{m} min {sec:02d} s"
-    h, m = divmod(m, 60)
-    return f"{h} h {m:02d} min"
 
 
 _gain_regimes = gain_regimes
@@ -373,24 +315,6 @@ def _gains(cells: Cells, sites_df: pd.DataFrame, regimes, splits) -> pd.DataFram
     return pd.DataFrame(rows, columns=["site", "split", "regime", "auc", "auc_global", "gain", "n_train"])
 
 
-def _html_table(header_rows: list[str], body: list[list[str]], left_cols: int = 1) -> str:
-    out = ['<table class="data">', "<thead>", *header_rows, "</thead>", "<tbody>"]
-    for row in body:
-        tds = "".join(f'<td class="l">{c}</td>' if i < left_cols else f"<td>{c}</td>" for i, c in enumerate(row))
-        out.append(f"<tr>{tds}</tr>")
-    out += ["</tbody>", "</table>"]
-    return "\n".join(out)
-
-
-def _simple_table(df: pd.DataFrame, left_cols: int = 1) -> str:
-    head = "<tr>" + "".join(
-        f'<th class="l">{html.escape(str(c))}</th>' if i < left_cols else f"<th>{html.escape(str(c))}</th>"
-        for i, c in enumerate(df.columns)) + "</tr>"
-    body = [[html.escape("" if (isinstance(v, float) and not np.isfinite(v)) else str(v)) for v in row]
-            for row in df.itertuples(index=False)]
-    return _html_table([head], body, left_cols)
-
-
 def _overview(cells: Cells, notes: Notes, sites_df, regimes, splits) -> tuple[pd.DataFrame, str]:
     cols = ["site", "split", "n_train", "n evaluated", "positives"]
     metric_defs = [("auc", "AUC [95% CI]", True), ("pr_auc", "PR AUC", False), ("f1", "F1", False), ("brier", "Brier", False)]
@@ -417,7 +341,7 @@ def _overview(cells: Cells, notes: Notes, sites_df, regimes, splits) -> tuple[pd
           '<th rowspan="2">n_train</th><th rowspan="2">n evaluated</th><th rowspan="2">positives</th>'
           + "".join(f'<th colspan="4">{html.escape(r)}</th>' for r in regimes) + "</tr>")
     h2 = "<tr>" + "".join(f"<th>{label}</th>" for _ in regimes for _, label, _ in metric_defs) + "</tr>"
-    return df, _html_table([h1, h2], html_rows, left_cols=2)
+    return df, html_table([h1, h2], html_rows, left_cols=2)
 
 
 def _training(run: dict) -> pd.DataFrame:
@@ -433,8 +357,8 @@ def _training(run: dict) -> pd.DataFrame:
             "sites answered": f"{len(answered)}: {', '.join(map(str, answered))}" if answered else "0",
             "failures": "; ".join(f"{k}: {v}" for k, v in {**failures, **_as_dict(rd.get("declined"))}.items())
             or "none",
-            "bytes sent": _human_bytes(rd.get("bytes_sent")),
-            "bytes received": _human_bytes(rd.get("bytes_received")),
+            "bytes sent": human_bytes(rd.get("bytes_sent")),
+            "bytes received": human_bytes(rd.get("bytes_received")),
             "mean train loss": f"{np.mean(losses):.3f}" if losses else "",
             "DP-SGD ε this round / total": "; ".join(
                 f"{site} {float(_as_dict(e).get('epsilon', np.nan)):.3g} / {float(_as_dict(e).get('epsilon_total', np.nan)):.3g}"
@@ -450,8 +374,8 @@ def _fmt_auc_ci(cells: Cells, s, r, split) -> str:
     v = cells.value(s, r, split, "auc")
     lo, hi = cells.value(s, r, split, "auc_lo"), cells.value(s, r, split, "auc_hi")
     if np.isfinite(lo) and np.isfinite(hi):
-        return f"{_f3(v)} [{_f3(lo)}, {_f3(hi)}]"
-    return _f3(v)
+        return f"{f3(v)} [{f3(lo)}, {f3(hi)}]"
+    return f3(v)
 
 
 def _findings(cells: Cells, sites_df, regimes, splits, gains: pd.DataFrame, run: dict, k: int,
@@ -559,7 +483,7 @@ def _findings(cells: Cells, sites_df, regimes, splits, gains: pd.DataFrame, run:
 
 
 def _auc_text(v: float) -> str:
-    return _f3(v) if v is not None and np.isfinite(v) else ""
+    return f3(v) if v is not None and np.isfinite(v) else ""
 
 
 def _pooled_cell(row) -> tuple[str, str, str]:
@@ -571,7 +495,7 @@ def _pooled_cell(row) -> tuple[str, str, str]:
         if n_supp:
             return "suppressed", "0", '<span class="supp">suppressed</span>'
         return "", "0", '<span class="na">—</span>'
-    text = _f3(row["auc"])
+    text = f3(row["auc"])
     extra = f"{n_sites} site{'s' if n_sites != 1 else ''}" + (f", {n_supp} suppressed" if n_supp else "")
     return text, str(n_sites), f'{text} <span class="foot">({extra})</span>'
 
@@ -600,7 +524,7 @@ def _subgroup_section(pooled: pd.DataFrame, by_site: pd.DataFrame, main_regimes,
         h1 = (f'<tr><th class="l" rowspan="2">{html.escape(grouping)}</th>'
               + "".join(f'<th colspan="{len(sp_list)}">{html.escape(r)}</th>' for r in regimes) + "</tr>")
         h2 = "<tr>" + "".join(f"<th>{html.escape(sp)}</th>" for _ in regimes for sp in sp_list) + "</tr>"
-        blocks.append(f"<h3>By {html.escape(grouping)}</h3>" + _html_table([h1, h2], body))
+        blocks.append(f"<h3>By {html.escape(grouping)}</h3>" + html_table([h1, h2], body))
     pd.DataFrame(csv_rows, columns=cols).to_csv(tab_dir / "subgroups.csv", index=False)
     detail = by_site.copy()
     detail["auc"] = [("suppressed" if st == "suppressed" else _auc_text(v))
@@ -613,7 +537,7 @@ def _subgroup_section(pooled: pd.DataFrame, by_site: pd.DataFrame, main_regimes,
     f_sub = fig_dir / "subgroups.png"
     _fig_subgroups(pooled, groupings, sp_list, f_sub)
     return ("<h2>AUC by patient subgroup</h2>"
-            + _img(f_sub, "Global model AUC by patient subgroup")
+            + img(f_sub, "Global model AUC by patient subgroup")
             + '<p class="caption">Global model, AUC pooled over sites (n-weighted mean of the sites\' released '
             "cells) per subgroup band, random test vs temporal split. supp. = every site's cell was suppressed.</p>"
             + '<p class="caption">Each cell: AUC pooled over sites as the n-weighted mean of the non-suppressed '
@@ -687,7 +611,7 @@ def _cross_site(metrics: pd.DataFrame, sites: list[str], splits, fig_dir: Path, 
         return f"<h2>Cross-site matrix</h2><p>{note}</p>"
     f_cs = fig_dir / "cross_site.png"
     _fig_cross_site(cells, origins, sites, sp_list, f_cs)
-    return ("<h2>Cross-site matrix</h2>" + _img(f_cs, "AUC of each adapter at each site")
+    return ("<h2>Cross-site matrix</h2>" + img(f_cs, "AUC of each adapter at each site")
             + f'<p class="caption">{note} Hatched: suppressed (fewer than k patients, positives or negatives, or protecting such a cell); blank: not '
             "evaluated or not computable. Table: tables/cross_site.csv.</p>")
 
@@ -752,7 +676,7 @@ def _fig_drivers(patient: pd.DataFrame, per_site: pd.DataFrame, path: Path) -> N
 
 def _drivers_section(summary: dict, run_dir: Path, fig_dir: Path, tab_dir: Path) -> str:
     """Patient-level ranking (+figure), site-level Spearman table and the regression table."""
-    from server.analysis import read_driver_importances
+    from clinfed.server.analysis import read_driver_importances
 
     drivers = summary["tables"]["drivers"]
     reg = summary["tables"]["site_analysis"]
@@ -773,7 +697,7 @@ def _drivers_section(summary: dict, run_dir: Path, fig_dir: Path, tab_dir: Path)
     if len(patient):
         f_drv = fig_dir / "drivers.png"
         _fig_drivers(patient, read_driver_importances(run_dir), f_drv)
-        out.append(_simple_table(pt) + _img(f_drv, "Patient-level drivers")
+        out.append(simple_table(pt) + img(f_drv, "Patient-level drivers")
                    + '<p class="caption">At each site, a classifier learns to predict where the global model is '
                    "wrong (per instance, on the site's test split); each feature group is permuted and the drop in "
                    "that classifier's ROC AUC is its importance (can be slightly negative: no signal). Only the "
@@ -802,7 +726,7 @@ def _drivers_section(summary: dict, run_dir: Path, fig_dir: Path, tab_dir: Path)
         st = pd.DataFrame(rows, columns=["descriptor"] + [f"rho {t} {sp}" for t, sp in cols])
         st.to_csv(tab_dir / "drivers_site.csv", index=False)
         skipped = sorted({r.note for r in site.itertuples(index=False) if r.note})
-        out.append(_simple_table(st)
+        out.append(simple_table(st)
                    + '<p class="caption">Spearman ρ across sites between a site descriptor (computed at the '
                    "site; n_train from sites.csv) and: <em>gain:local</em> = AUC(local) − AUC(global) at the site; "
                    "<em>global_gap</em> = AUC(global at the site) − the n-weighted mean of the sites' global AUC "
@@ -825,7 +749,7 @@ def _drivers_section(summary: dict, run_dir: Path, fig_dir: Path, tab_dir: Path)
             "standardized coefficients": "; ".join(f"{a} {b}" for a, b in zip(d["term"], d["coef"]) if a),
             "note": d["note"].iloc[0]} for (t, sp), d in rt.groupby(["target", "split"], sort=False)])
         out.append("<h4>Regression of the gain on site descriptors</h4>"
-                   + f'<div class="wrapnote">{_simple_table(compact, left_cols=2)}</div>'
+                   + f'<div class="wrapnote">{simple_table(compact, left_cols=2)}</div>'
                    + '<p class="caption">Ordinary least squares per target and split: intercept + standardized '
                    "(z) log10 n_train and the two descriptors with the largest |ρ| for that target (skipping "
                    "near-copies, |r| > 0.95, of a term already chosen), fewer when "
@@ -884,7 +808,7 @@ def _privacy(run: dict) -> tuple[pd.DataFrame, str]:
     if mo:
         notes.append(f"Metrics-only sites (no adapter leaves; trained at home, evaluated): {', '.join(mo)}.")
     html_out = ("<h2>Privacy</h2><p>Each site's effective policy: the stricter of the study's run configuration "
-                "and the site's own policy file, as reported by the site.</p>" + _simple_table(df)
+                "and the site's own policy file, as reported by the site.</p>" + simple_table(df)
                 + "".join(f'<p class="caption">{html.escape(n)}</p>' for n in notes))
     return df, html_out
 
@@ -904,7 +828,7 @@ def _clusters_section(summary: dict, tab_dir: Path) -> str:
             f"<p>Sites were grouped into k = {html.escape(str(cl.get('k', '?')))} clusters by "
             f"<strong>{html.escape(str(cl.get('method', '?')))}</strong>, using: "
             f"{html.escape(', '.join(feats)) or 'not recorded'}. The <em>cluster</em> regime aggregates only "
-            "within a site's cluster.</p>" + _simple_table(groups))
+            "within a site's cluster.</p>" + simple_table(groups))
 
 
 def _analysis_findings(summary: dict, main_regimes, config: dict) -> list[tuple[str, list[str]]]:
@@ -918,15 +842,15 @@ def _analysis_findings(summary: dict, main_regimes, config: dict) -> list[tuple[
         where = SPLIT_SHORT.get(split, split).capitalize()
         ws = w.get("site")
         if ws:
-            msg = f"{where}: the global model serves site <strong>{esc(ws['site'])}</strong> worst (AUC {_f3(ws['auc'])})"
+            msg = f"{where}: the global model serves site <strong>{esc(ws['site'])}</strong> worst (AUC {f3(ws['auc'])})"
             msg += _helps_text(ws["best_regime"], ws["gain"], None) + "."
             worst_items.append(msg)
         wg = w.get("subgroup")
         if wg:
             msg = (f"{where}: pooled over sites, the subgroup served worst is <strong>{esc(wg['subgroup'])}</strong> "
-                   f"(AUC {_f3(wg['auc'])}, n-weighted over {wg['n_sites']} site{'s' if wg['n_sites'] != 1 else ''})")
+                   f"(AUC {f3(wg['auc'])}, n-weighted over {wg['n_sites']} site{'s' if wg['n_sites'] != 1 else ''})")
             msg += _helps_text(wg["best_regime"], wg["gain"], wg["gain_n_sites"]) + "."
-            others = [f"{esc(v['subgroup'])} {_f3(v['auc'])}" for v in w["by_grouping"].values()]
+            others = [f"{esc(v['subgroup'])} {f3(v['auc'])}" for v in w["by_grouping"].values()]
             if len(others) > 1:
                 msg += " Lowest band in each grouping: " + "; ".join(others) + "."
             worst_items.append(msg)
@@ -1000,17 +924,6 @@ def _helps_text(best, gain, n_sites) -> str:
 # --------------------------------------------------------------------------- main
 
 
-def _img(path: Path, alt: str) -> str:
-    data = base64.b64encode(path.read_bytes()).decode("ascii")
-    return f'<img alt="{html.escape(alt, quote=True)}" src="data:image/png;base64,{data}">'
-
-
-def _kv_table(d: dict, key: str, value: str) -> pd.DataFrame:
-    rows = [{key: str(k), value: v if isinstance(v, (str, int, float, bool)) or v is None else json.dumps(v)}
-            for k, v in d.items()]
-    return pd.DataFrame(rows, columns=[key, value])
-
-
 def rounds_summary(rounds: list[dict], config: dict) -> str:
     """Completed rounds per federated phase against the configured number, e.g.
     "3 of 3 (global), 3 of 3 (cluster)": each phase runs its own rounds."""
@@ -1028,16 +941,16 @@ def rounds_summary(rounds: list[dict], config: dict) -> str:
     return ", ".join(f"{n}{configured(phase)} ({phase})" for phase, n in done.items())
 
 
-def build_report(run_dir) -> Path:
+def build_classifier_report(run_dir) -> Path:
     """Build RUN_DIR/report.html (+ figures/*.png, tables/*.csv) from RUN_DIR's files alone."""
     run_dir = Path(run_dir)
     fig_dir, tab_dir = run_dir / "figures", run_dir / "tables"
     fig_dir.mkdir(parents=True, exist_ok=True)
     tab_dir.mkdir(parents=True, exist_ok=True)
 
-    metrics = _read_metrics(run_dir)
+    metrics = read_metrics(run_dir)
     sites_df = _read_sites(run_dir, metrics)
-    run = _read_run(run_dir)
+    run = read_run(run_dir)
     config = _as_dict(run.get("config"))
     versions = _as_dict(run.get("versions"))
     timings = _as_dict(run.get("timings"))
@@ -1076,13 +989,13 @@ def build_report(run_dir) -> Path:
     clusters_html = _clusters_section(summary, tab_dir)
     training_df = _training(run)
     privacy_df, privacy_html = _privacy(run)
-    timings_df = pd.DataFrame([{"phase": str(p), "wall time": _human_seconds(s), "seconds": s}
+    timings_df = pd.DataFrame([{"phase": str(p), "wall time": human_seconds(s), "seconds": s}
                                for p, s in timings.items()], columns=["phase", "wall time", "seconds"])
-    config_df = _kv_table(config, "key", "value")
-    versions_df = _kv_table(versions, "package", "version")
+    config_df = kv_table(config, "key", "value")
+    versions_df = kv_table(versions, "package", "version")
     gains_out = gains.copy()
     for c in ["auc", "auc_global", "gain"]:
-        gains_out[c] = gains_out[c].map(_f3)
+        gains_out[c] = gains_out[c].map(f3)
     gains_out["n_train"] = gains_out["n_train"].map(lambda v: str(int(v)) if np.isfinite(v) else "")
     for name, df in [("overview", overview_df), ("mean_auc", mean_auc), ("gains", gains_out),
                      ("training", training_df), ("privacy", privacy_df), ("timings", timings_df), ("config", config_df),
@@ -1116,7 +1029,7 @@ def build_report(run_dir) -> Path:
                      + "".join(f"<li>{esc(e)}</li>" for e in errs) + "</ul></div>")
 
     meta = [("Model", run.get("model", "")), ("Date", date), ("Status", status), ("Sites", len(sites)),
-            ("Rounds", rounds_txt), ("Total wall time", _human_seconds(total) if total is not None else ""),
+            ("Rounds", rounds_txt), ("Total wall time", human_seconds(total) if total is not None else ""),
             ("Report built", datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))]
     parts.append('<table class="meta">' + "".join(
         f"<tr><td><strong>{esc(a)}</strong></td><td>{esc(str(b))}</td></tr>" for a, b in meta) + "</table>")
@@ -1146,9 +1059,9 @@ def build_report(run_dir) -> Path:
         for head, bullets in findings) + "</section>")
     if not mean_auc.empty:
         parts.append("<p class=\"caption\">Mean AUC by regime (unweighted mean over sites with a computable AUC).</p>"
-                     + _simple_table(mean_auc, left_cols=2))
+                     + simple_table(mean_auc, left_cols=2))
 
-    parts.append("<h2>AUC by regime at each site</h2>" + _img(f_auc, "AUC by regime at each site")
+    parts.append("<h2>AUC by regime at each site</h2>" + img(f_auc, "AUC by regime at each site")
                  + '<p class="caption">Bars: AUC; whiskers: 95 % bootstrap CI; dashed line: chance (0.5). Sites '
                  "sorted by training size, largest first. Suppressed (supp.) and not-computable (n/c) cells have "
                  "no bar.</p>")
@@ -1157,7 +1070,7 @@ def build_report(run_dir) -> Path:
         parts.append('<ol class="foot">' + "".join(f"<li>n/c: {esc(n)}</li>" for n in notes.items) + "</ol>")
     parts.append(subgroup_html)
     parts.append(cross_html)
-    parts.append("<h2>Gain over global vs site size</h2>" + _img(f_gain, "Gain over global vs site size")
+    parts.append("<h2>Gain over global vs site size</h2>" + img(f_gain, "Gain over global vs site size")
                  + '<p class="caption">Each point is one site: AUC of the regime minus AUC of the global model on '
                  "the same patients, for every regime other than base. Above 0: the regime beats the global model "
                  "there. Sites without both AUCs or without a known training size are not shown.</p>")
@@ -1167,13 +1080,13 @@ def build_report(run_dir) -> Path:
         parts.append('<p class="foot">Analysis inputs: ' + esc(" ".join(summary["notes"])) + "</p>")
 
     parts.append(privacy_html)
-    parts.append("<h2>Training</h2>" + (_simple_table(training_df) if len(training_df)
+    parts.append("<h2>Training</h2>" + (simple_table(training_df) if len(training_df)
                                          else "<p>No federated rounds were recorded.</p>"))
-    parts.append("<h2>Timings</h2>" + (_simple_table(timings_df[["phase", "wall time"]]) if len(timings_df)
+    parts.append("<h2>Timings</h2>" + (simple_table(timings_df[["phase", "wall time"]]) if len(timings_df)
                                         else "<p>No timings recorded.</p>"))
     parts.append("<h2>Configuration and versions</h2>")
-    parts.append("<details><summary>Run configuration</summary>" + _simple_table(config_df) + "</details>")
-    parts.append("<details><summary>Software versions</summary>" + _simple_table(versions_df) + "</details>")
+    parts.append("<details><summary>Run configuration</summary>" + simple_table(config_df) + "</details>")
+    parts.append("<details><summary>Software versions</summary>" + simple_table(versions_df) + "</details>")
     parts.append('<p class="foot">Figures: figures/*.png; tables: tables/*.csv (in this run directory).</p>')
     parts.append("</body></html>")
 
@@ -1189,5 +1102,5 @@ def _unknown_regime_text(r: str) -> str:
     return "a regime without a built-in description (see the run configuration)"
 
 
-if __name__ == "__main__":  # pragma: no cover - convenience: python -m server.report RUN_DIR
-    print(build_report(sys.argv[1] if len(sys.argv) > 1 else "."))
+if __name__ == "__main__":  # pragma: no cover - convenience: python -m clinfed.server.reports.classifier RUN_DIR
+    print(build_classifier_report(sys.argv[1] if len(sys.argv) > 1 else "."))

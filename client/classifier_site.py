@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import logging
 import zlib
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from common.data import read_site_table, split_site
-from common.metrics import (
+from clinfed.common.data import read_site_table, split_site
+from clinfed.common.metrics import (
     EVAL_SPLITS,
     best_f1_threshold,
     describe_release,
@@ -32,17 +31,10 @@ from common.metrics import (
     split_plan,
     subgroup_labels,
 )
-from common.models import (
-    LoraSettings,
-    adapter_file,
-    adapter_state,
-    builder,
-    load_adapter_state,
-    model_identity,
-    read_adapter,
-    save_adapter,
-)
-from common.training import (
+from clinfed.common.adapters import adapter_file, adapter_state, read_adapter, save_adapter
+from clinfed.common.model_cache import LoadedModel
+from clinfed.common.dp import train_classifier_dp
+from clinfed.common.training import (
     PeakRSS,
     TrainSettings,
     encode_texts,
@@ -55,61 +47,7 @@ from common.training import (
 log = logging.getLogger("clinfed.site")
 
 
-@dataclass(frozen=True)
-class ModelKey:
-    model: str
-    seed: int
-    lora: LoraSettings
-    method: str = "lora"  # lora | head-only | full (an arm of a comparison)
-    form: str = "cls"  # cls | prompt
-
-
-class LoadedModel:
-    """A base model with its trainable state (LoRA adapter + head, the head alone, or every
-    weight), loaded once per process; states are swapped in.
-
-    `build` makes the model; by default the one the key's method and form call for (the
-    LoRA classifier unless an arm says otherwise); the causal LM for instruction tuning
-    (client.gensite) passes its own."""
-
-    def __init__(self, key: ModelKey, build=None):
-        self.key = key
-        build = build or builder(key.method, key.form)
-        self.model, self.tokenizer = build(key.model, key.seed, key.lora)
-        self.init_state = adapter_state(self.model)
-        self.shapes = {k: tuple(v.shape) for k, v in self.init_state.items()}
-        self.identity = model_identity(key.model)
-        self.answer_ids = None
-        if key.form == "prompt":  # the first token of "yes" and of "no": the prompt form's score
-            self.answer_ids = (self.tokenizer.encode("yes", add_special_tokens=False)[0],
-                               self.tokenizer.encode("no", add_special_tokens=False)[0])
-
-    @property
-    def parameters(self) -> int:
-        """Trainable parameters: what one update carries."""
-        return int(sum(v.size for v in self.init_state.values()))
-
-    def use(self, state: dict[str, np.ndarray]):
-        load_adapter_state(self.model, state, reference=self.init_state)
-        return self.model
-
-
-_MODELS: dict[ModelKey, LoadedModel] = {}
 _SITES: dict[tuple, "Site"] = {}
-
-
-def get_model(key: ModelKey) -> LoadedModel:
-    if key not in _MODELS:
-        _MODELS.clear()  # one base model per process: a new study replaces the old one
-        _MODELS[key] = LoadedModel(key)
-    return _MODELS[key]
-
-
-def model_key(cfg: dict) -> ModelKey:
-    targets = tuple(t.strip() for t in cfg["lora-targets"].split(",") if t.strip())
-    lora = LoraSettings(cfg["lora-rank"], cfg["lora-alpha"], cfg["lora-dropout"], targets)
-    return ModelKey(cfg["model"], int(cfg["seed"]), lora, str(cfg.get("arm-method", "lora")),
-                    str(cfg.get("arm-form", "cls")))
 
 
 class Site:
@@ -121,13 +59,13 @@ class Site:
         self.out_dir = Path(out_dir)
         self.cfg = cfg
         df = read_site_table(self.table)
-        self.splits = split_site(df, seed=int(cfg["seed"]), temporal_frac=cfg["temporal-frac"],
-                                 test_frac=cfg["test-frac"], val_frac=cfg["val-frac"])
+        self.splits = split_site(df, seed=cfg.seed, temporal_frac=cfg.temporal_frac,
+                                 test_frac=cfg.test_frac, val_frac=cfg.val_frac)
         if len(self.splits["train"]) == 0:
             raise ValueError(f"site {name}: no training encounters after splitting")
         cap = int(cfg.get("eval-items", 0) or 0)
         if cap:
-            self.splits.update({s: _first_by_hash(self.splits[s], int(cfg["seed"]), cap)
+            self.splits.update({s: _first_by_hash(self.splits[s], cfg.seed, cap)
                                 for s in ("val",) + EVAL_SPLITS})
         self._encoded: dict[str, list[np.ndarray]] = {}
         self.site_seed = site_seed(cfg, name)
@@ -153,10 +91,10 @@ class Site:
         """Token ids per note: the note's first `max-length` tokens; in the prompt form, those
         tokens inside the readmission yes/no question (common.tasks), ready for the answer."""
         if self.cfg.get("arm-form", "cls") != "prompt":
-            return encode_texts(tokenizer, texts, int(self.cfg["max-length"]))
-        from common.tasks import TASKS
+            return encode_texts(tokenizer, texts, self.cfg.max_length)
+        from clinfed.common.tasks import TASKS
 
-        cut = tokenizer(list(texts), truncation=True, max_length=int(self.cfg["max-length"]),
+        cut = tokenizer(list(texts), truncation=True, max_length=self.cfg.max_length,
                         add_special_tokens=False)["input_ids"]
         out = []
         for ids in cut:
@@ -175,7 +113,7 @@ class Site:
     # -------------------------------------------------------------- training
     def dp_settings(self, policy):
         """DP-SGD settings when the study runs with `dp`; budget and delta from the effective policy."""
-        from common.dp import settings_for
+        from clinfed.common.dp import settings_for
 
         return settings_for(self.cfg, policy, len(self.splits["train"]))
 
@@ -192,13 +130,13 @@ class Site:
             encoded, labels = encoded + list(extra[0]), np.concatenate([labels, extra[1]])
         event = None
         if dp is not None:
-            from common.dp import plan
+            from clinfed.common.dp import plan
 
-            event = plan(ledger, dp, len(encoded), int(cfg["batch-size"]), int(steps), label)
+            event = plan(ledger, dp, len(encoded), cfg.batch_size, int(steps), label)
         model = lm.use(start)
         settings = TrainSettings(
-            steps=int(steps), batch_size=int(cfg["batch-size"]), lr=float(cfg["learning-rate"]),
-            seed=self.site_seed + seed_offset, precision=cfg["precision"],
+            steps=int(steps), batch_size=cfg.batch_size, lr=cfg.learning_rate,
+            seed=self.site_seed + seed_offset, precision=cfg.precision,
         )
         prompt = lm.answer_ids is not None
         if prompt and dp is not None:
@@ -216,9 +154,12 @@ class Site:
             if prompt:
                 info = train_prompt_classifier(model, encoded, labels, settings, pad_id=lm.tokenizer.pad_token_id,
                                                answer_ids=lm.answer_ids, progress=progress)
+            elif dp is not None:
+                info = train_classifier_dp(model, encoded, labels, settings, lm.tokenizer.pad_token_id, dp,
+                                           progress=progress)
             else:
                 info = train_classifier(model, encoded, labels, settings, pad_id=lm.tokenizer.pad_token_id,
-                                        progress=progress, dp=dp)
+                                        progress=progress)
         info["peak_rss_mb"] = rss.peak_mb
         if event is not None:
             info["dp"] = event
@@ -245,11 +186,11 @@ class Site:
         import pandas as pd
 
         df = pd.concat([self.splits[s] for s in ("train", "val", "test", "temporal")])
-        return site_descriptors(df, k, parse_edges(self.cfg["word-bands"]), self.region_vocabulary)
+        return site_descriptors(df, k, parse_edges(self.cfg.word_bands), self.region_vocabulary)
 
     def describe_metrics(self, k: int) -> dict[str, float]:
         """The describe reply's numbers: split sizes and descriptors, through disclosure control."""
-        return describe_release(self.splits, k, parse_edges(self.cfg["word-bands"]), self.region_vocabulary)
+        return describe_release(self.splits, k, parse_edges(self.cfg.word_bands), self.region_vocabulary)
 
     def evaluate(self, lm: LoadedModel, states: dict[str, dict[str, np.ndarray]], k: int,
                  subgroups: bool = True, cross: dict[str, dict[str, np.ndarray]] | None = None
@@ -265,7 +206,7 @@ class Site:
 
         cfg = self.cfg
         out: dict[str, float] = {}
-        edges = parse_edges(cfg["word-bands"])
+        edges = parse_edges(cfg.word_bands)
         vocab = self.region_vocabulary
         labels = {s: subgroup_labels(self.splits[s], edges, vocab) if subgroups else {} for s in EVAL_SPLITS}
         plans = {s: eval_plan(self.labels(s), labels[s], k, edges, vocab) for s in EVAL_SPLITS}
@@ -282,7 +223,7 @@ class Site:
                     continue
                 plan = plans[split] if regime in states else {("all", ""): plans[split][("all", "")]}
                 out.update(flatten_split(regime, split, y, preds[split], thr, labels[split], plan,
-                                         self.site_seed + i, int(cfg["bootstrap"]), vocab))
+                                         self.site_seed + i, cfg.bootstrap, vocab))
             if regime == "global":
                 global_preds = preds
         sizes = split_plan(self.splits, k)["sizes"]
@@ -299,9 +240,9 @@ class Site:
         return out
 
     def save_scores(self, regime: str, preds: dict[str, np.ndarray]):
-        """A comparison's arm keeps its per-item scores here, at the site (common.compare):
+        """A comparison's arm keeps its per-item scores here, at the site (common.arm_differences):
         the paired differences are computed from them; they never leave."""
-        from common.compare import save_scores
+        from clinfed.common.arm_differences import save_scores
 
         save_scores(self.out_dir, regime, {
             s: (self.splits[s]["encounter_id"].astype(str).to_numpy(), self.labels(s), preds[s])
@@ -311,25 +252,25 @@ class Site:
         model = lm.use(state)
         if lm.answer_ids is not None:
             return {split: predict_yes_proba(model, self.encoded(split, lm.tokenizer), lm.tokenizer.pad_token_id,
-                                             lm.answer_ids, batch_size=int(self.cfg["eval-batch-size"]),
-                                             precision=self.cfg["precision"])
+                                             lm.answer_ids, batch_size=self.cfg.eval_batch_size,
+                                             precision=self.cfg.precision)
                     for split in ("val",) + EVAL_SPLITS}
         return {
             split: predict_proba(model, self.encoded(split, lm.tokenizer), lm.tokenizer.pad_token_id,
-                                 batch_size=int(self.cfg["eval-batch-size"]), precision=self.cfg["precision"])
+                                 batch_size=self.cfg.eval_batch_size, precision=self.cfg.precision)
             for split in ("val",) + EVAL_SPLITS
         }
 
 
 def site_seed(cfg: dict, name: str) -> int:
     """The site's seed of batches and bootstrap: the same for every arm of a comparison."""
-    return int(cfg["seed"]) * 1000003 + zlib.crc32(name.encode()) % 1000003
+    return cfg.seed * 1000003 + zlib.crc32(name.encode()) % 1000003
 
 
 def _first_by_hash(df, seed: int, cap: int):
     """At most `cap` rows: those first by a stable hash of (seed, encounter id), in their
     original order. The same rows for every arm and every run with this seed."""
-    from common.data import stable_uniform
+    from clinfed.common.data import stable_uniform
 
     if cap <= 0 or len(df) <= cap:
         return df

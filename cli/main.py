@@ -14,10 +14,12 @@ from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 
+from clinfed.common.errors import ClinfedError
+
 EXIT_USAGE, EXIT_FAILED = 2, 1
 
 
-class CliError(Exception):
+class CliError(ClinfedError):
     """A problem with what the user asked for, reported as-is."""
 
 
@@ -120,7 +122,7 @@ _SEED = _int_in(0, 2**31 - 1)
 
 # ------------------------------------------------------------------ commands
 def cmd_generate(args) -> int:
-    from simulations.generate import generate_federation
+    from clinfed.simulations.generate import generate_federation
 
     sizes = args.sizes
     out = Path(args.out)
@@ -138,7 +140,7 @@ def cmd_generate(args) -> int:
 
 
 def cmd_validate(args) -> int:
-    from common.data import validate_path
+    from clinfed.common.data import validate_path
 
     report = validate_path(args.path)
     print(report.summary())
@@ -146,7 +148,7 @@ def cmd_validate(args) -> int:
 
 
 def _parse_run_config(text: str) -> dict:
-    from common.config import parse_overrides, resolve
+    from clinfed.common.config import parse_overrides, resolve
 
     overrides = parse_overrides(text)
     resolve(overrides)  # refuse unknown keys and bad values before anything starts
@@ -167,8 +169,8 @@ def _same_as_option(overrides: dict, key: str, option: str, value) -> None:
 
 
 def _resume(args) -> int:
-    from server.checkpoint import ResumeError
-    from simulations.local import resume_settings
+    from clinfed.server.checkpoint import ResumeError
+    from clinfed.simulations.local import resume_settings
 
     if args.data or args.out or args.run_config or args.task:
         raise CliError("--resume takes its settings from the interrupted run's checkpoint: "
@@ -186,7 +188,7 @@ def _resume(args) -> int:
 
 def _simulate(out: Path, overrides: dict, n_sites: int, cpus_per_site: float) -> dict:
     """Run the study; an interrupt says what the checkpoint kept and how to continue."""
-    from simulations.local import resume_hint, simulate
+    from clinfed.simulations.local import resume_hint, simulate
 
     try:
         return simulate(out, overrides, n_sites=n_sites, cpus_per_site=cpus_per_site)
@@ -196,7 +198,7 @@ def _simulate(out: Path, overrides: dict, n_sites: int, cpus_per_site: float) ->
 
 
 def cmd_simulate(args) -> int:
-    from common.data import list_sites, validate_path
+    from clinfed.common.data import list_sites, validate_path
 
     # The simulation runs offline unless told otherwise; check model names the same way.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -224,7 +226,7 @@ def cmd_simulate(args) -> int:
             raise CliError(f"--data {data} is a file; give the folder that holds one folder per hospital "
                            "(each with its own table)")
         if not list_sites(data):
-            from common.data import TABLE_SUFFIXES
+            from clinfed.common.data import TABLE_SUFFIXES
 
             direct = sorted(p.name for p in data.iterdir() if p.suffix.lower() in TABLE_SUFFIXES)
             why = (f"it holds {', '.join(direct[:3])} directly, so it looks like one hospital's folder; "
@@ -233,11 +235,11 @@ def cmd_simulate(args) -> int:
                    f"({', '.join(TABLE_SUFFIXES)})")
             raise CliError(f"--data {data} holds no hospital folders: {why}")
     else:
-        from simulations.generate import generate_federation
+        from clinfed.simulations.generate import generate_federation
 
         data = out / "federation"
         if not (data.exists() and list_sites(data)):
-            from common.config import check_for_sites, resolve
+            from clinfed.common.config import check_for_sites, resolve
 
             check_for_sites(resolve(overrides), args.hospitals, explicit=set(overrides))  # before generating
             print(f"generating {args.hospitals} synthetic hospitals (seed {args.seed}) in {data}")
@@ -249,11 +251,11 @@ def cmd_simulate(args) -> int:
     sites = list_sites(data)
     if len(sites) < 2:
         raise CliError(f"{data} holds {len(sites)} hospital folder(s); a federation needs at least 2")
-    from common.config import check_for_sites, resolve
+    from clinfed.common.config import check_for_sites, resolve
 
     check_for_sites(resolve(overrides), len(sites), explicit=set(overrides))
     if str(overrides.get("arms", "")).strip():
-        from server.compare import plan_costs
+        from clinfed.server.comparison import plan_costs
 
         # a comparison's arms: prompt form on an encoder, or an arm above the bytes budget,
         # is refused here, before Flower starts
@@ -264,7 +266,7 @@ def cmd_simulate(args) -> int:
     if not args.data:
         # Generated data is synthetic: the study asks for local adapters (the generated hospitals'
         # own policy files allow them to travel) and declares the generator's regions.
-        from simulations.generate import REGIONS
+        from clinfed.simulations.generate import REGIONS
 
         overrides.setdefault("share-local-adapters", True)
         overrides.setdefault("region-vocabulary", ",".join(REGIONS))
@@ -278,8 +280,8 @@ def cmd_simulate(args) -> int:
 
 def cmd_compare(args) -> int:
     """A comparison study: the default arms and budgets, overridable, run like `simulate`."""
-    from common.arms import DEFAULT_COMPARISON
-    from common.config import parse_overrides, to_toml_overrides
+    from clinfed.common.arms import DEFAULT_COMPARISON
+    from clinfed.common.config import parse_overrides, to_toml_overrides
 
     given = parse_overrides(args.run_config or "")
     if args.arms and "arms" in given and given["arms"] != args.arms:
@@ -291,15 +293,13 @@ def cmd_compare(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from simulations.bench import run_from_args
+    from clinfed.simulations.bench import run_from_args
 
     return run_from_args(args)
 
 
 def cmd_report(args) -> int:
-    from server.compare_report import build_comparison_report, is_comparison
-    from server.genreport import build_generative_report, is_generative
-    from server.report import build_report
+    from clinfed.server.reports import build_report
 
     run_dir = Path(args.run_dir)
     if run_dir.exists() and not run_dir.is_dir():
@@ -307,10 +307,7 @@ def cmd_report(args) -> int:
     if not (run_dir / "metrics.csv").exists():
         raise CliError(f"{run_dir} has no metrics.csv: is it a clinfed RUN_DIR?")
     _check_metrics_header(run_dir / "metrics.csv")
-    if is_comparison(run_dir):
-        print(build_comparison_report(run_dir))
-        return 0
-    print((build_generative_report if is_generative(run_dir) else build_report)(run_dir))
+    print(build_report(run_dir))
     return 0
 
 
@@ -318,7 +315,7 @@ def _check_metrics_header(path: Path) -> None:
     """A truncated or foreign metrics.csv is refused by name instead of yielding an empty report."""
     import csv
 
-    from common.metrics import METRIC_COLUMNS
+    from clinfed.common.metrics import METRIC_COLUMNS
 
     try:
         with open(path, newline="", encoding="utf-8") as f:
@@ -341,7 +338,7 @@ def _names(text: str) -> list[str]:
 
 
 def cmd_certs(args) -> int:
-    from server.deploy import make_certs
+    from clinfed.server.deploy import make_certs
 
     out = Path(args.out).resolve()
     res = make_certs(out, _names(args.hosts), _names(args.hospitals), days=args.days, force=args.force)
@@ -357,7 +354,7 @@ def cmd_certs(args) -> int:
 
 
 def cmd_superlink(args) -> int:
-    from server.deploy import StudySuperLink
+    from clinfed.server.deploy import StudySuperLink
 
     link = StudySuperLink(args.certs, args.host, args.port, args.state, args.local_port)
     try:
@@ -379,7 +376,13 @@ def cmd_superlink(args) -> int:
 
 def _connection(args):
     """The coordinator's connection: the loopback address `clinfed superlink` wrote to the certs folder."""
-    from server.deploy import CA_CERT, Connection, check_root_cert, local_address, parse_address
+    from clinfed.server.deploy import (
+        CA_CERT,
+        Connection,
+        check_root_cert,
+        local_address,
+        parse_address,
+    )
 
     root = args.root_cert or (Path(args.certs) / CA_CERT if getattr(args, "certs", None) else None)
     if not root:
@@ -397,7 +400,7 @@ def _connection(args):
 
 
 def cmd_enroll(args) -> int:
-    from server.deploy import enroll, list_nodes
+    from clinfed.server.deploy import enroll, list_nodes
 
     with _connection(args) as conn:
         if args.list:
@@ -416,16 +419,17 @@ def cmd_enroll(args) -> int:
 
 def cmd_run(args) -> int:
     import json
+    import tempfile
 
-    from common.config import to_toml_overrides
-    from server.deploy import LogFollower, stop_run, submit, wait_for_run
-    from simulations.local import app_dir
+    from clinfed.common.app_code import write_app_folder
+    from clinfed.common.config import to_toml_overrides
+    from clinfed.server.deploy import LogFollower, stop_run, submit, wait_for_run
 
     overrides = _parse_run_config(args.run_config or "")
     out = Path(args.out or overrides.get("out-dir") or f"runs/{datetime.now():%Y%m%d-%H%M%S}").resolve()
     overrides["out-dir"] = str(out)  # a path on the SuperLink host, where the ServerApp writes
-    with _connection(args) as conn:
-        run_id = submit(conn, app_dir(), to_toml_overrides(overrides))
+    with _connection(args) as conn, tempfile.TemporaryDirectory(prefix="clinfed-app-") as app:
+        run_id = submit(conn, write_app_folder(app, "deployment"), to_toml_overrides(overrides))
         print(f"clinfed: study submitted to {conn.address} as run {run_id}; RUN_DIR on the SuperLink host: {out}",
               flush=True)
         follower = None if args.quiet else LogFollower(conn, run_id, out / "flwr.log")
@@ -454,7 +458,7 @@ def cmd_run(args) -> int:
 
 
 def cmd_node(args) -> int:
-    from client.node import check_site, run_node
+    from clinfed.client.node import check_site, run_node
 
     if args.check:
         check = check_site(args.data, args.policy, args.site, args.output)
@@ -470,7 +474,7 @@ def cmd_node(args) -> int:
 
 
 def cmd_app_hash(args) -> int:
-    from common.app_code import AppCodeError, installed_hash, path_hash
+    from clinfed.common.app_code import AppCodeError, installed_hash, path_hash
 
     try:
         print(path_hash(args.path) if args.path else installed_hash())
@@ -587,7 +591,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(func=cmd_report)
     _add_deploy_commands(sub)
 
-    from simulations.bench import add_arguments as _bench_arguments
+    from clinfed.simulations.bench import add_arguments as _bench_arguments
 
     b = sub.add_parser("bench", help="performance benchmarks: throughput, overhead, comm, scale, generative")
     _bench_arguments(b)
@@ -601,23 +605,10 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return EXIT_USAGE
-    from common.config import ConfigError
-    from common.data import DataValidationError
-    from common.models import ModelError
-
-    known = (CliError, ConfigError, DataValidationError, ModelError, OSError)
     try:
-        from simulations.local import SimulationError
-
-        known = known + (SimulationError,)
-        from client.node import NodeError
-        from common.policy import PolicyError
-        from server.deploy import DeployError
-
-        known = known + (DeployError, NodeError, PolicyError)
         with stop_on_signals():
             return args.func(args)
-    except known as exc:
+    except (ClinfedError, OSError) as exc:  # what the user can act on: the message says what to do
         if os.environ.get("CLINFED_DEBUG"):
             raise
         return _fail(str(exc))

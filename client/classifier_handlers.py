@@ -1,0 +1,209 @@
+"""The classifier study at a site: the handler of each message the server sends.
+
+- `query.describe`: the site's name, split sizes and descriptors (disclosure-controlled);
+- `train`: one federated round from the global adapter; replies with arrays;
+- `train.personalize`: trains the site-held regimes (`local`, `personalized`,
+  `similarity-weighted`, and in simulation `augmented`), which stay at the site;
+- `evaluate`: scores every regime on the site's test splits; aggregates only;
+- `evaluate.compare`: paired differences between a comparison's arms.
+The work itself is `client.classifier_site`; the ClientApp (`client.app`) puts the
+egress guard in front of every reply.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+
+from clinfed.client.classifier_site import site_seed
+from clinfed.client.generative_handlers import describe_generative
+from clinfed.client.handling import (
+    dp_metrics,
+    guarded,
+    may_send_state,
+    may_train,
+    msg_config,
+    prepare,
+    site_ledger,
+    to_arrays,
+    to_state,
+)
+from clinfed.client.locate import SimulationSupport, in_simulation, locate_site, simulated_federation
+from clinfed.common import privacy
+from clinfed.common.adapters import check_base_identity, wire_hash
+from clinfed.common.config import from_run_config, regimes
+from clinfed.common.policy import PolicyRefusal
+from clinfed.common.protocol import (
+    ARRAYS,
+    CLUSTER,
+    COMPARE_ARMS,
+    CONFIG,
+    CROSS_PREFIX,
+    GLOBAL,
+    METRICS,
+    RUN_DIR,
+    SEED_AUGMENTED,
+    SEED_LOCAL,
+    SEED_PERSONALIZED,
+    SEED_SIMILARITY,
+    SERVER_ROUND,
+    SIMILARITY_START,
+    SITE,
+    SITE_HELD,
+)
+
+log = logging.getLogger("clinfed.client")
+
+
+@guarded("describe")
+def describe(msg: Message, context: Context, sim: SimulationSupport | None = None) -> Message:
+    """Name the site, its split sizes and descriptors (common.metrics.describe_release:
+    small and complementary suppression, no value from the table in any key)."""
+    if from_run_config(context.run_config).task == "generative":
+        return describe_generative(msg, context, sim)
+    site, cfg, policy, lm = prepare(msg, context, sim)
+    counts = site.describe_metrics(policy.min_cell_size)
+    counts.update(policy.to_metrics())
+    content = RecordDict({SITE: ConfigRecord({"name": site.name}), METRICS: MetricRecord(counts)})
+    return Message(content, reply_to=msg)
+
+
+@guarded("federated round")
+def train(msg: Message, context: Context, sim: SimulationSupport | None = None) -> Message:
+    """One federated round: start from the server's adapter, train, send it back."""
+    from clinfed.common.dp import DPBudgetExhausted
+
+    site, cfg, policy, lm = prepare(msg, context, sim)
+    may_train(cfg, policy, sends_adapter=True, what="the federated round")
+    may_send_state(cfg, policy, lm, "the federated round")
+    check_base_identity(msg.content[CONFIG], lm.identity)
+    rnd = int(msg.content[CONFIG].get(SERVER_ROUND, 1))
+    start = to_state(msg.content[ARRAYS])
+    dp = site.dp_settings(policy)
+    ledger = site_ledger(context, site.name, site.table) if dp is not None else None
+    try:
+        state, info = site.train(lm, start, cfg.local_steps, seed_offset=rnd, label=f"round {rnd}",
+                                 dp=dp, ledger=ledger)
+    except DPBudgetExhausted as err:
+        # Declined, not failed: no arrays; the server leaves the site out of this round's average.
+        log.warning("site %s: %s", site.name, err)
+        return Message(RecordDict({METRICS: MetricRecord({
+            "dp-budget-exhausted": 1, "dp-epsilon-total": ledger.epsilon(dp.delta),
+            "dp-epsilon-budget": float(dp.budget)})}), reply_to=msg)
+    metrics = MetricRecord({
+        "num-examples": len(site.splits["train"]),
+        "train-loss": info["train_loss"],
+        "train-steps": info["steps"],
+        "train-seconds": info["seconds"],
+        "train-tokens": info["tokens"],
+        "train-peak-rss": info["peak_rss_mb"],
+        "adapter-hash": wire_hash(state),
+        **dp_metrics(info, len(site.splits["train"]), policy),
+    })
+    return Message(RecordDict({ARRAYS: to_arrays(state), "metrics": metrics}), reply_to=msg)
+
+
+@guarded("local and personalized training")
+def personalize(msg: Message, context: Context, sim: SimulationSupport | None = None) -> Message:
+    """Train the site-held regimes: `local` (from the base), `personalized` (from the
+    global adapter), `similarity-weighted` (from the server's similarity-weighted
+    mix of other sites' adapters) and, in simulation only, `augmented`. All stay here;
+    the local adapter leaves only when the study shares local adapters."""
+    from clinfed.common.dp import DPBudgetExhausted
+
+    site, cfg, policy, lm = prepare(msg, context, sim)
+    may_train(cfg, policy, sends_adapter=False, what="local and personalized training")
+    regs = regimes(cfg)
+    local_steps = cfg.local_regime_steps or cfg.num_server_rounds * cfg.local_steps
+    pers_steps = cfg.personalize_steps
+    metrics = {"num-examples": len(site.splits["train"])}
+    content = RecordDict()
+    dp = site.dp_settings(policy)
+    ledger = site_ledger(context, site.name, site.table) if dp is not None else None
+
+    def run(regime, start, steps, offset, extra=None):
+        try:
+            state, info = site.train(lm, start, steps, seed_offset=offset, label=regime, extra=extra,
+                                     dp=dp, ledger=ledger)
+        except DPBudgetExhausted as err:  # the regime is not trained (nor scored) at this site
+            log.warning("site %s: %s", site.name, err)
+            metrics[f"{regime}-dp-budget-exhausted"] = 1
+            metrics["dp-epsilon-total"] = ledger.epsilon(dp.delta)
+            return None
+        site.save_private(lm, regime, state)
+        metrics[f"{regime}-train-loss"] = info["train_loss"]
+        metrics[f"{regime}-train-seconds"] = info["seconds"]
+        metrics[f"{regime}-train-peak-rss"] = info["peak_rss_mb"]
+        metrics.update(dp_metrics(info, len(site.splits["train"]), policy, prefix=f"{regime}-"))
+        return state
+
+    if "local" in regs or policy.share_local_adapters:
+        local_state = run("local", lm.init_state, local_steps, SEED_LOCAL)
+        if policy.share_local_adapters and local_state is not None:
+            try:
+                may_send_state(cfg, policy, lm, "sharing its local adapter")
+                content[ARRAYS] = to_arrays(local_state)
+            except PolicyRefusal as err:  # the local adapter stays; the site still trains and is scored
+                log.warning("site %s: %s", site.name, err)
+    if "personalized" in regs and pers_steps > 0:
+        run("personalized", to_state(msg.content[GLOBAL]), pers_steps, SEED_PERSONALIZED)
+    if "similarity-weighted" in regs and SIMILARITY_START in msg.content.array_records and pers_steps > 0:
+        run("similarity-weighted", to_state(msg.content[SIMILARITY_START]), pers_steps, SEED_SIMILARITY)
+    if "augmented" in regs:
+        simulated = in_simulation(context) and sim is not None and sim.borrow is not None
+        if not simulated or policy.refuse_instance_moving:
+            log.warning("regime 'augmented' moves patient records between sites: refused "
+                        + ("outside simulation" if not simulated else "by the site's policy"))
+        else:
+            data_dir = simulated_federation(cfg, sim)
+            extra = sim.borrow(site, data_dir, lm, cfg.augment_k, cfg.augment_space, cfg.seed)
+            enc = site.encode_notes(extra["note_text"].tolist(), lm.tokenizer)
+            run("augmented", lm.init_state, local_steps, SEED_AUGMENTED,
+                extra=(enc, extra["readmitted_30d"].to_numpy(dtype="int64")))
+    content[METRICS] = MetricRecord(metrics)
+    return Message(content, reply_to=msg)
+
+
+@guarded("evaluation")
+def evaluate(msg: Message, context: Context, sim: SimulationSupport | None = None) -> Message:
+    """Score every regime on the same test items; adapters from other sites or
+    clusters (records named `x.<regime>`) are scored for the cross-site matrix."""
+    site, cfg, policy, lm = prepare(msg, context, sim)
+    regs = regimes(cfg)
+    states = {"base": lm.init_state, "global": to_state(msg.content[GLOBAL])}
+    if "cluster" in regs and CLUSTER in msg.content.array_records:
+        states["cluster"] = to_state(msg.content[CLUSTER])
+    for regime in SITE_HELD:
+        state = site.load_private(lm, regime) if regime in regs else None
+        if state is not None:
+            states[regime] = state
+    cross = {name[len(CROSS_PREFIX):]: to_state(rec) for name, rec in msg.content.array_records.items()
+             if name.startswith(CROSS_PREFIX)}
+    metrics = site.evaluate(lm, states, k=policy.min_cell_size, subgroups=cfg.subgroups, cross=cross)
+    return Message(RecordDict({METRICS: MetricRecord(metrics)}), reply_to=msg)
+
+
+@guarded("comparison of arms")
+def evaluate_compare(msg: Message, context: Context, sim: SimulationSupport | None = None) -> Message:
+    """Paired differences between the arms of a comparison, from the per-item scores each arm
+    left in this site's folder at its evaluation (common.arm_differences): per pair of arms, regime and
+    split, the AUC difference and its paired-bootstrap interval, with small-cell suppression."""
+    from clinfed.common.arms import parse_arms
+    from clinfed.common.arm_differences import compare_metrics
+
+    run_dir = msg_config(msg, RUN_DIR)
+    name, _, _, root_out, cfg, policy = locate_site(context, run_dir, sim=sim)
+    arms = parse_arms(msg_config(msg, COMPARE_ARMS))
+    listed = [a.name for a in parse_arms(cfg.get("arms", ""))]
+    unknown = [a.name for a in arms if a.name not in listed]
+    if unknown:
+        from clinfed.common.config import ConfigError
+
+        raise ConfigError(f"arm(s) {', '.join(unknown)} are not among the study's arms (run config 'arms')")
+    dirs = [Path(root_out) / "arms" / a.safe_name for a in arms]
+    privacy.declare(name, {}, policy.allow_adapters, policy.min_cell_size)
+    metrics = compare_metrics(dirs, k=policy.min_cell_size, n_boot=cfg.bootstrap,
+                              seed=site_seed(cfg, name))
+    return Message(RecordDict({METRICS: MetricRecord(metrics)}), reply_to=msg)
