@@ -20,7 +20,6 @@ import json
 import os
 import re
 import shlex
-import shutil
 import signal
 import socket
 import subprocess
@@ -39,6 +38,7 @@ from clinfed.common.flower_processes import (
     check_node_key,
     check_root_cert,
     flower_env,
+    flower_executable,
     format_address,
     parse_address,
 )
@@ -178,7 +178,7 @@ def supernode_command(superlink: str, root_cert: str | Path, key: str | Path, da
                       policy: str | Path, site: str | None = None, output: str | Path | None = None,
                       runtime_port: int | None = None, max_wait: float | None = None) -> list[str]:
     """`flower-supernode` over TLS with node authentication, for this hospital."""
-    exe = shutil.which("flower-supernode")
+    exe = flower_executable("flower-supernode")
     if not exe:
         raise NodeError("flower-supernode is not on PATH: install clinfed (`pip install -e .`) in this "
                         "environment first")

@@ -40,6 +40,7 @@ from clinfed.common.app_code import (
     installed_hash,
     write_app_folder,
 )
+from clinfed.common.flower_processes import flwr_command
 from clinfed.server.deploy import (CONNECTION, REFUSAL, Connection, DeployError, ProcessTree, check_node_key, list_nodes,
                            local_address, make_certs, make_node_key, parse_address, run_status, stop_run, submit,
                            wait_for_run)
@@ -459,7 +460,7 @@ def _outsider_home(federation, tmp_path) -> Path:
 
 
 def _flwr_json(args, home: Path, cwd=None) -> dict:
-    res = subprocess.run([shutil_which("flwr") or "flwr", *args, "--format", "json"], capture_output=True, text=True,
+    res = subprocess.run([*flwr_command(), *args, "--format", "json"], capture_output=True, text=True,
                          env={**_env(home), "FLWR_DISABLE_UPDATE_CHECK": "1"}, cwd=cwd, timeout=180)
     start = res.stdout.find("{")
     assert start >= 0, res.stdout + res.stderr
