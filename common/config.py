@@ -73,7 +73,7 @@ KEYS: dict[str, tuple[Any, type, Any, str]] = {
     "dp-max-grad-norm": (1.0, float, (1e-6, 1e6), "DP-SGD per-example gradient clipping norm"),
     "dp-optimizer": ("sgd", str, ("sgd", "adam"),
                      "optimizer of DP-SGD steps: plain SGD (default; AdamW under DP noise was measured to "
-                     "anti-learn, README 'What DP-SGD costs in AUC') or AdamW"),
+                     "anti-learn, docs/results/dp.md) or AdamW"),
     "dp-learning-rate": (0.5, float, (0.0, 100.0),
                          "peak learning rate of DP training (SGD needs a far larger one than AdamW); 0 = learning-rate"),
     "dp-epsilon": (0.0, float, (0.0, 1e6),
@@ -161,6 +161,40 @@ def defaults() -> dict[str, Any]:
     return {k: v[0] for k, v in KEYS.items()}
 
 
+def reference_markdown() -> str:
+    """The run-config reference table of `docs/run-config.md`, rendered from KEYS.
+
+    The docs' table is generated rather than written so it cannot drift from the
+    defaults, ranges and meanings the parser enforces (tests/test_docs.py compares them)."""
+    kinds = {bool: "boolean", int: "integer", float: "number", str: "text"}
+
+    def value(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, str):
+            return f'"{v}"'
+        return repr(v)
+
+    def number(v: Any) -> str:
+        return repr(v) if isinstance(v, int) else format(v, "g")
+
+    def cell(text: str) -> str:
+        """Markdown for a table cell: pipes escaped; outside `code`, `<` escaped (a site would read a tag)."""
+        parts = text.replace("|", "\\|").split("`")
+        return "`".join(p if i % 2 else p.replace("<", "&lt;") for i, p in enumerate(parts))
+
+    rows = ["| key | type | default | allowed | meaning |", "|---|---|---|---|---|"]
+    for key, (default, kind, allowed, meaning) in KEYS.items():
+        if isinstance(allowed, tuple) and kind in (int, float):
+            span = f"{number(allowed[0])} to {number(allowed[1])}"
+        elif isinstance(allowed, tuple):
+            span = ", ".join(f"`{v}`" for v in allowed)
+        else:
+            span = "true, false" if kind is bool else "any"
+        rows.append(f"| `{key}` | {kinds[kind]} | `{value(default)}` | {span} | {cell(meaning)} |")
+    return "\n".join(rows) + "\n"
+
+
 def _coerce(key: str, value: Any) -> Any:
     default, kind, rng, _ = KEYS[key]
     if kind is bool:
@@ -197,7 +231,7 @@ def resolve(overrides: Mapping[str, Any] | None = None) -> "RunConfig":
             close = [k for k in KEYS if k.split("-")[0] == key.split("-")[0]]
             close = close or difflib.get_close_matches(key.replace("_", "-"), list(KEYS), n=3, cutoff=0.6)
             hint = f" (did you mean {', '.join(close)}?)" if close else ""
-            raise ConfigError(f"unknown run-config key '{key}'{hint}; see the README for the list")
+            raise ConfigError(f"unknown run-config key '{key}'{hint}; see docs/run-config.md for the list")
         cfg[key] = _coerce(key, value)
     regimes(cfg)
     gen_tasks(cfg)
@@ -218,7 +252,7 @@ def resolve(overrides: Mapping[str, Any] | None = None) -> "RunConfig":
                           "leaves no encounters for training; their sum must be below 1")
     if cfg["dp"] and cfg["task"] == "generative" and int(cfg["dpo-rounds"]) > 0:
         raise ConfigError("run config 'dp': the generative study trains SFT with DP-SGD, but DPO has no DP "
-                          "path (see the README's privacy section); set dpo-rounds = 0 with dp = true")
+                          "path (see docs/privacy.md); set dpo-rounds = 0 with dp = true")
     _check_models(cfg)
     _check_arms(cfg)
     return RunConfig(**{attribute(k): v for k, v in cfg.items()})

@@ -25,12 +25,6 @@ def test_pyproject_run_config_matches_the_config_table():
         assert cfg[key] == default, key
 
 
-def test_readme_documents_every_run_config_key():
-    readme = (ROOT / "README.md").read_text()
-    missing = [k for k in KEYS if f"`{k}`" not in readme]
-    assert not missing, f"README lacks run-config keys: {missing}"
-
-
 def test_overrides_parse_like_flwr_run():
     assert parse_overrides('num-server-rounds=2 model="tiny-bert" learning-rate=1e-3 report=false') == {
         "num-server-rounds": 2, "model": "tiny-bert", "learning-rate": 1e-3, "report": False}
