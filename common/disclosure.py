@@ -21,7 +21,7 @@ regime, arm and stage scored on the same patients). Three rules:
 Later groupings (paired differences by subgroup, calibration bins) call
 `protect` like the subgroup bands do. What this does not protect against
 (differencing two studies of the same table, or the whole table against its
-splits) is written in the README's privacy section.
+splits) is written in docs/privacy.md.
 """
 
 from __future__ import annotations

@@ -208,7 +208,7 @@ def train_dp(model, n: int, batch_loss, settings, dp: DPSettings, progress=None)
     noise_gen.manual_seed(seed & ((1 << 63) - 1))
     # Plain SGD by default: under DP noise AdamW's second moment is the noise's, and on the
     # default study AdamW drifted *below* the untrained model's AUC at every site while SGD
-    # did not (README, "What DP-SGD costs in AUC")
+    # did not (docs/results/dp.md)
     lr = float(dp.lr or settings.lr)
     if dp.optimizer == "adam":
         inner = torch.optim.AdamW(params, lr=lr, weight_decay=getattr(settings, "weight_decay", 0.0))

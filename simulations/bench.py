@@ -902,7 +902,7 @@ def _ints(text: str) -> tuple[int, ...]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    """The `clinfed bench` options (also `python -m simulations.bench`)."""
+    """The `clinfed bench` options (also `python -m clinfed.simulations.bench`)."""
     p.add_argument("name", choices=BENCHES, help="which benchmark")
     p.add_argument("--json", help="write the figures to this JSON file")
     p.add_argument("--smoke", action="store_true", help="a tiny configuration that only checks the benchmark runs")
@@ -1009,7 +1009,7 @@ def run_from_args(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m simulations.bench", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m clinfed.simulations.bench", description=__doc__.splitlines()[0])
     add_arguments(p)
     return run_from_args(p.parse_args(argv))
 

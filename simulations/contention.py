@@ -1,7 +1,7 @@
 """How much a light, bursty background load slows one site's training: the mechanism behind
-the federation overhead (README, Benchmarks, "Where the rest goes").
+the federation overhead (docs/results/performance.md).
 
-    python -m simulations.contention [--threads 2] [--busy-ms 1.6] [--period-ms 20]
+    python -m clinfed.simulations.contention [--threads 2] [--busy-ms 1.6] [--period-ms 20]
                                      [--steps 20] [--repeats 3] [--site h01] [--model minilm]
 
 Flower's and Ray's own processes (SuperLink, ServerApp polling, heart-beats, log streaming) use a
@@ -71,7 +71,7 @@ def measure(threads: int = 2, busy_ms: float = 1.6, period_ms: float = 20.0, ste
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m simulations.contention", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m clinfed.simulations.contention", description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--busy-ms", type=float, default=1.6)
     ap.add_argument("--period-ms", type=float, default=20.0)

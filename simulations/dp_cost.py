@@ -1,6 +1,6 @@
 """What DP-SGD costs in AUC: the classifier study without DP and at a few noise levels.
 
-    python -m simulations.dp_cost [--out DIR] [--noise 0.5,1,2] [--hospitals 6]
+    python -m clinfed.simulations.dp_cost [--out DIR] [--noise 0.5,1,2] [--hospitals 6]
                                   [--run-config "k=v ..."] [--threads 2]
 
 Each setting runs the study in process (the real ClientApp and ServerApp logic
@@ -88,7 +88,7 @@ def run_setting(cfg: dict, data_dir: Path, run_dir: Path) -> dict:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m simulations.dp_cost", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m clinfed.simulations.dp_cost", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="runs/dp-cost", help="folder for the runs and the table")
     ap.add_argument("--data", default="", help="federation folder (default: the default synthetic federation)")
     ap.add_argument("--hospitals", type=int, default=6)

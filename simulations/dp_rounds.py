@@ -1,11 +1,11 @@
 """The federated DP-SGD adapter round by round: does it learn, and how fast?
 
-    python -m simulations.dp_rounds [--noise 0.5] [--rounds 10] [--steps 20] [--lr 0.5]
+    python -m clinfed.simulations.dp_rounds [--noise 0.5] [--rounds 10] [--steps 20] [--lr 0.5]
                                     [--data DIR] [--model minilm] [--threads 2]
 
 `simulations.dp_cost` reports a study's final AUC; this prints the global adapter's mean test
 AUC over the sites after every round, so the slow start of DP training is visible. It calls the
-sites' real training path (`client.site.Site.train` with DP-SGD, a privacy ledger per site) and
+sites' real training path (`client.classifier_site.Site.train` with DP-SGD, a privacy ledger per site) and
 averages their adapters as the study does (FedAvg weighted by training notes), in one process,
 sites one after another, without Flower: the numbers are the study's, the messaging is not
 exercised (the study and its tests do that). With `--noise -1` the rounds train without DP
@@ -79,7 +79,7 @@ def run(noise: float = 0.5, rounds: int = 10, steps: int = 20, lr: float = 0.5, 
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m simulations.dp_rounds", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m clinfed.simulations.dp_rounds", description=__doc__.split("\n\n")[0])
     ap.add_argument("--noise", type=float, default=0.5, help="DP-SGD noise multiplier; -1 = no DP")
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--steps", type=int, default=20, help="training steps per site per round")

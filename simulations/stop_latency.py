@@ -6,8 +6,8 @@ process group; `kill`, `timeout` and schedulers the command's pid), and prints
 the seconds from the signal to the command's exit, its exit code, the round the
 checkpoint kept and the machine's load. Run it repeatedly on one RUN_DIR:
 
-    python -m simulations.stop_latency runs/stop SIGTERM
-    python -m simulations.stop_latency runs/stop SIGINT    # resumes, then interrupts again
+    python -m clinfed.simulations.stop_latency runs/stop SIGTERM
+    python -m clinfed.simulations.stop_latency runs/stop SIGINT    # resumes, then interrupts again
 """
 
 from __future__ import annotations

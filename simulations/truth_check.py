@@ -3,7 +3,7 @@
 On a synthetic federation `truth.json` says which patient features drive
 per-instance error and which sites should gain most from local fine-tuning.
 This compares them with what a study's RUN_DIR recovered, from its files
-alone: `python -m simulations.truth_check RUN_DIR [--truth truth.json]`.
+alone: `python -m clinfed.simulations.truth_check RUN_DIR [--truth truth.json]`.
 """
 
 from __future__ import annotations
