@@ -40,7 +40,7 @@ from clinfed.common.app_code import (
     installed_hash,
     write_app_folder,
 )
-from clinfed.common.flower_processes import flwr_command
+from clinfed.common.flower_processes import flower_executable, flwr_command
 from clinfed.server.deploy import (CONNECTION, REFUSAL, Connection, DeployError, ProcessTree, check_node_key, list_nodes,
                            local_address, make_certs, make_node_key, parse_address, run_status, stop_run, submit,
                            wait_for_run)
@@ -430,7 +430,7 @@ def test_tls_is_required_and_checked(federation, tmp_path):
     # A plain-text SuperNode cannot talk to the TLS SuperLink either.
     # Its SuperExec child may outlive it, so wait for the SuperNode itself, then stop the tree.
     with open(tmp_path / "plain.log", "w") as log:
-        plain = ProcessTree(["flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{port}",
+        plain = ProcessTree([flower_executable("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{port}",
                              "--port", str(_free_port()), "--max-retries", "1", "--max-wait-time", "5",
                              "--node-config", f'data-path="{federation["fed"] / "h03"}"'],
                             env=_env(tmp_path / "home-plain"), stdout=log, stderr=subprocess.STDOUT)
