@@ -46,11 +46,13 @@ def difference_rows(reps=1):
            i2=0.10, k=4, cons=c(3)),
         _d("h05", "local", "temporal", -0.050, -0.120, 0.020, 0.200, 1.000, reps=reps),
     ]
-    for i, site in enumerate(["h01", "h02", "h03", "h04", "h05"]):
+    for i, site in enumerate(["h01", "h03", "h04", "h05"]):
         rows.append(_d(site, "personalized", "test", 0.02, -0.03 - 0.01 * i, 0.07 + 0.01 * i, 0.4, 1.0, reps=reps))
+    # h02: its own interval excludes 0 (raw p 0.01) but Holm over the family leaves p_adj 0.08: no finding.
+    rows.append(_d("h02", "personalized", "test", 0.050, 0.010, 0.090, 0.010, 0.080, reps=reps))
     rows.append(_d("pooled", "personalized", "test", 0.020, 0.010, 0.030, 0.0005, 0.004, n=1500, reps=reps,
                    tau2=0.0, i2=0.0, k=5, cons=c(3)))
-    rows.append(_d("pooled", "global", "test", 0.210, 0.150, 0.270, 0.0001, 0.001, ref="base", n=1500, reps=reps,
+    rows.append(_d("pooled", "global", "test", 0.210, 0.150, 0.270, 0.00001, 0.0002, ref="base", n=1500, reps=reps,
                    tau2=0.0005, i2=0.2, k=5, cons=c(3)))
     # the second family: the worst-served subgroup, pooled
     rows.append(_d("pooled", "personalized", "test", 0.060, 0.020, 0.100, 0.001, 0.010, sub="age=80+", k=4))
@@ -169,9 +171,11 @@ def test_large_but_not_significant_difference_is_not_called_better(tested):
     nodiff = _clause(local, "no detectable difference at")
     assert "h01 (+0.150 [−0.050, +0.350], p_adj = 0.300)" in nodiff and "h02" in nodiff
     assert "withheld by disclosure control at h03" in local
-    # The personalized sites are all non-significant: none is called better, though every point gain is > 0.
+    # The personalized sites are all non-significant: none is called better, though every point gain is > 0
+    # and h02's own interval excludes 0 (raw p 0.01, p_adj 0.08).
     pers = _bullet(f, "<strong>personalized</strong> vs global")
     assert "than global at" not in pers.split("Pooled")[0]
+    assert "h02 (+0.050 [+0.010, +0.090], p_adj = 0.080)" in _clause(pers, "no detectable difference at")
     # Nowhere in the findings is a point estimate called a win.
     assert "beats global" not in f and "helps most there" not in f
     s = analyze(run_dir)["tests"]
@@ -188,7 +192,9 @@ def test_pooled_sentences_carry_heterogeneity(tested):
     pers = _bullet(f, "<strong>personalized</strong> vs global")
     assert ("Pooled over 5 sites (random effects): <strong>better</strong> than global, +0.020 [+0.010, +0.030], "
             "p_adj = 0.004; τ² = 0.0000, I² = 0 %: the effect looks general") in pers
-    assert "<strong>global</strong> vs base" in f  # the global-vs-base comparison is stated too
+    # the global-vs-base comparison is stated too; a tiny p_adj is written (HTML-escaped) as "< 0.001"
+    assert "<strong>better</strong> than base, +0.210 [+0.150, +0.270], p_adj &lt; 0.001" in \
+        _bullet(f, "<strong>global</strong> vs base")
 
 
 def test_size_slope_decides_helps_small_sites(tested):
@@ -237,6 +243,10 @@ def test_sections_figures_and_withheld_rows(tested):
     pooled = next(r for r in cal if r["site"] == "pooled" and r["regime"] == "local")
     assert pooled["ECE"] == "0.061" and pooled["slope [95 % CI]"] == "0.890 [0.760, 1.020]"
     assert next(r for r in cal if r["site"] == "h03")["status"] == "withheld (disclosure control)"
+    bins = list(csv.DictReader((run_dir / "tables" / "reliability_bins.csv").read_text().splitlines()))
+    b0 = next(r for r in bins if (r["regime"], r["bin"]) == ("global", "0"))
+    assert (b0["n"], b0["positives"], b0["mean predicted"], b0["observed rate"]) == ("200", "10", "0.050", "0.050")
+    assert len([r for r in bins if r["regime"] == "local"]) == 10
     assert "withheld (disclosure control)" in text
     outputs = [_visible(text)] + [p.read_text() for p in (run_dir / "tables").glob("*.csv")]
     for out in outputs:

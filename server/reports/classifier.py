@@ -428,7 +428,7 @@ def _findings(cells: Cells, sites_df, regimes, splits, gains: pd.DataFrame, run:
         rhos, too_few = [], []
         comps = [c for c in tests["comparisons"] if c["split"] == split]
         if tested:
-            out.append(f"Paired differences, tested (Holm-adjusted p_adj < {ALPHA} is called better or worse; "
+            out.append(f"Paired differences, tested (Holm-adjusted p_adj &lt; {ALPHA} is called better or worse; "
                        "otherwise no detectable difference, with its 95 % interval):")
             out += [comparison_sentence(c) for c in comps]
             if not comps:

@@ -56,11 +56,11 @@ def p_text(p) -> str:
 
 
 def p_adj_clause(p) -> str:
-    """'p_adj = 0.012' or 'p_adj < 0.001' (never 'p_adj = < 0.001')."""
+    """HTML 'p_adj = 0.012' or 'p_adj &lt; 0.001' (never 'p_adj = < 0.001')."""
     t = p_text(p)
     if not t:
         return "p_adj not given"
-    return f"p_adj {t}" if t.startswith("<") else f"p_adj = {t}"
+    return f"p_adj {html.escape(t)}" if t.startswith("<") else f"p_adj = {t}"
 
 
 def diff_clause(e: dict, with_p: bool = True) -> str:
@@ -159,11 +159,11 @@ def heterogeneity_text(c: dict) -> str:
     if h == "general":
         return f": the effect looks general (the sites agree: I² ≤ {lim}, no site significantly against it)"
     if h == "heterogeneous":
-        why = f"I² > {lim}" if finite(i2) and i2 > I2_SITE_SPECIFIC else "sites significant in both directions"
+        why = f"I² &gt; {lim}" if finite(i2) and i2 > I2_SITE_SPECIFIC else "sites significant in both directions"
         return f": significant on average, but its size looks site-specific ({why})"
     if h == "site-specific":
         why = (f"significant at {html.escape(', '.join(sig))} only" if sig
-               else f"I² > {lim}")
+               else f"I² &gt; {lim}")
         return f": no pooled effect, but the effect looks site-specific ({why})"
     if h == "none":
         return ": no detectable effect at any site or pooled"
@@ -252,8 +252,8 @@ def replicate_sentences(tests: dict) -> list[str]:
     not_held = [r for r in reps if not r["holds_in_all"]]
 
     def name(r):
-        return (f"{esc(r['regime'])} {r['verdict']} than {esc(r['reference'])} at {esc(r['site'])} "
-                f"({_split_name(r['split'])})")
+        where = "pooled over sites" if r["site"] == POOLED else f"at {esc(r['site'])}"
+        return f"{esc(r['regime'])} {r['verdict']} than {esc(r['reference'])} {where} ({_split_name(r['split'])})"
 
     out = []
     if held:
@@ -284,7 +284,7 @@ def calibration_sentences(tests: dict, splits) -> list[str]:
                 items.append(bit)
         if items:
             out.append(f"Calibration pooled over sites ({_split_name(split)}): " + "; ".join(items)
-                       + " (ECE 0 = perfect; slope 1 = risks spread right, < 1 too extreme).")
+                       + " (ECE 0 = perfect; slope 1 = risks spread right, &lt; 1 too extreme).")
     return out
 
 
@@ -331,7 +331,7 @@ def fig_forest(comps: list[dict], color: str, path: Path) -> None:
     fig, axes = plt.subplots(1, len(comps), figsize=(5.2 * len(comps), max(2.4, 0.38 * n + 1.4)), squeeze=False)
     for ax, c in zip(axes[0, :], comps):
         _forest_panel(ax, c, color)
-    fig.text(0.01, 0.005, f"filled, *: significant after Holm (p_adj < {ALPHA}); hollow: no detectable difference",
+    fig.text(0.01, 0.005, f"filled, *: significant after Holm (adjusted p < {ALPHA}); hollow: no detectable difference",
              fontsize=7, color="#444")
     fig.tight_layout(rect=(0, 0.03, 1, 1))
     fig.savefig(path, dpi=110)
@@ -441,8 +441,8 @@ def differences_section(tests: dict, colors: dict, fig_dir: Path, tab_dir: Path)
            "apply) and releases only the difference, its 95 % interval, p, n and positives. Pooled: "
            "random-effects meta-analysis (DerSimonian–Laird τ², Knapp–Hartung interval), with τ² (between-site "
            "variance) and I² (share of the spread that is heterogeneity). p_adj: Holm-adjusted over the study's "
-           f"primary family (every comparison at every site and pooled, both splits, subgroup all). * and bold: "
-           f"p_adj < {ALPHA}, the only rows called better or worse.</p>"]
+           f"primary family (every comparison at every site and pooled, both splits, subgroup all). *: "
+           f"p_adj &lt; {ALPHA}, the only rows called better or worse.</p>"]
     cols = DIFF_TABLE_COLUMNS + (["holds in replicates"] if replicates else []) + ["verdict", "heterogeneity"]
     all_csv = []
     pairs = list(dict.fromkeys((c["regime"], c["reference"]) for c in comps))
@@ -536,6 +536,7 @@ def calibration_section(tests: dict, regimes, splits, colors: dict, fig_dir: Pat
                    + '<p class="caption">Pooled over sites from the bins each site released (10 bins of predicted '
                    "risk): x = mean predicted risk, y = positives / n, marker area ∝ patients in the bin. A bin "
                    "withheld at any site is left out of the pool.</p>")
+    out.append(_bins_table(wide, regs, sps, tab_dir))
     rows, body = [], []
 
     def with_ci(r, key):
@@ -567,9 +568,39 @@ def calibration_section(tests: dict, regimes, splits, colors: dict, fig_dir: Pat
     out.append(html_table([head], body, left_cols=3))
     out.append('<p class="caption">ECE: patient-weighted mean gap between observed rate and mean predicted risk '
                "over the bins (0 = perfect). Slope and intercept: logistic recalibration at the site (slope 1 and "
-               "intercept 0 = well calibrated; slope < 1: risks too extreme); pooled: random effects across "
+               "intercept 0 = well calibrated; slope &lt; 1: risks too extreme); pooled: random effects across "
                "sites.</p>")
     return "".join(out)
+
+
+def _bins_table(wide: pd.DataFrame, regs, sps, tab_dir: Path) -> str:
+    """The pooled reliability bins (counts behind the diagram): tables/reliability_bins.csv and a folded table."""
+    pooled = wide[wide["site"] == POOLED]
+    rows = []
+    for reg in regs:
+        for sp in sps:
+            d = pooled[(pooled["regime"] == reg) & (pooled["split"] == sp)]
+            if d.empty:
+                continue
+            supp = d.iloc[0]["status"] == "suppressed"
+            for b in reliability_bins(d.iloc[0]).itertuples(index=False):
+                if not supp and not any(finite(v) for v in (b.lo, b.hi, b.n, b.mean_p)):
+                    continue
+                withheld = supp or not finite(b.n)
+                rows.append([reg, sp, str(b.bin),
+                             f"{b.lo:.2f}–{b.hi:.2f}" if finite(b.lo) and finite(b.hi) else "",
+                             WITHHELD_TEXT if withheld else _count(b.n),
+                             "" if withheld else _count(b.positives),
+                             "" if withheld or not finite(b.mean_p) else f"{b.mean_p:.3f}",
+                             "" if withheld or not finite(b.observed) else f"{b.observed:.3f}"])
+    cols = ["regime", "split", "bin", "predicted risk", "n", "positives", "mean predicted", "observed rate"]
+    pd.DataFrame(rows, columns=cols).to_csv(tab_dir / "reliability_bins.csv", index=False)
+    if not rows:
+        return ""
+    body = [[html.escape(x) if x != WITHHELD_TEXT else WITHHELD_HTML for x in r] for r in rows]
+    head = "<tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in cols) + "</tr>"
+    return ("<details><summary>Pooled reliability bins (counts behind the diagram)</summary>"
+            + html_table([head], body, left_cols=2) + "</details>")
 
 
 def gaps_section(tests: dict, tab_dir: Path) -> str:
@@ -602,4 +633,4 @@ def gaps_section(tests: dict, tab_dir: Path) -> str:
     return ("<h2>Subgroup gaps</h2>" + html_table([head], body, left_cols=6)
             + '<p class="caption">Per grouping, the best- and worst-served band by AUC among the released bands; '
             "gap = AUC(best) − AUC(worst) with its 95 % interval (independent bands). Pooled: random effects "
-            f"of the sites' gaps. p_adj: Holm over this table; * = p_adj < {ALPHA}.</p>")
+            f"of the sites' gaps. p_adj: Holm over this table; * = p_adj &lt; {ALPHA}.</p>")
