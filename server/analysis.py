@@ -522,7 +522,8 @@ def tested_comparisons(diffs: pd.DataFrame | None, site_order: list[str]) -> lis
     d = diffs[diffs["subgroup"] == "all"]
     rank = {s: i for i, s in enumerate(site_order)}
     regimes = ordered(d["regime"], KNOWN_REGIMES)
-    refs = ordered(d["reference"], KNOWN_REGIMES)
+    # regimes against global first (the study's question), then global against base
+    refs = sorted(ordered(d["reference"], KNOWN_REGIMES), key=lambda r: r != "global")
     splits = ordered(d["split"], KNOWN_SPLITS)
     out = []
     for split in splits:

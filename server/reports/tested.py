@@ -175,7 +175,9 @@ def size_sentence(v: dict) -> str:
     esc = html.escape
     name = f"<strong>{esc(v['regime'])}</strong> − {esc(v['reference'])}"
     k = f" ({_count(v['n_sites'])} sites)" if finite(v["n_sites"]) else ""
-    slope = f"slope {signed(v['slope'])} AUC per doubling of training notes {interval(v['lo'], v['hi'])}"
+    cov = v.get("covariate") or "log2 training notes"
+    unit = f"doubling of {cov[5:]}" if cov.startswith("log2 ") else f"unit of {cov}"
+    slope = f"slope {signed(v['slope'])} AUC per {esc(unit)} {interval(v['lo'], v['hi'])}"
     if v["verdict"] == "small":
         return f"{name}: <strong>helps small sites more</strong>: {slope}, {p_adj_clause(v['p_adj'])}{k}"
     if v["verdict"] == "large":
