@@ -5,9 +5,11 @@ drivers, subgroups and "who is served worst" is computed here, from the same
 files, so the analysis can be rerun and tested on fixture files without a
 model. Inputs (all optional; whatever is missing is skipped with a note):
 ``metrics.csv``, ``sites.csv``, ``descriptors.csv``, ``driver_importances.csv``,
-``run.json`` and issue 19's tested comparisons (``differences.csv``, ``size_effects.csv``,
-``calibration.csv``, ``subgroup_gaps.csv``, written by ``server.differences``). Outputs: ``drivers.csv`` and ``site_analysis.csv`` in RUN_DIR,
-plus a summary dict for the report.
+``run.json`` and the study's tested comparisons (``differences.csv``,
+``size_effects.csv``, ``calibration.csv``, ``subgroup_gaps.csv``). Outputs:
+``drivers.csv`` and ``site_analysis.csv`` in RUN_DIR, plus a summary dict for
+the report, whose verdicts call a regime better or worse only where the
+Holm-adjusted p of differences.csv is below ALPHA (``verdict``).
 
 Privacy rule enforced here, not trusted upstream: a cell or descriptor whose
 status is ``suppressed`` is read as missing, even if the file carries a number.

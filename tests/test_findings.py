@@ -159,8 +159,10 @@ def test_verdict_follows_the_adjusted_p_only():
 def test_significant_site_rows_are_called_with_interval_and_p_adj(tested):
     _, _, f = tested
     local = _bullet(f, "<strong>local</strong> vs global")
-    assert "<strong>better</strong> than global at <strong>h05</strong> (+0.120 [+0.050, +0.190], p_adj = 0.020)" in local
-    assert "<strong>worse</strong> than global at <strong>h04</strong> (−0.090 [−0.150, −0.030], p_adj = 0.010)" in local
+    assert ("<strong>better</strong> than global at <strong>h05</strong> (+0.120 [+0.050, +0.190], "
+            "p_adj = 0.020)") in local
+    assert ("<strong>worse</strong> than global at <strong>h04</strong> (−0.090 [−0.150, −0.030], "
+            "p_adj = 0.010)") in local
 
 
 def test_large_but_not_significant_difference_is_not_called_better(tested):
@@ -270,7 +272,8 @@ def test_replicates_say_what_holds_in_every_seed(tmp_path):
     held = _bullet(f, "Findings that hold in every one of the 3 replicates", heading="Replicates")
     assert "local better than global at h05 (random test)" in held
     assert "local worse than global at h04" not in held
-    assert "local worse than global at h04 (random test): 2 of 3" in _bullet(f, "Findings that do not hold", heading="Replicates")
+    assert "local worse than global at h04 (random test): 2 of 3" in _bullet(f, "Findings that do not hold",
+                                                                              heading="Replicates")
 
 
 def test_old_run_folder_builds_and_says_untested(tmp_path):
