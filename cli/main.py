@@ -175,8 +175,10 @@ def _resume(args) -> int:
     if args.data or args.out or args.run_config or args.task:
         raise CliError("--resume takes its settings from the interrupted run's checkpoint: "
                        "give no --data, --out, --run-config or --task with it")
+    from clinfed.simulations.replicates import resume_state
+
     try:
-        overrides, n_sites = resume_settings(args.resume)
+        overrides, n_sites = resume_state(args.resume) or resume_settings(args.resume)
     except ResumeError as err:
         raise CliError(str(err)) from None
     out = Path(args.resume).resolve()
@@ -187,13 +189,19 @@ def _resume(args) -> int:
 
 
 def _simulate(out: Path, overrides: dict, n_sites: int, cpus_per_site: float) -> dict:
-    """Run the study; an interrupt says what the checkpoint kept and how to continue."""
+    """Run the study (or its replicates); an interrupt says what was kept and how to continue."""
+    from clinfed.common.config import resolve
     from clinfed.simulations.local import resume_hint, simulate
+    from clinfed.simulations.replicates import run_replicates
 
+    replicated = resolve(overrides).replicates > 1
     try:
+        if replicated:
+            return run_replicates(out, overrides, n_sites=n_sites, cpus_per_site=cpus_per_site)
         return simulate(out, overrides, n_sites=n_sites, cpus_per_site=cpus_per_site)
     except KeyboardInterrupt as exc:
-        exc.hint = resume_hint(out)
+        exc.hint = (f"completed replicates are kept; continue with: clinfed simulate --resume {out}" if replicated
+                    else resume_hint(out))
         raise
 
 
@@ -209,6 +217,9 @@ def cmd_simulate(args) -> int:
     _same_as_option(overrides, "data-dir", "--data", Path(args.data).resolve() if args.data else None)
     _same_as_option(overrides, "out-dir", "--out", Path(args.out).resolve() if args.out else None)
     _same_as_option(overrides, "seed", "--seed", args.seed if args.seed != 0 else None)
+    _same_as_option(overrides, "replicates", "--replicates", args.replicates)
+    if args.replicates:
+        overrides["replicates"] = args.replicates
     if args.task:
         overrides["task"] = args.task
     if not args.data and str(overrides.get("data-dir", "")).strip():
@@ -288,7 +299,7 @@ def cmd_compare(args) -> int:
         raise CliError(f"--arms {args.arms} and run config 'arms={given['arms']}' disagree; give only one of them")
     overrides = {**DEFAULT_COMPARISON, **({"arms": args.arms} if args.arms else {}), **given}
     args.run_config = to_toml_overrides(overrides)
-    args.task, args.resume = None, None
+    args.task, args.resume, args.replicates = None, None, None
     return cmd_simulate(args)
 
 
@@ -426,6 +437,9 @@ def cmd_run(args) -> int:
     from clinfed.server.deploy import LogFollower, stop_run, submit, wait_for_run
 
     overrides = _parse_run_config(args.run_config or "")
+    if int(overrides.get("replicates", 1)) > 1:
+        raise CliError("run config 'replicates' is carried out by `clinfed simulate`; across real sites, submit "
+                       "one `clinfed run` per seed with the same split-seed (see docs/regimes-and-method.md)")
     out = Path(args.out or overrides.get("out-dir") or f"runs/{datetime.now():%Y%m%d-%H%M%S}").resolve()
     overrides["out-dir"] = str(out)  # a path on the SuperLink host, where the ServerApp writes
     with _connection(args) as conn, tempfile.TemporaryDirectory(prefix="clinfed-app-") as app:
@@ -571,6 +585,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CPU share of each simulated site (sites run in parallel when cores allow)")
     s.add_argument("--resume", metavar="RUN_DIR",
                    help="continue an interrupted study from its last completed round (same settings)")
+    s.add_argument("--replicates", type=_int_in(1, 50), default=None,
+                   help="rerun the training with N seeds on the same test patients and combine the differences "
+                        "(same as run config `replicates`)")
     s.set_defaults(func=cmd_simulate)
 
     c = sub.add_parser("compare", help="run a comparison study of arms (base model x method x task form) "

@@ -31,6 +31,8 @@ from clinfed.common.metrics import (
     split_plan,
     subgroup_labels,
 )
+from clinfed.common.config import split_seed
+from clinfed.common.findings_release import release_calibration, release_differences
 from clinfed.common.adapters import adapter_file, adapter_state, read_adapter, save_adapter
 from clinfed.common.model_cache import LoadedModel
 from clinfed.common.dp import train_classifier_dp
@@ -59,13 +61,13 @@ class Site:
         self.out_dir = Path(out_dir)
         self.cfg = cfg
         df = read_site_table(self.table)
-        self.splits = split_site(df, seed=cfg.seed, temporal_frac=cfg.temporal_frac,
+        self.splits = split_site(df, seed=split_seed(cfg), temporal_frac=cfg.temporal_frac,
                                  test_frac=cfg.test_frac, val_frac=cfg.val_frac)
         if len(self.splits["train"]) == 0:
             raise ValueError(f"site {name}: no training encounters after splitting")
         cap = int(cfg.get("eval-items", 0) or 0)
         if cap:
-            self.splits.update({s: _first_by_hash(self.splits[s], cfg.seed, cap)
+            self.splits.update({s: _first_by_hash(self.splits[s], split_seed(cfg), cap)
                                 for s in ("val",) + EVAL_SPLITS})
         self._encoded: dict[str, list[np.ndarray]] = {}
         self.site_seed = site_seed(cfg, name)
@@ -210,7 +212,7 @@ class Site:
         vocab = self.region_vocabulary
         labels = {s: subgroup_labels(self.splits[s], edges, vocab) if subgroups else {} for s in EVAL_SPLITS}
         plans = {s: eval_plan(self.labels(s), labels[s], k, edges, vocab) for s in EVAL_SPLITS}
-        global_preds = {}
+        own: dict[str, dict[str, np.ndarray]] = {}
         keep_scores = bool(str(cfg.get("arms", "")).strip())
         for regime, state in list(states.items()) + list((cross or {}).items()):
             preds = self._predict(lm, state)
@@ -224,8 +226,18 @@ class Site:
                 plan = plans[split] if regime in states else {("all", ""): plans[split][("all", "")]}
                 out.update(flatten_split(regime, split, y, preds[split], thr, labels[split], plan,
                                          self.site_seed + i, cfg.bootstrap, vocab))
-            if regime == "global":
-                global_preds = preds
+                if regime in states:
+                    out.update(release_calibration(regime, split, y, preds[split], plan[("all", "")], k))
+            if regime in states:
+                own[regime] = preds
+        # paired differences on the same patients, released where both regimes' cells are
+        for i, split in enumerate(EVAL_SPLITS):
+            y = self.labels(split)
+            if len(y):
+                out.update(release_differences(split, y, {r: p[split] for r, p in own.items()}, labels[split],
+                                               plans[split], self.site_seed + i, cfg.bootstrap, vocab,
+                                               subgroups=subgroups))
+        global_preds = own.get("global", {})
         sizes = split_plan(self.splits, k)["sizes"]
         known = all(s in sizes or len(self.splits[s]) == 0 for s in EVAL_SPLITS)  # drv-n is their sum
         if global_preds and cfg.get("drivers", True) and known:

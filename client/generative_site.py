@@ -24,7 +24,7 @@ from clinfed.common.instruct import (
     sft_train,
 )
 from clinfed.common.model_cache import LoadedModel
-from clinfed.common.config import gen_tasks
+from clinfed.common.config import gen_tasks, split_seed
 from clinfed.common.tasks import TASKS
 
 GEN_SUBDIR = "generative"
@@ -38,7 +38,7 @@ class GenSite:
         self.items: dict[str, dict[str, list[dict]]] = {}
         for task in trained + self.held_out:
             if task == "readmission":
-                splits = split_site(read_site_table(table, warn=False), seed=seed, temporal_frac=0.0,
+                splits = split_site(read_site_table(table, warn=False), seed=split_seed(cfg), temporal_frac=0.0,
                                     test_frac=0.25, val_frac=0.0)
                 conv = lambda df: [{"id": r.encounter_id, "note_text": r.note_text,  # noqa: E731
                                     "readmitted_30d": int(r.readmitted_30d)} for r in df.itertuples()]

@@ -26,7 +26,11 @@ KEYS: dict[str, tuple[Any, type, Any, str]] = {
                  "simulation: folder of hospital folders; empty = generate the default synthetic federation"),
     "out-dir": ("", str, None, "where the server writes RUN_DIR; empty = ./runs/<timestamp>"),
     "hospitals": (6, int, (2, 500), "hospitals in the generated federation when data-dir is empty"),
-    "seed": (0, int, (0, 2**31 - 1), "seed of splits, initial adapter, batches and bootstrap"),
+    "seed": (0, int, (0, 2**31 - 1), "seed of training (initial adapter, batches) and, unless split-seed is set, of the splits"),
+    "split-seed": (-1, int, (-1, 2**31 - 1),
+                   "seed of the train/val/test splits; -1 = the same as seed. Replicates keep it and vary seed"),
+    "replicates": (1, int, (1, 50),
+                   "`clinfed simulate`: rerun the training with this many seeds (seed, seed+1, ...) on the same splits and combine the differences"),
     "num-server-rounds": (3, int, (1, 1000), "federated rounds of the global adapter"),
     "local-steps": (20, int, (1, 100000), "optimizer steps per site per federated round"),
     "local-regime-steps": (0, int, (0, 1000000), "steps of the `local` regime; 0 = num-server-rounds x local-steps"),
@@ -127,6 +131,12 @@ KEYS: dict[str, tuple[Any, type, Any, str]] = {
 
 
 REGIMES = ("base", "global", "local", "personalized", "cluster", "similarity-weighted", "augmented")
+
+
+def split_seed(cfg: Mapping[str, Any]) -> int:
+    """The seed of a site's splits: replicates vary the training seed on the same test patients."""
+    value = int(cfg.get("split-seed", -1))
+    return int(cfg["seed"]) if value < 0 else value
 
 
 def regimes(cfg: dict[str, Any]) -> list[str]:

@@ -97,7 +97,9 @@ def cell_metrics(y: np.ndarray, p: np.ndarray, threshold: float, k: int, seed: i
 
 
 def score_cell(y: np.ndarray, p: np.ndarray, threshold: float, seed: int, n_boot: int = 500) -> CellResult:
-    """Metrics of one cell that disclosure control released (both classes present)."""
+    """Metrics of one cell that disclosure control released (both classes present).
+
+    `seed` and `n_boot` are kept for callers that still pass them; the AUC interval is analytic."""
     y = np.asarray(y).astype(int)
     p = np.asarray(p, dtype=float)
     n = len(y)
@@ -108,8 +110,13 @@ def score_cell(y: np.ndarray, p: np.ndarray, threshold: float, seed: int, n_boot
         return CellResult(status="not_computable", n=n, values={"positives": pos}, reason_code=1)
     from sklearn.metrics import average_precision_score, f1_score
 
+    from clinfed.common.stats import auc_interval
+
     auc = auc_roc(y, p)
-    lo, hi = bootstrap_auc_ci(y, p, seed=seed, n_boot=n_boot)
+    # DeLong's variance on the logit scale: one ranking instead of n_boot resampled AUCs, and the
+    # variance the server needs to compare bands (common.stats.auc_variance_from_interval).
+    # NaN (left out) where no analytic interval exists: AUC exactly 0 or 1.
+    lo, hi = auc_interval(y, p)
     values = {
         "auc": auc,
         "auc_lo": lo,
@@ -139,7 +146,7 @@ def flatten_cell(regime: str, split: str, subgroup: str, cell: CellResult) -> di
         out[f"{pre}{SEP}not_computable"] = int(cell.reason_code)
     for name, val in cell.values.items():
         if isinstance(val, float) and math.isnan(val):
-            continue  # e.g. a CI that could not be bootstrapped: absent, not a number
+            continue  # e.g. no analytic interval at AUC 0 or 1: absent, not a number
         out[f"{pre}{SEP}{name}"] = int(val) if name in COUNT_METRICS else float(val)
     return out
 
@@ -178,7 +185,7 @@ def cell_rows(site: str, metrics: dict[str, float], region_vocabulary=()) -> lis
                 rows.append({**base, "metric": m, "value": float(vals[m]), "n": n,
                              "status": "ok", "note": ""})
             else:
-                note = NOT_COMPUTABLE.get(code, "could not be computed (too few distinct resamples)")
+                note = NOT_COMPUTABLE.get(code, "no analytic interval (AUC exactly 0 or 1)")
                 rows.append({**base, "metric": m, "value": None, "n": n,
                              "status": "not_computable", "note": note})
     return rows

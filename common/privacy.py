@@ -30,6 +30,7 @@ import numpy as np
 
 from clinfed.common.arm_differences import PREFIX as CMP_PREFIX
 from clinfed.common.data import INSURANCE_VALUES
+from clinfed.common.findings_release import CAL, CAL_BIN_METRICS, CAL_FIT_METRICS, DIFF, DIFF_METRICS
 from clinfed.common.metrics import AGE_BANDS, COMORBIDITY_BANDS, COUNT_METRICS, MISSING, OTHER, PREFIX, SEP
 
 log = logging.getLogger("clinfed.privacy")
@@ -93,6 +94,11 @@ ALLOWED_METRIC_KEYS = [
         # numbers, regime, split, then the difference, its interval, n, positives or a flag
         rf"{CMP_PREFIX}{SEP}[0-9]{{1,3}}-[0-9]{{1,3}}{SEP}{_NAME}{SEP}(test|temporal){SEP}"
         r"(n|positives|diff|diff_lo|diff_hi|suppressed|not_computable)",
+        # paired regime differences (common.findings_release): released only beside both regimes' cells
+        rf"{DIFF}{SEP}{_NAME}{SEP}{_NAME}{SEP}(test|temporal){SEP}({_SUBGROUP}){SEP}({'|'.join(DIFF_METRICS)})",
+        # calibration: the recalibration fit beside the regime's `all` cell; reliability bins as a grouping
+        rf"{CAL}{SEP}{_NAME}{SEP}(test|temporal){SEP}all{SEP}({'|'.join(CAL_FIT_METRICS)})",
+        rf"{CAL}{SEP}{_NAME}{SEP}(test|temporal){SEP}bin[0-9]{SEP}({'|'.join(CAL_BIN_METRICS)})",
     )
 ]
 COUNT_KEYS = ("num-examples", "site-n-train", "site-n-val", "site-n-test", "site-n-temporal",
@@ -225,7 +231,7 @@ def _check_metrics(items: dict, k: int) -> list[str]:
             problems.append(f"metric '{key}' is not finite")
         if (key in COUNT_KEYS or (key.startswith(f"gen{SEP}") and key.endswith(f"{SEP}n"))) and val < k:
             problems.append(f"count '{key}' is below the minimum cell size")
-        if key.startswith(PREFIX + SEP) or key.startswith(CMP_PREFIX + SEP):
+        if key.startswith(PREFIX + SEP) or key.startswith(CMP_PREFIX + SEP) or _is_bin(key):
             cell, metric = key.rsplit(SEP, 1)
             cells.setdefault(cell, {})[metric] = val
     for cell, vals in cells.items():
@@ -243,6 +249,38 @@ def _check_metrics(items: dict, k: int) -> list[str]:
         elif "n" in vals and vals["n"] - vals["positives"] < k:
             problems.append(f"cell '{cell}' has negatives below the minimum cell size and is not suppressed")
     problems.extend(_check_subtraction(items, cells, k))
+    problems.extend(_check_beside_cells(items, cells))
+    return problems
+
+
+def _is_bin(key: str) -> bool:
+    parts = key.split(SEP)
+    return len(parts) == 5 and parts[0] == CAL and parts[3].startswith("bin")
+
+
+def _check_beside_cells(items: dict, cells: dict[str, dict[str, float]]) -> list[str]:
+    """Differences and calibration fits carry no counts of their own: each is released only
+    beside the released eval cells of the very patients it describes (both regimes' for a
+    difference), so it cannot describe patients no released cell covers."""
+    def released(regime, split, sub):
+        v = cells.get(SEP.join((PREFIX, regime, split, sub)))
+        return v is not None and "suppressed" not in v and "n" in v
+
+    problems, seen = [], set()
+    for key in items:
+        parts = key.split(SEP)
+        if parts[0] == DIFF and len(parts) == 6:
+            _, regime, ref, split, sub, _ = parts
+            if (regime, ref, split, sub) not in seen:
+                seen.add((regime, ref, split, sub))
+                if not (released(regime, split, sub) and released(ref, split, sub)):
+                    problems.append(f"difference '{SEP.join(parts[:5])}' released without both regimes' cells")
+        elif parts[0] == CAL and len(parts) == 5:
+            _, regime, split, sub, _ = parts
+            if (regime, split) not in seen:
+                seen.add((regime, split))
+                if not released(regime, split, "all"):
+                    problems.append(f"calibration of '{regime}/{split}' released without its whole-split cell")
     return problems
 
 
@@ -257,6 +295,10 @@ def _check_subtraction(items: dict, cells: dict[str, dict[str, float]], k: int) 
     groups: dict[tuple[str, str], dict[str, Counts]] = {}
     for cell, v in released.items():
         parts = cell.split(SEP)
+        if parts[0] == CAL and len(parts) == 4:  # reliability bins: a grouping of the regime's split
+            groups.setdefault((SEP.join((PREFIX, *parts[1:3])), "calibration-bin"), {})[parts[3]] = Counts(
+                int(v["n"]), int(v.get("positives", 0)))
+            continue
         if parts[0] != PREFIX or len(parts) != 4 or parts[3] == "all":
             continue
         group = parts[3].split("=", 1)[0]

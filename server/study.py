@@ -31,6 +31,7 @@ from clinfed.common import protocol
 from clinfed.common.adapters import save_adapter, state_hash, state_nbytes
 from clinfed.common.config import regimes
 from clinfed.common.console import progress_line
+from clinfed.common.findings_release import CAL, DIFF
 from clinfed.common.metrics import METRIC_COLUMNS, cell_rows, subgroup_name
 from clinfed.common.model_cache import LoadedModel, model_key
 from clinfed.common.protocol import SITE_HELD
@@ -39,6 +40,7 @@ from clinfed.server.checkpoint import Checkpoint, write_json
 from clinfed.server.grouping import descriptor_matrix, kmeans_assignment, similarity_mix
 from clinfed.server.messaging import SiteMessaging, StudyError, exchange, say
 from clinfed.server.privacy_accounting import PrivacyAccounting
+from clinfed.server.findings import write_findings
 
 log = logging.getLogger("clinfed.server")
 
@@ -92,6 +94,7 @@ class Study(SiteMessaging, PrivacyAccounting):
         self.last_states: dict[str, dict[str, dict]] = {"global": {}, "cluster": {}}
         self.shared_local: dict[str, ArrayRecord] = {}
         self.driver_rows: list[dict] = []
+        self.released: dict[str, dict[str, float]] = {}  # each site's paired differences and calibration keys
         self._lock_run_dir()  # before anything in RUN_DIR is touched
         self.ckpt = Checkpoint(self.run_dir, cfg)
         if not cfg.get("resume"):
@@ -301,6 +304,7 @@ class Study(SiteMessaging, PrivacyAccounting):
         ok = self._collect(list(self.sites), replies, "evaluate")
         for site, rep in ok.items():
             m = dict(rep.content[protocol.METRICS])
+            self.released[site] = {k: v for k, v in m.items() if k.split("/", 1)[0] in (DIFF, CAL)}
             rows = cell_rows(site, m, self.cfg.get("region-vocabulary", ""))
             self.rows.extend(rows)
             # diagonal of the cross-site matrix: the site's own local / cluster adapter
@@ -335,6 +339,9 @@ class Study(SiteMessaging, PrivacyAccounting):
             self.run_dir / "descriptors.csv", index=False)
         pd.DataFrame(self.driver_rows, columns=["site", "driver", "importance", "n"]).to_csv(
             self.run_dir / "driver_importances.csv", index=False)
+        if self.released:
+            n_train = {s: int(c.get("train") or 0) for s, c in self.site_counts.items() if c}
+            write_findings(self.run_dir, self.released, df, n_train, self.cfg.get("region-vocabulary", ""))
 
     def write_run(self):
         self.run.update({

@@ -15,6 +15,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from clinfed.common.config import split_seed
 from clinfed.common.data import find_table, list_sites, read_site_table, split_site
 from clinfed.common.metrics import word_counts
 
@@ -74,7 +75,7 @@ def borrow(site, data_dir, lm, k: int, space: str = "features", seed: int = 0) -
         if name == site.name:
             continue
         df = read_site_table(find_table(folder), warn=False)
-        tr = split_site(df, seed=int(site.cfg.seed), temporal_frac=site.cfg.temporal_frac,
+        tr = split_site(df, seed=split_seed(site.cfg), temporal_frac=site.cfg.temporal_frac,
                         test_frac=site.cfg.test_frac, val_frac=site.cfg.val_frac)["train"]
         frames.append(tr)
     if not frames:

@@ -26,9 +26,11 @@ import threading
 import time
 from pathlib import Path
 
-BENCHES = ("throughput", "overhead", "comm", "scale", "generative")
+from clinfed.simulations.eval_cost import evaluation
+
+BENCHES = ("throughput", "overhead", "comm", "scale", "generative", "evaluation")
 HEADLINE = {"throughput": "ratio", "overhead": "ratio", "comm": "fraction_of_full_model",
-            "scale": "peak_rss_mb", "generative": "sft_tokens_per_s"}
+            "scale": "peak_rss_mb", "generative": "sft_tokens_per_s", "evaluation": "speedup"}
 
 
 # --------------------------------------------------------------------------
@@ -887,8 +889,10 @@ SMOKE = {
     "scale": dict(model="tiny-bert", sites=(2,), size=60, data_factor=0, rounds=1, local_steps=2,
                   personalize_steps=1, bootstrap=10),
     "generative": dict(decoder="tiny-llama", sft_steps=2, dpo_steps=1, compare_bf16=False),
+    "evaluation": dict(sizes=(60,), repeats=1, bootstrap=20),
 }
-FUNCS = {"throughput": throughput, "overhead": overhead, "comm": comm, "scale": scale, "generative": generative}
+FUNCS = {"throughput": throughput, "overhead": overhead, "comm": comm, "scale": scale, "generative": generative,
+         "evaluation": evaluation}
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -911,9 +915,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decoder", help="generative: decoder (default: smollm2; smoke: tiny-llama)")
     p.add_argument("--steps", type=int,
                    help="throughput: steps per block; comm: training steps of the fp16 check; generative: SFT steps")
-    p.add_argument("--repeats", type=int, help="throughput: blocks per arm")
+    p.add_argument("--repeats", type=int, help="throughput: blocks per arm; evaluation: timed repeats per size")
     p.add_argument("--sites", type=_ints, help="scale: numbers of sites, e.g. 5,20,50")
-    p.add_argument("--sizes", type=_ints, help="overhead: encounters per hospital, e.g. 600,400,250")
+    p.add_argument("--sizes", type=_ints, help="overhead: encounters per hospital, e.g. 600,400,250; "
+                                                  "evaluation: test patients per site")
     p.add_argument("--size", type=int, help="throughput, comm: encounters at the measured site; scale: per site")
     p.add_argument("--ranks", type=_ints, help="comm: LoRA ranks besides the default, e.g. 4,16")
     p.add_argument("--rounds", type=int, help="overhead, scale: federated rounds")
@@ -924,7 +929,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--regimes", help="scale: the study's regimes (default base,global,local)")
     p.add_argument("--no-bracket", action="store_true",
                    help="overhead: run the in-process work once (before the simulation), not before and after")
-    p.add_argument("--bootstrap", type=int, help="overhead, scale: bootstrap resamples of the evaluation")
+    p.add_argument("--bootstrap", type=int, help="overhead, scale, evaluation: bootstrap resamples of the evaluation")
     p.add_argument("--personalize-steps", type=int, help="overhead, scale: personalized steps per site")
     p.add_argument("--no-score", action="store_true", help="throughput: skip the scoring comparison")
     p.add_argument("--profile-steps", type=int, help="throughput: steps per arm under torch.profiler (0 = none)")

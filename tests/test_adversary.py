@@ -227,6 +227,19 @@ def test_subtraction_recovers_no_patient_from_the_sites_real_reply(tmp_path):
                 pytest.fail(f"{regime} {group}: recovered one patient: label {rpos}, p {p:.6f}")
             assert rn == 0 or (rn >= k and rpos >= k and rn - rpos >= k), (regime, group, rn, rpos)
         assert m.get(f"{pre}/age=80+/suppressed") == 1
+        # the reliability bins partition the same split: the whole minus the released bins is safe too
+        cal = f"cal/{regime}/test"
+        bins = {key.rsplit("/", 1)[0] for key in m if key.startswith(f"{cal}/bin")}
+        assert len(bins) == 10, bins
+        rel = [b for b in bins if f"{b}/n" in m]
+        rn = n - sum(m[f"{b}/n"] for b in rel)
+        rpos = pos - sum(m[f"{b}/positives"] for b in rel)
+        assert rn == 0 or (rn >= k and rpos >= k and rn - rpos >= k), (regime, "bins", rn, rpos)
+        # and every difference is released only beside both regimes' cells of the same patients
+        for key in m:
+            if key.startswith("diff/"):
+                _, a, b, split, sub, _ = key.split("/")
+                assert f"eval/{a}/{split}/{sub}/n" in m and f"eval/{b}/{split}/{sub}/n" in m, key
 
 
 # -------------------------------------------------- 3. a DP budget the server cannot reset

@@ -95,3 +95,67 @@ def test_error_reasons_that_could_quote_data_are_withheld():
     out = privacy.egress_guard(msg, ctx, leaky)
     assert out.has_error() and "Jane" not in out.error.reason
     assert out.error.reason.startswith(privacy.PUBLIC_REASON_PREFIX)
+
+
+# ------------------------------------------------- paired differences and calibration (issue 19)
+def _scored(n=200, seed=0):
+    rng = np.random.default_rng(seed)
+    y = (rng.random(n) < 0.3).astype(int)
+    return y, np.clip(0.3 + 0.2 * y + 0.15 * rng.standard_normal(n), 0.001, 0.999), rng
+
+
+def _eval_cells(y, regimes=("base", "global", "local")):
+    out = {}
+    for r in regimes:
+        out.update(flatten_cell(r, "test", "all", CellResult("ok", n=len(y), values={"auc": 0.7,
+                                                                                     "positives": int(y.sum())})))
+    return out
+
+
+def test_real_differences_and_calibration_pass_beside_their_cells():
+    from clinfed.common.findings_release import release_calibration, release_differences
+
+    y, p, rng = _scored()
+    preds = {"base": rng.random(len(y)), "global": p, "local": np.clip(p + 0.05 * rng.standard_normal(len(y)), 0, 1)}
+    m = _eval_cells(y)
+    m.update(release_differences("test", y, preds, {}, {("all", ""): True}, seed=1, n_boot=200, subgroups=False))
+    for r, pr in preds.items():
+        m.update(release_calibration(r, "test", y, pr, True, K))
+    assert {"diff/global/base/test/all/diff", "diff/local/global/test/all/p"} <= set(m)
+    assert any(key.startswith("cal/local/test/bin") for key in m)
+    assert check(RecordDict({"metrics": MetricRecord(m)}), "evaluate") == []
+
+
+def test_a_difference_without_both_cells_is_refused():
+    """A difference describes the patients of two released cells; without them it would describe
+    patients no released cell covers (a withheld split, a suppressed band)."""
+    y, _, _ = _scored()
+    m = _eval_cells(y, regimes=("global",))  # `local`'s own cell is not released
+    m.update({"diff/local/global/test/all/diff": 0.05, "diff/local/global/test/all/lo": -0.01,
+              "diff/local/global/test/all/hi": 0.11, "diff/local/global/test/all/p": 0.1})
+    problems = check(RecordDict({"metrics": MetricRecord(m)}), "evaluate")
+    assert any("without both regimes' cells" in p for p in problems), problems
+
+
+def test_calibration_bins_that_isolate_patients_are_refused():
+    """Reliability bins partition the split like subgroup bands: the whole split minus the
+    released bins must hold nobody or k patients, positives and negatives; each bin needs k of each."""
+    from clinfed.common.findings_release import release_calibration
+
+    y, p, _ = _scored()
+    m = {**_eval_cells(y, regimes=("global",)), **release_calibration("global", "test", y, p, True, K)}
+    assert check(RecordDict({"metrics": MetricRecord(m)}), "evaluate") == []
+    released = [key.rsplit("/", 1)[0] for key in m if key.startswith("cal/global/test/bin") and key.endswith("/n")]
+    # a leaking build: the split's whole cell exceeds the released bins by 3 patients (1 positive),
+    # e.g. bins released without complementary suppression: subtraction isolates them
+    leaky = dict(m)
+    leaky["eval/global/test/all/n"] = sum(m[f"{b}/n"] for b in released) + 3
+    leaky["eval/global/test/all/positives"] = sum(m[f"{b}/positives"] for b in released) + 1
+    problems = check(RecordDict({"metrics": MetricRecord(leaky)}), "evaluate")
+    assert any("calibration-bin" in p and "isolates" in p for p in problems), problems
+    victim = released[0]
+    small = {**m, f"{victim}/n": 4}
+    assert any("below the minimum" in p for p in check(RecordDict({"metrics": MetricRecord(small)}), "evaluate"))
+    lone = {key: v for key, v in m.items() if not key.startswith("eval/")}  # bins without the split's cell
+    assert any("without its whole-split cell" in p for p in check(RecordDict({"metrics": MetricRecord(lone)}),
+                                                                    "evaluate"))

@@ -246,3 +246,33 @@ def test_an_update_changed_in_transit_or_for_another_base_is_rejected(small_fede
     assert run["rounds"][0]["sites"] == [sites[0][0]]
     assert "changed in transit" in run["rounds"][0]["failures"][changed]
     assert "base model" in run["rounds"][0]["failures"][other_base]
+
+
+def test_differences_are_paired_on_the_released_cells(study):
+    """differences.csv: each released site difference is AUC(regime) - AUC(reference) of the two
+    metrics.csv cells of the same patients; suppressed cells give suppressed rows without numbers;
+    Holm never lowers a p; pooled rows carry heterogeneity."""
+    run_dir = study["run_dir"]
+    diff = pd.read_csv(run_dir / "differences.csv")
+    met = pd.read_csv(run_dir / "metrics.csv")
+    auc = met[met.metric == "auc"].set_index(["site", "regime", "split", "subgroup"])["value"]
+    sites = diff[diff.site != "pooled"]
+    assert set(sites.site) == set(study["sites"])
+    assert {("global", "base"), ("local", "global"), ("personalized", "global"), ("cluster", "global")} <= set(
+        zip(diff.regime, diff.reference))
+    ok = sites[sites.status == "ok"]
+    assert len(ok) >= 10
+    for r in ok.itertuples():
+        expect = auc[(r.site, r.regime, r.split, r.subgroup)] - auc[(r.site, r.reference, r.split, r.subgroup)]
+        assert abs(r.diff - expect) < 1e-9, r
+        assert r.lo <= r.diff <= r.hi and 0 <= r.p <= 1 and r.p_adj >= r.p - 1e-12
+    sup = diff[diff.status == "suppressed"]
+    assert len(sup) > 0 and sup[["diff", "lo", "hi", "p", "n"]].isna().all().all()
+    assert set(diff.family) == {"primary", "subgroup"}
+    pooled = diff[(diff.site == "pooled") & (diff.status == "ok")]
+    assert len(pooled) > 0 and pooled["tau2"].ge(0).all() and pooled["i2"].between(0, 1).all()
+    assert (pooled["n_sites"] >= 2).all()
+    cal = pd.read_csv(run_dir / "calibration.csv")
+    assert {"ece", "bin0_n", "bin9_mean_p"} <= set(cal.metric) and "pooled" in set(cal.site)
+    assert cal[cal.status == "suppressed"]["value"].isna().all()
+    assert (run_dir / "size_effects.csv").exists() and (run_dir / "subgroup_gaps.csv").exists()
