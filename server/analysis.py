@@ -575,7 +575,11 @@ def size_verdicts(size: pd.DataFrame | None) -> list[dict]:
                     "covariate": r["covariate"], "slope": slope, "lo": _num(r["lo"]), "hi": _num(r["hi"]),
                     "p": _num(r["p"]), "p_adj": p_adj, "n_sites": _num(r["n_sites"]), "note": r["note"],
                     "verdict": v})
-    return out
+    # the study's order: regimes against global first, in the known order; global against base last
+    reg_order = ordered([v["regime"] for v in out], KNOWN_REGIMES)
+    sp_order = ordered([v["split"] for v in out], KNOWN_SPLITS)
+    return sorted(out, key=lambda v: (sp_order.index(v["split"]), v["reference"] != "global",
+                                      reg_order.index(v["regime"])))
 
 
 def widest_gaps(gaps: pd.DataFrame | None) -> list[dict]:

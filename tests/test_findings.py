@@ -216,7 +216,7 @@ def test_worst_site_flip_gap_and_calibration_findings(tested):
     assert ("serves site <strong>h05</strong> worst (AUC 0.600); tested against global there: "
             "<strong>local</strong> is better (+0.120 [+0.050, +0.190], p_adj = 0.020)") in f
     assert ("the subgroup served worst is <strong>age=80+</strong>" in f
-            and "tested against global in this subgroup, pooled: <strong>personalized</strong> is better "
+            and "tested against global pooled in this subgroup: <strong>personalized</strong> is better "
                 "(+0.060 [+0.020, +0.100], p_adj = 0.010)" in f)
     # Pooled local: +0.030 (null) on the random test, −0.040 (significant) on the temporal: not a tested flip.
     assert "local's pooled difference to global changes sign" in f and "no tested sign flip" in f

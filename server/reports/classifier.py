@@ -39,7 +39,7 @@ from clinfed.server.analysis import (  # noqa: E402
 )
 from clinfed.server.reports.tested import (  # noqa: E402
     calibration_section, calibration_sentences, comparison_sentence, differences_section, flip_sentences,
-    gap_sentence, gaps_section, replicate_sentences, site_tested_text, size_sentence,
+    gap_sentence, gaps_section, replicate_sentences, site_tested_text, size_sentence, size_sentences,
 )
 
 DEFAULT_MIN_CELL = 10
@@ -455,7 +455,7 @@ def _findings(cells: Cells, sites_df, regimes, splits, gains: pd.DataFrame, run:
         size = [v for v in tests["size"] if v["split"] == split]
         if size:
             out.append("Difference vs site size (meta-regression on log2 training notes, Holm-adjusted): "
-                       + "; ".join(size_sentence(v) for v in size) + ".")
+                       + size_sentences(size) + ".")
         elif tests["available"].get("size_effects"):
             out.append("size_effects.csv has no meta-regression for this split: no tested size dependence.")
         if tests["available"].get("size_effects"):
@@ -881,7 +881,7 @@ def _analysis_findings(summary: dict, main_regimes, config: dict) -> list[tuple[
         if wg:
             msg = (f"{where}: pooled over sites, the subgroup served worst is <strong>{esc(wg['subgroup'])}</strong> "
                    f"(AUC {f3(wg['auc'])}, n-weighted over {wg['n_sites']} site{'s' if wg['n_sites'] != 1 else ''})")
-            told = site_tested_text(wg.get("tested") or [], where="in this subgroup, pooled") if tested else ""
+            told = site_tested_text(wg.get("tested") or [], where="pooled in this subgroup") if tested else ""
             msg += (told or
                     _helps_text(wg["best_regime"], wg["gain"], wg["gain_n_sites"])) + "."
             others = [f"{esc(v['subgroup'])} {f3(v['auc'])}" for v in w["by_grouping"].values()]

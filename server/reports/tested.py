@@ -187,6 +187,19 @@ def size_sentence(v: dict) -> str:
     return f"{name}: size dependence not computable" + (f" ({esc(v['note'])})" if v["note"] else "")
 
 
+def size_sentences(verdicts: list[dict]) -> str:
+    """The computable slopes one by one, then the regimes without a slope in one clause."""
+    done = [v for v in verdicts if v["verdict"] != "not_computable"]
+    missing = [v for v in verdicts if v["verdict"] == "not_computable"]
+    parts = [size_sentence(v) for v in done]
+    if missing:
+        notes = sorted({v["note"] for v in missing if v["note"]})
+        parts.append("size dependence not computable for " + ", ".join(
+            f"{html.escape(v['regime'])} − {html.escape(v['reference'])}" for v in missing)
+            + (f" ({html.escape('; '.join(notes))})" if notes else ""))
+    return "; ".join(parts)
+
+
 def site_tested_text(entries: list[dict], reference: str = "global", where: str = "there") -> str:
     """For 'who is served worst': which regimes are detectably better than `reference` there."""
     esc = html.escape
@@ -537,7 +550,8 @@ def calibration_section(tests: dict, regimes, splits, colors: dict, fig_dir: Pat
         out.append(img(f_rel, "Reliability diagram pooled over sites")
                    + '<p class="caption">Pooled over sites from the bins each site released (10 bins of predicted '
                    "risk): x = mean predicted risk, y = positives / n, marker area ∝ patients in the bin. A bin "
-                   "withheld at any site is left out of the pool.</p>")
+                   "a site withheld adds nothing from that site: the pooled bin counts the sites that released "
+                   "it.</p>")
     out.append(_bins_table(wide, regs, sps, tab_dir))
     rows, body = [], []
 
