@@ -313,8 +313,8 @@ def _forest_panel(ax, c: dict, color: str) -> None:
     for i, e in enumerate(rows):
         y = n - 1 - i
         is_pooled = e["site"] == POOLED
-        labels.append(f"pooled ({_count(e['n_sites'])} sites)" if is_pooled and finite(e["n_sites"])
-                      else e["site"])
+        k = _count(e["n_sites"]) if is_pooled and finite(e["n_sites"]) else ""
+        labels.append(f"pooled ({k} site{'' if k == '1' else 's'})" if k else e["site"])
         sig = e["verdict"] in ("better", "worse")
         if e["verdict"] in ("suppressed", "not_computable") or not finite(e["diff"]):
             ax.text(0, y, "withheld (disclosure control)" if e["verdict"] == "suppressed" else "not computable",
@@ -331,6 +331,11 @@ def _forest_panel(ax, c: dict, color: str) -> None:
         if sig:
             ax.annotate("*", (hi, y), textcoords="offset points", xytext=(4, -3), fontsize=11, color=color)
     ax.axvline(0, color="#555", lw=1, ls="--")
+    ends = [x for e in rows for x in (e["lo"], e["hi"], e["diff"]) if finite(x)]
+    if ends:  # an AUC difference lies in [−1, 1]: a wider interval (few sites) is cut at the frame
+        lo, hi = max(-1.0, min(ends + [0.0])), min(1.0, max(ends + [0.0]))
+        pad = 0.05 * max(hi - lo, 0.02)
+        ax.set_xlim(lo - pad, hi + pad)
     if c["pooled"] and n:
         ax.axhline(0.5, color="#ccc", lw=0.8)
     ax.set_yticks(range(n))
