@@ -11,7 +11,7 @@ likely, so the planted 3 fill the top 3 with probability 1 / C(5, 3) = 0.1 per s
 at least 4 of 5 independent seeds with probability 5 * 0.1**4 * 0.9 + 0.1**5 = 0.00046
 (0.046 %, well under 1 %). The old median-split error flag met the per-seed criterion in
 6 of 12 seeds at these sizes (3 of 10 at the default sizes); the within-band measure in 10
-of 12 (5 of 10):
+of 12 (4 of 10):
 `python -m clinfed.simulations.driver_recovery --seeds 0-11 --size-factor 3`.
 
 The model. Five full studies (MiniLM + LoRA, federated rounds) do not fit in the suite's
