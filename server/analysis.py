@@ -44,7 +44,8 @@ MAX_COLLINEAR_R = 0.95
 # `n` (site size) is excluded from the regression's "other" descriptors: it is log n_train again.
 SIZE_DESCRIPTORS = {"n", "n_train"}
 
-PATIENT_METHOD = "permutation importance of a per-instance error classifier, n-weighted across sites"
+PATIENT_METHOD = ("spread of the global model's within-band AUC around the site AUC, less DeLong variance "
+                  "(common.error_drivers), n-weighted across sites")
 SPEARMAN_METHOD = "Spearman rho across sites (target vs descriptor; n_train on log scale, rank-invariant)"
 GAP_NOTE = ("global_gap = AUC(global at site) - pooled AUC, pooled = n-weighted mean of the sites' global AUC "
             "(best available aggregate proxy: a true pooled AUC needs patient-level scores)")
