@@ -915,8 +915,9 @@ def _analysis_findings(summary: dict, main_regimes, config: dict) -> list[tuple[
     top = summary["top_drivers"]
     if top:
         n_sites = max(t["n_sites"] for t in top)
-        drv.append("Patient features that most drive the global model's errors (permutation importance of a "
-                   f"per-instance error classifier, n-weighted over {n_sites} site{'s' if n_sites != 1 else ''}): "
+        drv.append("Patient features along which the global model ranks patients least evenly (spread of its AUC "
+                   "within each feature's bands around the site's AUC, less sampling variance, "
+                   f"n-weighted over {n_sites} site{'s' if n_sites != 1 else ''}): "
                    + ", ".join(f"{t['rank']}. <strong>{esc(t['driver'])}</strong> ({t['importance']:.3f})"
                                for t in top[:3]) + ".")
     loc = [g for g in summary["gain_vs_n_train"] if g["regime"] == "local"]
