@@ -99,8 +99,12 @@ def frozen_linears_in(model, dtype):
 # tokenization and batching
 # --------------------------------------------------------------------------
 def encode_texts(tokenizer, texts, max_length: int) -> list[np.ndarray]:
-    """Token ids per note, truncated, unpadded (padding happens per batch)."""
-    out = tokenizer(list(texts), truncation=True, max_length=max_length, padding=False)
+    """Token ids per note, truncated, unpadded (padding happens per batch). An empty split (a
+    study with `temporal-frac = 0` has no temporal test) encodes to nothing: fast tokenizers fail on []."""
+    texts = list(texts)
+    if not texts:
+        return []
+    out = tokenizer(texts, truncation=True, max_length=max_length, padding=False)
     return [np.asarray(ids, dtype=np.int64) for ids in out["input_ids"]]
 
 

@@ -235,3 +235,13 @@ def test_bf16_frozen_base_leaves_tied_embeddings_alone():
         return adapter_state(model), T.predict_yes_proba(model, enc, tok.pad_token_id, answer, precision="bf16")
 
     _fast_equals_plain(model, init, train_and_score)
+
+
+def test_an_empty_split_encodes_and_scores_to_nothing():
+    """A study with temporal-frac = 0 has an empty temporal split; a fast tokenizer fails on []."""
+    from clinfed.common.model_source import tiny_tokenizer
+    from clinfed.common.training import encode_texts
+
+    tok = tiny_tokenizer()
+    assert encode_texts(tok, [], 96) == []
+    assert len(encode_texts(tok, ["a short note"], 96)) == 1
