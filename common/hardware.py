@@ -84,8 +84,21 @@ def prepare_quantized(model):
     gradients flow through the frozen quantized layers); float layers are kept in fp32."""
     from peft import prepare_model_for_kbit_training
 
-    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
-                                           gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
+                                            gradient_checkpointing_kwargs={"use_reentrant": False})
+    keep_cpu_4bit_trainable(model)
+    return model
+
+
+def keep_cpu_4bit_trainable(model) -> None:
+    """On a CPU with AVX512-BF16, bitsandbytes repacks a 4-bit layer's weights for a faster
+    inference kernel the first time it scores without gradients, and later training forwards
+    then run through a kernel without autograd (torch warns: "silently incorrect" gradients
+    through the frozen layer). A site alternates training and scoring, so the repacking is
+    turned off; GPUs are not concerned."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def place(model, device: str):

@@ -147,7 +147,7 @@ def check_model_folder(folder: Path, chat_template: bool = False) -> None:
                            "which SFT and DPO need to render chat examples: use an instruction-tuned model's "
                            "folder or add the template")
     if missing:
-        raise ModelError(f"model folder {folder} cannot be used: it has no " + "; no ".join(missing))
+        raise ModelError(f"model folder {folder} cannot be used: it lacks " + "; and ".join(missing))
 
 
 def model_identity(name: str) -> str:

@@ -1,0 +1,133 @@
+"""Quantized LoRA (QLoRA) on CPU with tiny random models: the base is really held in 4 or 8 bits,
+LoRA trains on it (classifier, SFT, DPO), and the adapter is a plain PEFT adapter of the
+unquantized base. Speed and memory figures need a GPU; these tests check the path only."""
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("bitsandbytes")
+
+from clinfed.common.adapters import adapter_state, save_adapter  # noqa: E402
+from clinfed.common.config import ConfigError, resolve  # noqa: E402
+from clinfed.common.hardware import DeviceError, is_quantized, pick_device  # noqa: E402
+from clinfed.common.model_source import ModelError, load_causal_lm  # noqa: E402
+from clinfed.common.models import LoraSettings, load_classifier, make_head_only_model, make_lora_model  # noqa: E402
+from clinfed.common.tiny_models import write_tiny_model  # noqa: E402
+from clinfed.common.training import TrainSettings, encode_texts, predict_proba, train_classifier  # noqa: E402
+
+NOTES = ["patient admitted with chf", "stable discharged home", "copd shortness breath readmitted",
+         "lives alone follow-up scheduled"] * 4
+LABELS = np.array([1, 0, 1, 0] * 4)
+
+
+def _bnb_layers(model, bits):
+    import bitsandbytes as bnb
+
+    kind = bnb.nn.Linear4bit if bits == "4bit" else bnb.nn.Linear8bitLt
+    return [n for n, m in model.named_modules() if isinstance(m, kind)]
+
+
+@pytest.fixture(scope="module")
+def llama_folder(tmp_path_factory):
+    """A tiny Llama in a folder, as a hospital's mirror holds it (hidden 64: NF4 blocks are 64 wide)."""
+    return str(write_tiny_model(tmp_path_factory.mktemp("m") / "llama", "llama"))
+
+
+@pytest.mark.parametrize("bits", ["4bit", "8bit"])
+def test_quantized_classifier_trains_and_its_adapter_loads_on_the_plain_base(bits, llama_folder, tmp_path):
+    from peft import PeftModel
+
+    lora = LoraSettings(rank=4)
+    plain, _ = make_lora_model(llama_folder, 0, lora)
+    model, tok = make_lora_model(llama_folder, 0, lora, quantization=bits)
+    assert is_quantized(model) and _bnb_layers(model, bits), "the base is not held in bitsandbytes layers"
+    # the head stays a float layer (trained in full and sent)
+    assert not any("score" in n for n in _bnb_layers(model, bits))
+    start = adapter_state(model)
+    # the same seed gives the same initial adapter whether or not the base is quantized (up to
+    # bf16 rounding: PEFT draws LoRA A in the quantized layer's compute dtype, then casts it to fp32)
+    ref = adapter_state(plain)
+    assert set(start) == set(ref)
+    assert all(np.allclose(start[k], ref[k], rtol=1e-2, atol=2e-3) for k in ref)
+
+    enc = encode_texts(tok, NOTES, 32)
+    info = train_classifier(model, enc, LABELS, TrainSettings(steps=3, batch_size=8, lr=5e-2, device="cpu"),
+                            pad_id=tok.pad_token_id)
+    assert np.isfinite(info["train_loss"])
+    trained = adapter_state(model)
+    assert any(not np.allclose(trained[k], start[k]) for k in start)
+    assert all(v.dtype == np.float32 for v in trained.values())
+    # scoring, then training again (a site's rounds alternate): bitsandbytes repacks 4-bit weights
+    # for CPU inference; training must still work after it
+    p = predict_proba(model, enc, tok.pad_token_id, device="cpu")
+    assert np.all(np.isfinite(p))
+    assert not any(getattr(getattr(getattr(m, "weight", None), "quant_state", None), "packing_format_for_cpu", False)
+                   for m in model.modules()), "4-bit weights were repacked into the CPU inference-only format"
+    train_classifier(model, enc, LABELS, TrainSettings(steps=1, batch_size=8, lr=5e-2, device="cpu"),
+                     pad_id=tok.pad_token_id)
+    trained = adapter_state(model)
+
+    save_adapter(model, trained, tmp_path / "ad")
+    base, _ = load_classifier(llama_folder, 0)  # unquantized
+    assert not is_quantized(base)
+    ids = torch.tensor([enc[0]])
+    with torch.no_grad():
+        before = base(input_ids=ids).logits.clone()
+        loaded = PeftModel.from_pretrained(base, str(tmp_path / "ad"))
+        after = loaded(input_ids=ids).logits
+    assert not torch.allclose(before, after), "the adapter did not apply to the plain base"
+    got = adapter_state(loaded)
+    assert set(got) == set(trained) and all(np.allclose(got[k], trained[k]) for k in trained)
+
+
+def test_quantized_decoder_runs_sft_and_dpo_and_reloads_on_the_plain_base(llama_folder, tmp_path):
+    from peft import PeftModel
+
+    from clinfed.common.instruct import (
+        InstructSettings,
+        answer_probability,
+        decoder_adapter_state,
+        dpo_train,
+        make_lora_causal_lm,
+        sft_train,
+    )
+
+    model, tok = make_lora_causal_lm(llama_folder, 0, LoraSettings(rank=4), quantization="4bit")
+    assert _bnb_layers(model, "4bit")
+    sys = {"role": "system", "content": "You are a clinical assistant."}
+    exs = [{"prompt": [sys, {"role": "user", "content": f"patient {w} readmitted ?"}],
+            "completion": [{"role": "assistant", "content": a}]} for w, a in [("chf", "yes"), ("stable", "no")] * 4]
+    start = decoder_adapter_state(model)
+    sft = sft_train(model, tok, exs, InstructSettings(steps=2, batch_size=4, lr=1e-2, device="cpu"))
+    pairs = [{"prompt": e["prompt"], "chosen": e["completion"],
+              "rejected": [{"role": "assistant", "content": "maybe"}]} for e in exs]
+    dpo = dpo_train(model, tok, pairs, InstructSettings(steps=2, batch_size=4, lr=1e-2, device="cpu"))
+    assert np.isfinite(sft["train_loss"]) and np.isfinite(dpo["train_loss"])
+    state = decoder_adapter_state(model)
+    assert any(not np.allclose(state[k], start[k]) for k in start)
+    save_adapter(model, state, tmp_path / "dec")
+    base, _ = load_causal_lm(llama_folder, 0)
+    prompts = [e["prompt"] for e in exs[:2]]
+    p_base = answer_probability(base, tok, prompts)
+    loaded = PeftModel.from_pretrained(base, str(tmp_path / "dec"))
+    assert not np.allclose(answer_probability(loaded, tok, prompts), p_base)
+
+
+def test_quantization_is_refused_where_it_cannot_work():
+    with pytest.raises(ConfigError, match="quantization"):
+        resolve({"quantization": "4bit", "dp": True})
+    with pytest.raises(ConfigError, match="quantization"):
+        resolve({"quantization": "8bit", "arm-method": "full"})
+    with pytest.raises(ConfigError, match="quantization"):
+        resolve({"quantization": "2bit"})
+    with pytest.raises(ModelError, match="LoRA"):
+        make_head_only_model("tiny-bert", 0, quantization="4bit")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_cuda_without_a_gpu_is_a_clear_error():
+    with pytest.raises(DeviceError, match="no CUDA device"):
+        pick_device("cuda")
+    with pytest.raises(DeviceError):  # the training loop picks the device before anything else
+        train_classifier(None, [np.array([1, 2])], np.array([1]), TrainSettings(steps=1, device="cuda"), pad_id=0)
