@@ -131,3 +131,31 @@ def test_cuda_without_a_gpu_is_a_clear_error():
         pick_device("cuda")
     with pytest.raises(DeviceError):  # the training loop picks the device before anything else
         train_classifier(None, [np.array([1, 2])], np.array([1]), TrainSettings(steps=1, device="cuda"), pad_id=0)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_simulate_with_device_cuda_and_no_gpu_stops_at_start(tmp_path, capsys):
+    from clinfed.cli.main import main
+
+    rc = main(["simulate", "--device", "cuda", "--out", str(tmp_path / "run"), "--hospitals", "2"])
+    err = capsys.readouterr().err
+    assert rc != 0 and "no CUDA device" in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()  # nothing started
+
+
+def test_site_hardware_settings_win_over_the_study():
+    from clinfed.common.policy import PolicyError, hardware_overrides, site_policy_from_dict
+
+    study = resolve({"quantization": "none", "device": "auto"})
+    site = site_policy_from_dict({"quantization": "4bit", "gpu-memory-gb": 24})
+    got = hardware_overrides(site, {"device": "cpu", "gpu-memory-gb": "40"})
+    assert got == {"quantization": "4bit", "device": "cpu", "gpu-memory-gb": 24.0}  # the file over the node config
+    cfg = study.override(got)
+    assert (cfg.quantization, cfg.device, cfg.gpu_memory_gb) == ("4bit", "cpu", 24.0)
+    with pytest.raises(PolicyError, match="quantization"):
+        site_policy_from_dict({"quantization": "3bit"})
+    with pytest.raises(PolicyError, match="gpu-memory-gb"):
+        hardware_overrides(None, {"gpu-memory-gb": "lots"})
+    # a site's quantization cannot be combined with DP-SGD: the site refuses clearly
+    with pytest.raises(ConfigError, match="quantization"):
+        resolve({"dp": True}).override(got)
