@@ -26,9 +26,11 @@ import threading
 import time
 from pathlib import Path
 
-BENCHES = ("throughput", "overhead", "comm", "scale", "generative")
+from clinfed.simulations import gpu_bench
+
+BENCHES = ("throughput", "overhead", "comm", "scale", "generative", "gpu")
 HEADLINE = {"throughput": "ratio", "overhead": "ratio", "comm": "fraction_of_full_model",
-            "scale": "peak_rss_mb", "generative": "sft_tokens_per_s"}
+            "scale": "peak_rss_mb", "generative": "sft_tokens_per_s", "gpu": "qlora_lora_tokens_ratio"}
 
 
 # --------------------------------------------------------------------------
@@ -887,8 +889,10 @@ SMOKE = {
     "scale": dict(model="tiny-bert", sites=(2,), size=60, data_factor=0, rounds=1, local_steps=2,
                   personalize_steps=1, bootstrap=10),
     "generative": dict(decoder="tiny-llama", sft_steps=2, dpo_steps=1, compare_bf16=False),
+    "gpu": dict(shapes=("tiny",), steps=1, batch=2, seq=32, device="cpu"),
 }
-FUNCS = {"throughput": throughput, "overhead": overhead, "comm": comm, "scale": scale, "generative": generative}
+FUNCS = {"throughput": throughput, "overhead": overhead, "comm": comm, "scale": scale, "generative": generative,
+         "gpu": gpu_bench.gpu}
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -910,7 +914,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="classifier base model (default: minilm; smoke: tiny-bert)")
     p.add_argument("--decoder", help="generative: decoder (default: smollm2; smoke: tiny-llama)")
     p.add_argument("--steps", type=int,
-                   help="throughput: steps per block; comm: training steps of the fp16 check; generative: SFT steps")
+                   help="throughput: steps per block; comm: training steps of the fp16 check; generative: SFT steps; "
+                        "gpu: timed steps per row")
     p.add_argument("--repeats", type=int, help="throughput: blocks per arm")
     p.add_argument("--sites", type=_ints, help="scale: numbers of sites, e.g. 5,20,50")
     p.add_argument("--sizes", type=_ints, help="overhead: encounters per hospital, e.g. 600,400,250")
