@@ -338,8 +338,9 @@ def load_causal_lm(name: str, seed: int = 0, quantization: str = "none", device:
 
     resolved = resolve_decoder(name)
     qkw = quantized_load_kwargs(quantization, device)
+    smollm2 = (name or DEFAULT_DECODER).strip() in SMOLLM2_ALIASES  # ChatML is its own template
     if resolved != "tiny-llama" and Path(resolved).is_dir():
-        check_model_folder(Path(resolved), chat_template=True)
+        check_model_folder(Path(resolved), chat_template=not smollm2)
     with LOCK:
         seeded(seed)
         if resolved == "tiny-llama":
@@ -360,6 +361,8 @@ def load_causal_lm(name: str, seed: int = 0, quantization: str = "none", device:
             model = prepare_quantized(model)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
+    if not getattr(tok, "chat_template", None) and smollm2:
+        tok.chat_template = CHATML
     if not getattr(tok, "chat_template", None):
         raise ModelError(f"decoder '{name}' has no chat template, which SFT and DPO need to render chat "
                          "examples: use an instruction-tuned model or add a template to its tokenizer")

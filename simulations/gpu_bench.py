@@ -243,10 +243,12 @@ def gpu(work=None, shapes=("1b", "8b"), steps: int = 5, batch: int = 4, seq: int
         except md.PackageNotFoundError:
             vers[pkg] = None
     first = ratios[0]["qlora_over_lora_tokens_per_s"] if ratios else None
+    gpu_info = gpu_machine()
     return {"qlora_lora_tokens_ratio": first, "rows": rows, "ratios": ratios,
-            "settings": {"device": device, "shapes": ",".join(shapes), "steps": steps, "batch": batch, "seq": seq,
+            "settings": {**{k: v for k, v in gpu_info.items()}, **{f"{k}_version": v for k, v in vers.items()},
+                         "device": device, "shapes": ",".join(shapes), "steps": steps, "batch": batch, "seq": seq,
                          "lora": f"r16 {'+'.join(TARGETS)}, fp32 weights", "torch_threads": torch.get_num_threads(),
                          "peak_memory": "torch.cuda.max_memory_allocated" if device == "cuda"
                          else "process RSS (CPU: includes everything the process holds)"},
-            "gpu_machine": gpu_machine(), "quantization_versions": vers,
+            "gpu_machine": gpu_info, "quantization_versions": vers,
             "_tables": [("steps", rows), ("QLoRA / LoRA", ratios)]}

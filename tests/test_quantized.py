@@ -71,7 +71,7 @@ def test_quantized_classifier_trains_and_its_adapter_loads_on_the_plain_base(bit
     save_adapter(model, trained, tmp_path / "ad")
     base, _ = load_classifier(llama_folder, 0)  # unquantized
     assert not is_quantized(base)
-    ids = torch.tensor([enc[0]])
+    ids = torch.from_numpy(enc[0])[None]
     with torch.no_grad():
         before = base(input_ids=ids).logits.clone()
         loaded = PeftModel.from_pretrained(base, str(tmp_path / "ad"))
@@ -159,3 +159,27 @@ def test_site_hardware_settings_win_over_the_study():
     # a site's quantization cannot be combined with DP-SGD: the site refuses clearly
     with pytest.raises(ConfigError, match="quantization"):
         resolve({"dp": True}).override(got)
+
+
+def test_a_site_policy_sets_its_own_quantization_and_memory(fresh_federation, tmp_path):
+    """The hospital's policy file, read where the site is located, changes the site's run config
+    (and so the model it loads), not the study's."""
+    from flwr.app import Context, RecordDict
+
+    from clinfed.client.locate import locate_site
+    from clinfed.common.data import list_sites
+    from clinfed.common.model_cache import model_key
+
+    name, folder = list_sites(fresh_federation)[0]
+    policy = folder / "clinfed-policy.toml"
+    policy.write_text(policy.read_text() + 'quantization = "4bit"\ngpu-memory-gb = 16\n')
+    run_config = {"data-dir": str(fresh_federation), "out-dir": str(tmp_path), "model": "tiny-bert"}
+    n = len(list_sites(fresh_federation))
+    ctx = Context(run_id=1, node_id=1, node_config={"partition-id": 0, "num-partitions": n},
+                  state=RecordDict(), run_config=run_config)
+    *_, cfg, _pol = locate_site(ctx, str(tmp_path))
+    assert (cfg.quantization, cfg.gpu_memory_gb) == ("4bit", 16.0)
+    assert model_key(cfg).quantization == "4bit"
+    other = Context(run_id=1, node_id=2, node_config={"partition-id": 1, "num-partitions": n},
+                    state=RecordDict(), run_config=run_config)
+    assert locate_site(other, str(tmp_path))[4].quantization == "none"  # the study's value elsewhere
