@@ -52,7 +52,9 @@ DEFAULT_DECODER_TARGETS = ["q_proj", "v_proj"]
 
 
 # Float layers of a classifier that are never quantized: the head (trained in full) and the pooler.
-HEAD_NAMES = ["classifier", "score", "pooler"]
+# transformers matches these from the start of a module's full name or as its suffix (5.x), or as a
+# substring (4.x): the `.*` forms catch `bert.pooler.dense` in 5.x, the bare ones in 4.x.
+HEAD_NAMES = ["classifier", "score", "pooler", ".*classifier", ".*score", ".*pooler"]
 
 
 def load_classifier(name: str, seed: int, num_labels: int = 2, quantization: str = "none",

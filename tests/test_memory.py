@@ -96,6 +96,16 @@ def test_a_stated_budget_shrinks_the_micro_batch_without_any_failure():
     assert max(card.forwards[1:]) <= 3
 
 
+def test_the_choice_may_leave_the_site_and_nothing_else_new():
+    from clinfed.client.classifier_handlers import fit_metrics
+    from clinfed.common.privacy import ALLOWED_METRIC_KEYS
+
+    got = fit_metrics({"micro_batch": 6, "accumulation": 3, "oom_retries": 1, "planned_peak_bytes": 10**9})
+    assert got == {"train-micro-batch": 6, "train-accumulation": 3, "train-oom-retries": 1}
+    assert all(any(p.fullmatch(k) for p in ALLOWED_METRIC_KEYS) for k in got)
+    assert not any(p.fullmatch("train-planned-peak-bytes") for p in ALLOWED_METRIC_KEYS)
+
+
 def test_out_of_memory_at_micro_batch_one_and_other_errors_are_not_swallowed():
     model, tok, enc = _setup()
     card = SimulatedCard(model, budget=100, base=200, per_example=100)  # nothing fits

@@ -34,16 +34,23 @@ def llama_folder(tmp_path_factory):
     return str(write_tiny_model(tmp_path_factory.mktemp("m") / "llama", "llama"))
 
 
-@pytest.mark.parametrize("bits", ["4bit", "8bit"])
-def test_quantized_classifier_trains_and_its_adapter_loads_on_the_plain_base(bits, llama_folder, tmp_path):
+@pytest.fixture(scope="module")
+def bert_folder(tmp_path_factory):
+    return str(write_tiny_model(tmp_path_factory.mktemp("m") / "bert", "bert", kind="cls"))
+
+
+@pytest.mark.parametrize("bits,family", [("4bit", "llama"), ("8bit", "llama"), ("4bit", "bert")])
+def test_quantized_classifier_trains_and_its_adapter_loads_on_the_plain_base(bits, family, llama_folder,
+                                                                             bert_folder, tmp_path):
     from peft import PeftModel
 
+    folder = llama_folder if family == "llama" else bert_folder
     lora = LoraSettings(rank=4)
-    plain, _ = make_lora_model(llama_folder, 0, lora)
-    model, tok = make_lora_model(llama_folder, 0, lora, quantization=bits)
+    plain, _ = make_lora_model(folder, 0, lora)
+    model, tok = make_lora_model(folder, 0, lora, quantization=bits)
     assert is_quantized(model) and _bnb_layers(model, bits), "the base is not held in bitsandbytes layers"
-    # the head stays a float layer (trained in full and sent)
-    assert not any("score" in n for n in _bnb_layers(model, bits))
+    # the head (and BERT's pooler) stay float layers: trained in full and sent
+    assert not any(h in n for n in _bnb_layers(model, bits) for h in ("score", "classifier", "pooler"))
     start = adapter_state(model)
     # the same seed gives the same initial adapter whether or not the base is quantized (up to
     # bf16 rounding: PEFT draws LoRA A in the quantized layer's compute dtype, then casts it to fp32)
@@ -69,7 +76,7 @@ def test_quantized_classifier_trains_and_its_adapter_loads_on_the_plain_base(bit
     trained = adapter_state(model)
 
     save_adapter(model, trained, tmp_path / "ad")
-    base, _ = load_classifier(llama_folder, 0)  # unquantized
+    base, _ = load_classifier(folder, 0)  # unquantized
     assert not is_quantized(base)
     ids = torch.from_numpy(enc[0])[None]
     with torch.no_grad():
