@@ -10,6 +10,7 @@ pytest.importorskip("bitsandbytes")
 
 from clinfed.common.adapters import adapter_state, save_adapter  # noqa: E402
 from clinfed.common.config import ConfigError, resolve  # noqa: E402
+from clinfed.common.data import list_sites  # noqa: E402
 from clinfed.common.hardware import DeviceError, is_quantized, pick_device  # noqa: E402
 from clinfed.common.model_source import ModelError, load_causal_lm  # noqa: E402
 from clinfed.common.models import LoraSettings, load_classifier, make_head_only_model, make_lora_model  # noqa: E402
@@ -190,3 +191,42 @@ def test_a_site_policy_sets_its_own_quantization_and_memory(fresh_federation, tm
     other = Context(run_id=1, node_id=2, node_config={"partition-id": 1, "num-partitions": n},
                     state=RecordDict(), run_config=run_config)
     assert locate_site(other, str(tmp_path))[4].quantization == "none"  # the study's value elsewhere
+
+
+def test_a_study_runs_with_one_site_on_a_4bit_base(small_federation, tmp_path, monkeypatch):
+    """A whole (in-process) study where one hospital's policy puts its base in 4 bits and states its
+    card's memory: the study completes, that site's adapters are aggregated like the others', and
+    run.json records what each site chose to fit its card."""
+    import json
+
+    from conftest import small_cells_policy
+
+    from clinfed.server.study import Study
+    from clinfed.simulations.app import app as client_app
+    from clinfed.simulations.inprocess import LocalGrid, simulated_nodes
+
+    import clinfed.common.models as models
+
+    loads, real = [], models.load_classifier
+
+    def spy(*args, **kwargs):
+        loads.append(kwargs.get("quantization", "none"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(models, "load_classifier", spy)
+    sites = list_sites(small_federation)
+    policy = tmp_path / "policy.toml"
+    policy.write_text(small_cells_policy() + 'quantization = "4bit"\ngpu-memory-gb = 8\n')
+    nodes = simulated_nodes(len(sites))
+    nodes[1]["policy-path"] = str(policy)
+    cfg = resolve({"model": "tiny-bert", "data-dir": str(small_federation), "num-server-rounds": 2,
+                   "local-steps": 2, "personalize-steps": 1, "bootstrap": 10, "min-cell-size": 5, "batch-size": 8,
+                   "regimes": "base,global", "subgroups": False, "drivers": False})
+    Study(LocalGrid(client_app, nodes, cfg), cfg, tmp_path / "run").execute()
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run["status"] == "completed" and not run["errors"]
+    trained = [r for r in run["rounds"] if r["phase"] == "global"]
+    assert trained and all(len(r["sites"]) == len(sites) for r in trained)
+    for r in trained:
+        assert all(c["micro_batch"] == 8 and c["oom_retries"] == 0 for c in r["site_costs"].values())
+    assert "4bit" in loads and "none" in loads  # that site's base was quantized, the others' not
