@@ -120,6 +120,10 @@ def _sizes(text: str) -> list[int]:
 _SEED = _int_in(0, 2**31 - 1)
 
 
+# the generator's scenarios (simulations.generate.SCENARIOS), spelled here so --help needs no numpy
+SCENARIO_NAMES = ("default", "exchangeable", "concept-shift")
+
+
 # ------------------------------------------------------------------ commands
 def cmd_generate(args) -> int:
     from clinfed.simulations.generate import generate_federation
@@ -130,9 +134,16 @@ def cmd_generate(args) -> int:
         raise CliError(f"--out {out} is a file; give a folder to write the federation into")
     if out.exists() and any(out.iterdir()) and not args.force:
         raise CliError(f"{out} exists and is not empty (use --force to write into it)")
-    truth = generate_federation(out, n_hospitals=args.hospitals, seed=args.seed, sizes=sizes)
+    try:
+        truth = generate_federation(out, n_hospitals=args.hospitals, seed=args.seed, sizes=sizes,
+                                    scenario=args.scenario, shifted_sites=args.shifted_sites)
+    except ValueError as err:
+        raise CliError(str(err)) from None
     sites = truth["sites"]
-    print(f"wrote {len(sites)} hospitals to {out} (truth: {out / 'truth.json'})")
+    print(f"wrote {len(sites)} hospitals to {out} (truth: {out / 'truth.json'})"
+          + (f"; scenario {args.scenario}" if args.scenario != "default" else "")
+          + (f", cues reversed at {', '.join(truth['concept_shift']['sites'])}"
+             if truth.get("concept_shift") else ""))
     for info in sites:
         print(f"  {info['name']}: {info['size']} encounters, readmission rate {info['base_rate']:.2f}, "
               f"{info['mean_words_per_note']:.0f} words per note")
@@ -245,6 +256,8 @@ def cmd_simulate(args) -> int:
     out = Path(args.out or f"runs/{datetime.now():%Y%m%d-%H%M%S}").resolve()
     if out.exists() and not out.is_dir():
         raise CliError(f"--out {out} is a file; RUN_DIR must be a folder")
+    if args.data and getattr(args, "scenario", "default") != "default":
+        raise CliError("--scenario chooses the generated federation; it does not apply to --data")
     if args.data:
         data = Path(args.data).resolve()
         if not data.exists():
@@ -269,8 +282,10 @@ def cmd_simulate(args) -> int:
             from clinfed.common.config import check_for_sites, resolve
 
             check_for_sites(resolve(overrides), args.hospitals, explicit=set(overrides))  # before generating
-            print(f"generating {args.hospitals} synthetic hospitals (seed {args.seed}) in {data}")
-            generate_federation(data, n_hospitals=args.hospitals, seed=args.seed)
+            scenario = getattr(args, "scenario", "default")
+            print(f"generating {args.hospitals} synthetic hospitals (seed {args.seed}"
+                  + (f", scenario {scenario}" if scenario != "default" else "") + f") in {data}")
+            generate_federation(data, n_hospitals=args.hospitals, seed=args.seed, scenario=scenario)
     report = validate_path(data)
     if not report.ok:
         print(report.summary(), file=sys.stderr)
@@ -583,6 +598,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=_SEED, default=0)
     g.add_argument("--sizes", type=_sizes, help="comma-separated encounters per hospital (default: skewed 2000..150)")
     g.add_argument("--force", action="store_true", help="write into a non-empty folder")
+    g.add_argument("--scenario", choices=SCENARIO_NAMES, default="default",
+                   help="default: every planted site difference; exchangeable: one population at every site; "
+                        "concept-shift: one population, note cues reversed at the shifted sites")
+    g.add_argument("--shifted-sites", help="concept-shift: comma-separated hospitals whose cues are reversed "
+                                           "(default: the smallest ones, at most a quarter of the encounters)")
     g.set_defaults(func=cmd_generate)
 
     v = sub.add_parser("validate", help="check a hospital table, hospital folder or federation folder")
@@ -595,6 +615,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--run-config", default="", help='overrides, e.g. "num-server-rounds=2 local-steps=10"')
     s.add_argument("--hospitals", type=_int_in(2, 500), default=6, help="hospitals to generate when --data is absent")
     s.add_argument("--seed", type=_SEED, default=0)
+    s.add_argument("--scenario", choices=SCENARIO_NAMES, default="default",
+                   help="scenario of the generated federation when --data is absent (see `generate`)")
     s.add_argument("--task", choices=("classifier", "generative"),
                    help="study kind (same as run config `task`): the readmission classifier or instruction tuning")
     s.add_argument("--cpus-per-site", type=_positive_float, default=1.0,

@@ -22,7 +22,6 @@ from clinfed.common.metrics import (
     EVAL_SPLITS,
     best_f1_threshold,
     describe_release,
-    error_driver_importance,
     eval_plan,
     flatten_split,
     parse_edges,
@@ -33,6 +32,7 @@ from clinfed.common.metrics import (
 )
 from clinfed.common.config import split_seed
 from clinfed.common.findings_release import release_calibration, release_differences
+from clinfed.common.error_drivers import error_driver_importance
 from clinfed.common.adapters import adapter_file, adapter_state, read_adapter, save_adapter
 from clinfed.common.model_cache import LoadedModel
 from clinfed.common.dp import train_classifier_dp

@@ -192,7 +192,7 @@ def cell_rows(site: str, metrics: dict[str, float], region_vocabulary=()) -> lis
 
 
 # --------------------------------------------------------------------------
-# subgroups, site descriptors, drivers of per-instance error (all at the site)
+# subgroups and site descriptors (all at the site; error drivers: common.error_drivers)
 # --------------------------------------------------------------------------
 AGE_BANDS = (("<45", 0, 45), ("45-64", 45, 65), ("65-79", 65, 80), ("80+", 80, 1000))
 COMORBIDITY_BANDS = (("0", 0, 1), ("1-2", 1, 3), ("3-4", 3, 5), ("5+", 5, 10**6))
@@ -438,75 +438,3 @@ def site_descriptors(df, k: int, word_edges: list[float], region_vocabulary=()) 
         for band in sorted(protect(bands, k)):
             out[subgroup_key(group, band, region_vocabulary)] = bands[band].n / n
     return out
-
-
-def _error_features(df, word_edges, region_vocabulary=()):
-    """One-hot patient feature bands, grouped so importance is per driver.
-
-    Bands rather than raw values: hardness is planted (and found in the
-    literature) at thresholds such as age 80+ or 5+ comorbidities, and equal
-    encodings keep the groups' importances comparable.
-    """
-    labels = subgroup_labels(df, word_edges, region_vocabulary)
-    names = {"age": "age", "comorbidity": "n_comorbidities", "insurance": "insurance",
-             "region": "region", "words": "words_per_note"}
-    cols, groups = [], {}
-    for key, driver in names.items():
-        lab = labels.get(key)
-        if lab is None:
-            continue
-        levels = sorted(set(lab))
-        if len(levels) < 2:
-            continue
-        start = sum(c.shape[1] for c in cols)
-        cols.append(np.stack([(lab == lv).astype(float) for lv in levels], axis=1))
-        groups[driver] = list(range(start, start + len(levels)))
-    if not cols:
-        return np.zeros((len(df), 0)), {}
-    return np.concatenate(cols, axis=1), groups
-
-
-def instance_errors(y: np.ndarray, p: np.ndarray) -> np.ndarray:
-    """1 where an instance is misranked: a positive scored below the negatives' median
-    score, or a negative above the positives' median (per-instance ranking error)."""
-    y = np.asarray(y).astype(int)
-    med_neg = np.median(p[y == 0]) if (y == 0).any() else 0.5
-    med_pos = np.median(p[y == 1]) if (y == 1).any() else 0.5
-    return np.where(y == 1, p < med_neg, p > med_pos).astype(int)
-
-
-def error_driver_importance(df, y: np.ndarray, p: np.ndarray, seed: int, k: int,
-                            word_edges: list[float], repeats: int = 10,
-                            region_vocabulary=()) -> tuple[dict[str, float], int]:
-    """Which patient features predict this site's per-instance errors?
-
-    A logistic classifier of the error indicator on patient feature bands,
-    scored out of sample (2-fold cross-fitting, repeated) so that features with
-    more levels do not win by overfitting; the importance of a feature group is
-    the mean drop of the held-out ROC AUC when that group is permuted. Only the
-    importances and n leave the site.
-    """
-    from sklearn.linear_model import LogisticRegression
-
-    err = instance_errors(y, p)
-    n = len(err)
-    if n < 2 * k or min(int(err.sum()), n - int(err.sum())) < k:
-        return {}, n
-    X, groups = _error_features(df, word_edges, region_vocabulary)
-    if not groups:
-        return {}, n
-    rng = np.random.default_rng(seed)
-    drops: dict[str, list[float]] = {g: [] for g in groups}
-    for rep in range(repeats):
-        fold = rng.permutation(n) % 2
-        for f in (0, 1):
-            tr, te = fold != f, fold == f
-            if len(set(err[tr])) < 2 or len(set(err[te])) < 2:
-                continue
-            clf = LogisticRegression(max_iter=1000, C=0.5).fit(X[tr], err[tr])
-            base = auc_roc(err[te], clf.predict_proba(X[te])[:, 1])
-            for group, idx in groups.items():
-                Xp = X[te].copy()
-                Xp[:, idx] = Xp[rng.permutation(len(Xp))][:, idx]
-                drops[group].append(base - auc_roc(err[te], clf.predict_proba(Xp)[:, 1]))
-    return {g: float(np.mean(v)) for g, v in drops.items() if v}, n

@@ -5,8 +5,11 @@ drivers, subgroups and "who is served worst" is computed here, from the same
 files, so the analysis can be rerun and tested on fixture files without a
 model. Inputs (all optional; whatever is missing is skipped with a note):
 ``metrics.csv``, ``sites.csv``, ``descriptors.csv``, ``driver_importances.csv``,
-``run.json``. Outputs: ``drivers.csv`` and ``site_analysis.csv`` in RUN_DIR,
-plus a summary dict for the report.
+``run.json`` and the study's tested comparisons (``differences.csv``,
+``size_effects.csv``, ``calibration.csv``, ``subgroup_gaps.csv``). Outputs:
+``drivers.csv`` and ``site_analysis.csv`` in RUN_DIR, plus a summary dict for
+the report, whose verdicts call a regime better or worse only where the
+Holm-adjusted p of differences.csv is below ALPHA (``verdict``).
 
 Privacy rule enforced here, not trusted upstream: a cell or descriptor whose
 status is ``suppressed`` is read as missing, even if the file carries a number.
@@ -41,7 +44,8 @@ MAX_COLLINEAR_R = 0.95
 # `n` (site size) is excluded from the regression's "other" descriptors: it is log n_train again.
 SIZE_DESCRIPTORS = {"n", "n_train"}
 
-PATIENT_METHOD = "permutation importance of a per-instance error classifier, n-weighted across sites"
+PATIENT_METHOD = ("spread of the global model's within-band AUC around the site AUC, less DeLong variance "
+                  "(common.error_drivers), n-weighted across sites")
 SPEARMAN_METHOD = "Spearman rho across sites (target vs descriptor; n_train on log scale, rank-invariant)"
 GAP_NOTE = ("global_gap = AUC(global at site) - pooled AUC, pooled = n-weighted mean of the sites' global AUC "
             "(best available aggregate proxy: a true pooled AUC needs patient-level scores)")
@@ -388,6 +392,277 @@ def _regression(frame: pd.DataFrame, rhos: dict, target: str, split: str) -> lis
     return [row(name, float(c), r2, note) for name, c in zip(names, coef)]
 
 
+# --------------------------------------------------------------------------- tested comparisons (issue 19)
+
+ALPHA = 0.05  # a regime is called better or worse only where its Holm-adjusted p is below this
+I2_SITE_SPECIFIC = 0.5  # I² above this: the sites disagree more than sampling error explains
+DIFF_COLUMNS = ["site", "regime", "reference", "split", "subgroup", "family", "diff", "lo", "hi", "p", "p_adj",
+                "n", "positives", "method", "status", "replicates", "consistent", "tau2", "i2", "n_sites", "note"]
+SIZE_COLUMNS = ["regime", "reference", "split", "covariate", "slope", "lo", "hi", "p", "p_adj", "n_sites", "note"]
+CALIBRATION_COLUMNS = ["site", "regime", "split", "metric", "value", "status"]
+GAP_COLUMNS = ["site", "regime", "split", "grouping", "best", "worst", "gap", "lo", "hi", "p", "p_adj", "status"]
+_DIFF_NUMBERS = ["diff", "lo", "hi", "p", "p_adj", "n", "positives", "replicates", "consistent", "tau2", "i2",
+                 "n_sites"]
+_DIFF_STATS = ["diff", "lo", "hi", "p", "p_adj", "consistent", "tau2", "i2"]
+POOLED = "pooled"
+
+
+def _tested_frame(run_dir, name: str, columns: list[str], numbers: list[str], stats_cols: list[str]
+                  ) -> pd.DataFrame | None:
+    """One of issue 19's files, typed; None when the run folder predates it (or it is unreadable).
+
+    The privacy rule of ``read_metrics`` holds here too: a suppressed row keeps no number at all,
+    whatever the file carries; a not-computable row keeps its counts but no statistic.
+    """
+    df = read_csv(Path(run_dir) / name)
+    if df is None:
+        return None
+    df = df.copy()
+    for col in columns:
+        if col not in df.columns:
+            df[col] = ""
+    df = df[columns]
+    for col in columns:
+        if col not in numbers:
+            df[col] = df[col].astype(str).str.strip()
+    for col in numbers:
+        df[col] = pd.to_numeric(df[col], errors="coerce")
+    if "status" in df.columns:
+        df["status"] = df["status"].str.lower()
+        first = stats_cols[0]
+        df.loc[(df["status"] == "") & df[first].notna(), "status"] = "ok"
+        df.loc[(df["status"] == "") & df[first].isna(), "status"] = "not_computable"
+        supp = df["status"] == "suppressed"
+        df.loc[supp, numbers] = np.nan
+        df.loc[df["status"] == "not_computable", stats_cols] = np.nan
+    if "subgroup" in df.columns:
+        df["subgroup"] = df["subgroup"].replace("", "all")
+    return df.reset_index(drop=True)
+
+
+def read_differences(run_dir) -> pd.DataFrame | None:
+    """differences.csv (paired AUC differences per site and pooled); None when absent."""
+    df = _tested_frame(run_dir, "differences.csv", DIFF_COLUMNS, _DIFF_NUMBERS, _DIFF_STATS)
+    if df is not None:
+        df = df[(df["site"] != "") & (df["regime"] != "")].reset_index(drop=True)
+        df.loc[df["family"] == "", "family"] = np.where(df.loc[df["family"] == "", "subgroup"] == "all",
+                                                        "primary", "subgroup")
+    return df
+
+
+def read_size_effects(run_dir) -> pd.DataFrame | None:
+    """size_effects.csv (meta-regression of the site differences on site size); None when absent."""
+    return _tested_frame(run_dir, "size_effects.csv", SIZE_COLUMNS,
+                         ["slope", "lo", "hi", "p", "p_adj", "n_sites"], ["slope", "lo", "hi", "p", "p_adj"])
+
+
+def read_calibration(run_dir) -> pd.DataFrame | None:
+    """calibration.csv in its long form (site, regime, split, metric, value, status); None when absent."""
+    return _tested_frame(run_dir, "calibration.csv", CALIBRATION_COLUMNS, ["value"], ["value"])
+
+
+def read_subgroup_gaps(run_dir) -> pd.DataFrame | None:
+    """subgroup_gaps.csv (best- vs worst-served band per grouping); None when absent."""
+    return _tested_frame(run_dir, "subgroup_gaps.csv", GAP_COLUMNS, ["gap", "lo", "hi", "p", "p_adj"],
+                         ["gap", "lo", "hi", "p", "p_adj"])
+
+
+def verdict(diff: float, p_adj: float, status: str = "ok") -> str:
+    """'better' | 'worse' | 'none' (no detectable difference) | 'suppressed' | 'not_computable'.
+
+    The only place a direction is decided: by the Holm-adjusted p, never by the point estimate.
+    """
+    if status == "suppressed":
+        return "suppressed"
+    if status not in ("ok", "") or not (np.isfinite(diff) and np.isfinite(p_adj)):
+        return "not_computable"
+    if p_adj < ALPHA and diff != 0:
+        return "better" if diff > 0 else "worse"
+    return "none"
+
+
+def _num(v) -> float:
+    try:
+        v = float(v)
+    except (TypeError, ValueError):
+        return math.nan
+    return v
+
+
+def _diff_entry(r) -> dict:
+    reps = _num(r["replicates"])
+    return {"site": r["site"], "verdict": verdict(_num(r["diff"]), _num(r["p_adj"]), r["status"]),
+            **{c: _num(r[c]) for c in _DIFF_NUMBERS}, "method": r["method"], "status": r["status"],
+            "family": r["family"], "note": r["note"], "replicates": int(reps) if np.isfinite(reps) else 1}
+
+
+def _heterogeneity(pooled: dict | None, site_rows: list[dict]) -> str:
+    """'general' | 'site-specific' | 'heterogeneous' | 'none' | 'unknown': how the sites' results relate.
+
+    general: the pooled test is significant and the sites agree (I² ≤ 50 %, no significant site
+    row against it); site-specific: the pooled test is null but some site is significant, or the
+    sites disagree (I² > 50 % or significant rows in both directions); none: nothing detectable.
+    """
+    sig = {e["verdict"] for e in site_rows if e["verdict"] in ("better", "worse")}
+    i2 = pooled["i2"] if pooled else math.nan
+    pv = pooled["verdict"] if pooled else "not_computable"
+    if pv in ("better", "worse"):
+        against = ({"better", "worse"} - {pv}) & sig
+        if (np.isfinite(i2) and i2 > I2_SITE_SPECIFIC) or against:
+            return "heterogeneous"
+        return "general"
+    if sig or (np.isfinite(i2) and i2 > I2_SITE_SPECIFIC):
+        return "site-specific"
+    if pv == "none":
+        return "none"
+    return "unknown"
+
+
+def tested_comparisons(diffs: pd.DataFrame | None, site_order: list[str]) -> list[dict]:
+    """Per regime × reference × split (subgroup all): each site's verdict and the pooled one."""
+    if diffs is None or diffs.empty:
+        return []
+    d = diffs[diffs["subgroup"] == "all"]
+    rank = {s: i for i, s in enumerate(site_order)}
+    regimes = ordered(d["regime"], KNOWN_REGIMES)
+    # regimes against global first (the study's question), then global against base
+    refs = sorted(ordered(d["reference"], KNOWN_REGIMES), key=lambda r: r != "global")
+    splits = ordered(d["split"], KNOWN_SPLITS)
+    out = []
+    for split in splits:
+        for ref in refs:
+            for reg in regimes:
+                c = d[(d["regime"] == reg) & (d["reference"] == ref) & (d["split"] == split)]
+                if c.empty:
+                    continue
+                rows = [_diff_entry(r) for _, r in c.iterrows()]
+                pooled = next((e for e in rows if e["site"] == POOLED), None)
+                sites = sorted((e for e in rows if e["site"] != POOLED),
+                               key=lambda e: (rank.get(e["site"], len(rank)), e["site"]))
+                reps = max([e["replicates"] for e in rows] or [1])
+                out.append({"regime": reg, "reference": ref, "split": split, "sites": sites, "pooled": pooled,
+                            "heterogeneity": _heterogeneity(pooled, sites), "replicates": reps})
+    return out
+
+
+def tested_subgroup_differences(diffs: pd.DataFrame | None, subgroup: str, split: str,
+                                reference: str = "global") -> list[dict]:
+    """Pooled rows of one subgroup (the second Holm family) against `reference`, one per regime."""
+    if diffs is None or diffs.empty:
+        return []
+    d = diffs[(diffs["subgroup"] == subgroup) & (diffs["split"] == split) & (diffs["reference"] == reference)
+              & (diffs["site"] == POOLED)]
+    return [{"regime": r["regime"], **_diff_entry(r)} for _, r in d.iterrows()]
+
+
+def size_verdicts(size: pd.DataFrame | None) -> list[dict]:
+    """Per regime × reference × split: does the difference depend on site size (Holm-adjusted slope)?
+
+    'small': negative slope, p_adj < ALPHA (the regime helps small sites more); 'large': positive;
+    'none': no detectable size dependence; 'not_computable': no slope (too few sites).
+    """
+    if size is None or size.empty:
+        return []
+    out = []
+    for _, r in size.iterrows():
+        slope, p_adj = _num(r["slope"]), _num(r["p_adj"])
+        if not (np.isfinite(slope) and np.isfinite(p_adj)):
+            v = "not_computable"
+        elif p_adj < ALPHA and slope != 0:
+            v = "small" if slope < 0 else "large"
+        else:
+            v = "none"
+        out.append({"regime": r["regime"], "reference": r["reference"] or "global", "split": r["split"],
+                    "covariate": r["covariate"], "slope": slope, "lo": _num(r["lo"]), "hi": _num(r["hi"]),
+                    "p": _num(r["p"]), "p_adj": p_adj, "n_sites": _num(r["n_sites"]), "note": r["note"],
+                    "verdict": v})
+    # the study's order: regimes against global first, in the known order; global against base last
+    reg_order = ordered([v["regime"] for v in out], KNOWN_REGIMES)
+    sp_order = ordered([v["split"] for v in out], KNOWN_SPLITS)
+    return sorted(out, key=lambda v: (sp_order.index(v["split"]), v["reference"] != "global",
+                                      reg_order.index(v["regime"])))
+
+
+def widest_gaps(gaps: pd.DataFrame | None) -> list[dict]:
+    """Per split × grouping: the widest released gap pooled over sites (and the widest at one site)."""
+    if gaps is None or gaps.empty:
+        return []
+    ok = gaps[(gaps["status"] == "ok") & gaps["gap"].notna()]
+    out = []
+    for split in ordered(ok["split"], KNOWN_SPLITS):
+        for grouping in ordered(ok.loc[ok["split"] == split, "grouping"], GROUPINGS):
+            g = ok[(ok["split"] == split) & (ok["grouping"] == grouping)]
+            entry: dict[str, Any] = {"split": split, "grouping": grouping, "pooled": None, "site": None}
+            for key, part in (("pooled", g[g["site"] == POOLED]), ("site", g[g["site"] != POOLED])):
+                if part.empty:
+                    continue
+                r = part.loc[part["gap"].idxmax()]
+                p_adj = _num(r["p_adj"])
+                entry[key] = {"site": r["site"], "regime": r["regime"], "best": r["best"], "worst": r["worst"],
+                              "gap": _num(r["gap"]), "lo": _num(r["lo"]), "hi": _num(r["hi"]), "p": _num(r["p"]),
+                              "p_adj": p_adj, "significant": bool(np.isfinite(p_adj) and p_adj < ALPHA)}
+            out.append(entry)
+    return out
+
+
+def calibration_table(calib: pd.DataFrame | None) -> pd.DataFrame:
+    """Wide: one row per site × regime × split with every metric as a column; NaN where withheld."""
+    if calib is None or calib.empty:
+        return pd.DataFrame(columns=["site", "regime", "split", "status"])
+    c = calib[(calib["site"] != "") & (calib["metric"] != "")]
+    wide = c.pivot_table(index=["site", "regime", "split"], columns="metric", values="value",
+                         aggfunc="first", dropna=False)
+    status = c.groupby(["site", "regime", "split"])["status"].agg(
+        lambda s: "suppressed" if (s == "suppressed").all() else "ok" if (s == "ok").any() else s.iloc[0])
+    wide = wide.reindex(status.index)
+    wide["status"] = status
+    return wide.reset_index()
+
+
+def replicate_findings(comparisons: list[dict]) -> list[dict]:
+    """Every significant verdict (site or pooled) with the number of replicates it holds in."""
+    out = []
+    for c in comparisons:
+        if c["replicates"] <= 1:
+            continue
+        for e in c["sites"] + ([c["pooled"]] if c["pooled"] else []):
+            if e["verdict"] in ("better", "worse"):
+                cons = e["consistent"]
+                out.append({"regime": c["regime"], "reference": c["reference"], "split": c["split"],
+                            "site": e["site"], "verdict": e["verdict"], "replicates": e["replicates"],
+                            "consistent": int(cons) if np.isfinite(cons) else None,
+                            "holds_in_all": bool(np.isfinite(cons) and cons >= e["replicates"])})
+    return out
+
+
+def tested_summary(run_dir, site_order: list[str]) -> dict:
+    """Structured verdicts from issue 19's files; each part empty (and ``available`` False) without them."""
+    diffs = read_differences(run_dir)
+    size = read_size_effects(run_dir)
+    calib = read_calibration(run_dir)
+    gaps = read_subgroup_gaps(run_dir)
+    comparisons = tested_comparisons(diffs, site_order)
+    return {"available": {"differences": diffs is not None, "size_effects": size is not None,
+                          "calibration": calib is not None, "subgroup_gaps": gaps is not None},
+            "alpha": ALPHA, "comparisons": comparisons, "size": size_verdicts(size),
+            "gaps": widest_gaps(gaps), "replicates": replicate_findings(comparisons),
+            "max_replicates": max([c["replicates"] for c in comparisons] or [1]),
+            "tables": {"differences": diffs, "size_effects": size, "calibration": calib,
+                       "calibration_wide": calibration_table(calib), "subgroup_gaps": gaps}}
+
+
+def site_verdict(tests: dict, site: str, split: str, reference: str = "global") -> list[dict]:
+    """Every regime's tested entry against `reference` at one site and split (for 'who is served worst')."""
+    out = []
+    for c in tests.get("comparisons", []):
+        if c["split"] != split or c["reference"] != reference:
+            continue
+        e = next((e for e in c["sites"] if e["site"] == site), None)
+        if e is not None:
+            out.append({"regime": c["regime"], **e})
+    return out
+
+
 # --------------------------------------------------------------------------- summary
 
 
@@ -486,7 +761,9 @@ def analyze(run_dir) -> dict:
     The summary is a dict: ``regimes``, ``splits``, ``pooled_global_auc`` {split: auc},
     ``worst`` {split: {site, subgroup, by_grouping}} (global model's lowest AUC and the regime
     that helps most there), ``gain_vs_n_train`` [{regime, split, rho, n_sites, note}],
-    ``sign_flips``, ``top_drivers``, ``clusters``, ``notes`` and ``tables`` (DataFrames:
+    ``sign_flips``, ``top_drivers``, ``clusters``, ``notes``, ``tests`` (the verdicts read from
+    differences.csv, size_effects.csv, calibration.csv and subgroup_gaps.csv: see
+    ``tested_summary``; empty for a run folder that predates them) and ``tables`` (DataFrames:
     drivers, site_analysis, site_targets, subgroups, subgroups_by_site, descriptors).
     """
     run_dir = Path(run_dir)
@@ -517,6 +794,17 @@ def analyze(run_dir) -> dict:
     regression.to_csv(run_dir / "site_analysis.csv", index=False, float_format="%.6g")
 
     summary = _summary(metrics, sites_df, targets, pooled, by_site, patient, sdrivers, run)
+    tests = tested_summary(run_dir, list(sites_df["site"]))
+    for split, w in summary["worst"].items():
+        if w.get("site"):
+            w["site"]["tested"] = site_verdict(tests, w["site"]["site"], split)
+        if w.get("subgroup"):
+            w["subgroup"]["tested"] = tested_subgroup_differences(tests["tables"]["differences"],
+                                                                  w["subgroup"]["subgroup"], split)
+    if not tests["available"]["differences"]:
+        notes.append("differences.csv not found (a run from before paired tests): comparisons between regimes "
+                     "are untested point estimates.")
+    summary["tests"] = tests
     summary["notes"] = notes
     summary["tables"] = {"drivers": drivers, "site_analysis": regression, "site_targets": targets,
                          "subgroups": pooled, "subgroups_by_site": by_site, "descriptors": descriptors}

@@ -272,11 +272,32 @@ def subgroup_gaps(metrics: pd.DataFrame) -> list[dict]:
         row = {"site": site, "regime": regime, "split": split, "grouping": grouping, "family": "gap"}
         if res["status"] == "ok":
             rows.append({**row, "best": res["best"].split("=", 1)[1], "worst": res["worst"].split("=", 1)[1],
-                         "gap": res["gap"], "lo": res["lo"], "hi": res["hi"], "p": res["p"], "status": "ok"})
+                         "gap": res["gap"], "lo": res["lo"], "hi": res["hi"], "p": res["p"], "se": res["se"],
+                         "status": "ok"})
         else:
             rows.append({**row, "status": "not_computable"})
+    rows += _pooled_gaps(rows)
     adjust(rows)
     return rows
+
+
+def _pooled_gaps(rows: list[dict]) -> list[dict]:
+    """The sites' best-minus-worst gaps pooled by random effects: how unevenly a regime serves a
+    grouping's bands on average. Bands are named only where every site's best (worst) is the same."""
+    out = []
+    df = pd.DataFrame([r for r in rows if r["status"] == "ok"])
+    if df.empty:
+        return out
+    for (regime, split, grouping), g in df.groupby(["regime", "split", "grouping"], sort=True):
+        row = {"site": POOLED, "regime": regime, "split": split, "grouping": grouping, "family": "gap"}
+        res = random_effects(g["gap"].to_numpy(float), g["se"].to_numpy(float) ** 2) if len(g) >= 2 else None
+        if res is None or res["status"] != "ok":
+            out.append({**row, "status": "not_computable"})
+            continue
+        same = lambda col: g[col].iloc[0] if g[col].nunique() == 1 else None  # noqa: E731
+        out.append({**row, "best": same("best"), "worst": same("worst"), "gap": res["estimate"], "lo": res["lo"],
+                    "hi": res["hi"], "p": res["p"], "status": "ok"})
+    return out
 
 
 def write_findings(run_dir: Path, released: dict[str, dict[str, float]], metrics: pd.DataFrame,

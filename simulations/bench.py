@@ -27,10 +27,12 @@ import time
 from pathlib import Path
 
 from clinfed.simulations import gpu_bench
+from clinfed.simulations.eval_cost import evaluation
 
-BENCHES = ("throughput", "overhead", "comm", "scale", "generative", "gpu")
+BENCHES = ("throughput", "overhead", "comm", "scale", "generative", "evaluation", "gpu")
 HEADLINE = {"throughput": "ratio", "overhead": "ratio", "comm": "fraction_of_full_model",
-            "scale": "peak_rss_mb", "generative": "sft_tokens_per_s", "gpu": "qlora_lora_tokens_ratio"}
+            "scale": "peak_rss_mb", "generative": "sft_tokens_per_s", "evaluation": "speedup",
+            "gpu": "qlora_lora_tokens_ratio"}
 
 
 # --------------------------------------------------------------------------
@@ -889,10 +891,11 @@ SMOKE = {
     "scale": dict(model="tiny-bert", sites=(2,), size=60, data_factor=0, rounds=1, local_steps=2,
                   personalize_steps=1, bootstrap=10),
     "generative": dict(decoder="tiny-llama", sft_steps=2, dpo_steps=1, compare_bf16=False),
+    "evaluation": dict(sizes=(60,), repeats=1, bootstrap=20),
     "gpu": dict(shapes=("tiny",), steps=1, batch=2, seq=32, device="cpu"),
 }
 FUNCS = {"throughput": throughput, "overhead": overhead, "comm": comm, "scale": scale, "generative": generative,
-         "gpu": gpu_bench.gpu}
+         "evaluation": evaluation, "gpu": gpu_bench.gpu}
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -916,9 +919,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int,
                    help="throughput: steps per block; comm: training steps of the fp16 check; generative: SFT steps; "
                         "gpu: timed steps per row")
-    p.add_argument("--repeats", type=int, help="throughput: blocks per arm")
+    p.add_argument("--repeats", type=int, help="throughput: blocks per arm; evaluation: timed repeats per size")
     p.add_argument("--sites", type=_ints, help="scale: numbers of sites, e.g. 5,20,50")
-    p.add_argument("--sizes", type=_ints, help="overhead: encounters per hospital, e.g. 600,400,250")
+    p.add_argument("--sizes", type=_ints, help="overhead: encounters per hospital, e.g. 600,400,250; "
+                                                  "evaluation: test patients per site")
     p.add_argument("--size", type=int, help="throughput, comm: encounters at the measured site; scale: per site")
     p.add_argument("--ranks", type=_ints, help="comm: LoRA ranks besides the default, e.g. 4,16")
     p.add_argument("--rounds", type=int, help="overhead, scale: federated rounds")
@@ -929,7 +933,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--regimes", help="scale: the study's regimes (default base,global,local)")
     p.add_argument("--no-bracket", action="store_true",
                    help="overhead: run the in-process work once (before the simulation), not before and after")
-    p.add_argument("--bootstrap", type=int, help="overhead, scale: bootstrap resamples of the evaluation")
+    p.add_argument("--bootstrap", type=int, help="overhead, scale, evaluation: bootstrap resamples of the evaluation")
     p.add_argument("--personalize-steps", type=int, help="overhead, scale: personalized steps per site")
     p.add_argument("--no-score", action="store_true", help="throughput: skip the scoring comparison")
     p.add_argument("--profile-steps", type=int, help="throughput: steps per arm under torch.profiler (0 = none)")

@@ -43,6 +43,7 @@ __all__ = [
     "default_sizes",
     "generate_federation",
     "site_name",
+    "SCENARIOS",
 ]
 
 GENERATOR_VERSION = "1.0.0"
@@ -85,6 +86,25 @@ NOISE_MODEL = {
     "insurance_government_or_unspecified": 1.20,
 }
 PLANTED_ERROR_DRIVERS = ["n_comorbidities", "age", "insurance"]
+
+# Known-answer scenarios (generate_federation(scenario=...)). `default` plants every site
+# difference above; the other two remove them so that the answer is known exactly:
+# `exchangeable`: every hospital is drawn from one population (one patient mix, vocabulary,
+# template, note length, base rate and label model, no site-specific weight shifts and no
+# site-specific template drift), only the sizes differ: no regime has a reason to beat
+# `global` anywhere. `concept-shift`: the same single population, except that at the shifted
+# hospitals the cues below mean the opposite (their weight is negated), written in the same
+# words: only there does a site's own model have something to learn that `global` cannot.
+SCENARIOS = ("default", "exchangeable", "concept-shift")
+CONCEPT_SHIFT_CUES = tuple(c.name for c in CONCEPTS if abs(c.weight) >= 0.5)
+# weight of a cue at a shifted site = -CONCEPT_SHIFT_FACTOR * its weight elsewhere (reversed, and
+# 1.5 times as strong: a plain reversal costs a global model about 0.1 Bayes AUC there, too little
+# for a local adapter trained on a few hundred notes to beat it on a 100-patient test split)
+CONCEPT_SHIFT_FACTOR = 1.5
+# default shifted sites: the smallest ones holding at most this share of all encounters (at
+# least one), so that the pooled meaning of a cue stays the majority's (shifted share x factor
+# below the unshifted share) and only the shifted sites have something a global model misses
+CONCEPT_SHIFT_MAX_SHARE = 0.25
 
 DRIFT_FRACTION = 0.80  # cutoff at 80 % of the period, so drift lands in the temporal test split
 DRIFT_INTERCEPT = 0.25
@@ -583,8 +603,14 @@ refuse-instance-moving = false
 
 def generate_federation(out_dir, n_hospitals: int = DEFAULT_N_HOSPITALS, seed: int = 0, sizes=None,
                         start: str = "2021-01-01", end: str = "2023-12-31", generative: bool = True,
-                        site_policy: str | None = SYNTHETIC_SITE_POLICY) -> dict:
+                        site_policy: str | None = SYNTHETIC_SITE_POLICY, scenario: str = "default",
+                        shifted_sites=None) -> dict:
     """Write ``out_dir/hNN/encounters.csv`` per hospital and ``out_dir/truth.json``; return the truth.
+
+    ``scenario`` is one of SCENARIOS (see there); ``default`` writes exactly what this
+    generator always wrote. ``shifted_sites`` (``concept-shift`` only) names the hospitals
+    where CONCEPT_SHIFT_CUES are reversed (default: the smallest hospitals holding at most
+    CONCEPT_SHIFT_MAX_SHARE of the encounters); both are recorded in truth.json.
 
     ``sizes`` (one per hospital) overrides ``n_hospitals``; by default sizes fall geometrically
     from 2000 (h01) to 200 (last). Same seed and arguments give byte-identical files. Each
@@ -603,8 +629,21 @@ def generate_federation(out_dir, n_hospitals: int = DEFAULT_N_HOSPITALS, seed: i
     cutoff_day = int(math.floor(DRIFT_FRACTION * n_days))
     cutoff = d0 + timedelta(days=cutoff_day)
 
+    if scenario not in SCENARIOS:
+        raise ValueError(f"scenario must be one of {', '.join(SCENARIOS)}, got {scenario!r}")
+    if shifted_sites is not None and scenario != "concept-shift":
+        raise ValueError("shifted_sites applies to scenario 'concept-shift' only")
     rng = np.random.default_rng(np.random.SeedSequence(int(seed)))
     sites = _make_sites(rng, sizes)
+    shifted: list[str] = []
+    if scenario != "default":  # after _make_sites, so later draws are the same in every scenario
+        sites = _one_population(sites)
+    if scenario == "concept-shift":
+        shifted = _shifted_names(sizes, shifted_sites)
+        for st in sites:
+            if st["name"] in shifted:
+                st["concept_shifts"] = {c: -(1.0 + CONCEPT_SHIFT_FACTOR) * CONCEPTS[CONCEPT_INDEX[c]].weight
+                                     for c in CONCEPT_SHIFT_CUES}
     base_w = np.array([c.weight for c in CONCEPTS])
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -615,12 +654,19 @@ def generate_federation(out_dir, n_hospitals: int = DEFAULT_N_HOSPITALS, seed: i
 
     all_y, all_p, all_age, all_k, all_ins, all_after = [], [], [], [], [], []
     site_truth = []
+    intercepts: dict = {}  # one label model per population (scenarios other than default)
     for s, w in zip(sites, site_w):
         p = _patients(rng, s, n_days, cutoff_day)
         n = s["size"]
         eta0 = _linear_predictor(p, w)
         sd = _noise_sd(p["age"], p["k"], p["insurance"])
-        b = _solve_intercept(s["target_rate"], eta0, sd)
+        if scenario == "default":
+            b = _solve_intercept(s["target_rate"], eta0, sd)
+        else:
+            key = tuple(sorted(s["concept_shifts"].items()))
+            if key not in intercepts:
+                intercepts[key] = _solve_intercept(s["target_rate"], eta0, sd)
+            b = intercepts[key]
         eta = b + eta0
         pstar = bayes_probability(eta, sd)
         eps = rng.normal(0.0, 1.0, n) * sd
@@ -787,12 +833,65 @@ def generate_federation(out_dir, n_hospitals: int = DEFAULT_N_HOSPITALS, seed: i
         },
         "overall_base_rate": float(y.mean()),
     }
+    if scenario != "default":  # the default's truth.json stays byte-identical: no new keys there
+        truth["scenario"] = scenario
+        truth["expected"]["largest_gain_from_local_fine_tuning"] = list(shifted)
+        truth["expected"]["local_gain_ranking"] = list(shifted)
+        truth["expected"]["rationale"] = (
+            "all hospitals share one population and label model; local fine-tuning has nothing to gain "
+            "anywhere" if scenario == "exchangeable" else
+            "all hospitals share one population and label model except that at the shifted sites the "
+            "concept-shift cues mean the opposite; only there can a site's own model beat the global one")
+        truth["concept_shift"] = None if scenario == "exchangeable" else {
+            "sites": list(shifted),
+            "cues": {c: {"weight": CONCEPTS[CONCEPT_INDEX[c]].weight,
+                         "weight_at_shifted_sites": -CONCEPT_SHIFT_FACTOR * CONCEPTS[CONCEPT_INDEX[c]].weight}
+                     for c in CONCEPT_SHIFT_CUES},
+            "words": {c: sites[0]["vocabulary"][c] for c in CONCEPT_SHIFT_CUES},
+        }
     if generative:  # generative tasks per site (simulations/generative.py), own seeded stream
         from clinfed.simulations.generative import write_generative_tasks
         truth["generative"] = write_generative_tasks(out, truth, seed)
     truth = _r(truth)
     (out / "truth.json").write_text(json.dumps(truth, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return truth
+
+
+def _one_population(sites: list[dict]) -> list[dict]:
+    """Every site a copy of one population: the largest site's draws, without its weight
+    shifts or template drift, at the mean of the sites' base rates; names and sizes kept."""
+    import copy
+
+    pop = copy.deepcopy(sites[0])
+    pop.update(concept_shifts={}, shift_scale=0.0, drift=None, idiosyncrasy=0.0,
+               target_rate=float(np.mean([st["target_rate"] for st in sites])))
+    out = []
+    for st in sites:
+        site = copy.deepcopy(pop)
+        site.update(name=st["name"], index=st["index"], size=st["size"])
+        out.append(site)
+    return out
+
+
+def _shifted_names(sizes: list[int], shifted_sites) -> list[str]:
+    n = len(sizes)
+    names = [site_name(i) for i in range(n)]
+    if shifted_sites is None:
+        chosen, total = [], 0
+        for i in sorted(range(n), key=lambda i: (sizes[i], -i)):
+            if chosen and total + sizes[i] > CONCEPT_SHIFT_MAX_SHARE * sum(sizes):
+                break
+            chosen.append(names[i])
+            total += sizes[i]
+    else:
+        chosen = [str(v).strip() for v in (shifted_sites.split(",") if isinstance(shifted_sites, str)
+                                           else shifted_sites) if str(v).strip()]
+        unknown = [v for v in chosen if v not in names]
+        if unknown:
+            raise ValueError(f"shifted_sites {', '.join(unknown)} not among {', '.join(names)}")
+    if not chosen or len(chosen) == n:
+        raise ValueError("concept-shift needs at least one shifted and one unshifted hospital")
+    return [v for v in names if v in chosen]
 
 
 def _write_site(folder: Path, name: str, notes, y, p, died, d0: date) -> None:

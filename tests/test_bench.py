@@ -58,6 +58,11 @@ def test_generative_smoke(tmp_path):
         assert _finite(doc[key]) and doc[key] > 0, key
 
 
+def test_evaluation_smoke(tmp_path):
+    doc = _bench("evaluation", tmp_path)
+    assert set(doc["speedup"]) == {"60"} and _finite(doc["speedup"]["60"]) and doc["speedup"]["60"] > 0
+
+
 @pytest.mark.slow
 def test_overhead_smoke(tmp_path):
     doc = _bench("overhead", tmp_path)

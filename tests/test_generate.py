@@ -135,3 +135,86 @@ def test_learnable_but_not_trivial_and_planted_hardness(fed):
     assert g["hard_age80plus_or_comorb5plus"]["bayes_auc"] < g["rest"]["bayes_auc"] - 0.05
     assert g["age_80plus"]["bayes_auc"] < g["age_under_80"]["bayes_auc"]
     assert g["comorbidities_5plus"]["bayes_auc"] < g["comorbidities_under_5"]["bayes_auc"]
+
+
+# ------------------------------------------------------------------ known-answer scenarios
+SCENARIO_SIZES = [800, 600, 400, 300]
+
+
+def _site_frames(root):
+    return {name: read_site_table(path, warn=False) for name, path in list_sites(root)}
+
+
+def _spread(frames, stat):
+    vals = [stat(df) for df in frames.values()]
+    return max(vals) - min(vals)
+
+
+def test_the_default_scenario_is_the_generator_without_one(fed, tmp_path):
+    out, _ = fed
+    generate_federation(tmp_path / "named", seed=0, scenario="default")
+    assert file_bytes(tmp_path / "named") == file_bytes(out)
+    with pytest.raises(ValueError, match="scenario"):
+        generate_federation(tmp_path / "bad", seed=0, scenario="nonsense")
+
+
+def test_exchangeable_sites_share_one_population(tmp_path):
+    """The per-site spread of case mix, note length and readmission rate collapses to sampling
+    noise; under the default scenario the same seed and sizes plant real differences."""
+    spreads = {}
+    for scenario in ("default", "exchangeable"):
+        root = tmp_path / scenario
+        truth = generate_federation(root, seed=2, sizes=SCENARIO_SIZES, scenario=scenario, generative=False)
+        frames = _site_frames(root)
+        spreads[scenario] = {
+            "age": _spread(frames, lambda d: d["age"].mean()),
+            "comorbidities": _spread(frames, lambda d: d["n_comorbidities"].mean()),
+            "words": _spread(frames, lambda d: d["note_text"].str.split().str.len().mean()),
+            "rate": _spread(frames, lambda d: d["readmitted_30d"].mean()),
+        }
+        if scenario == "exchangeable":
+            assert truth["scenario"] == "exchangeable"
+            assert all(not st["concept_shifts"] and not st["drift"] for st in truth["sites"])
+            assert len({json.dumps(st["vocabulary"], sort_keys=True) for st in truth["sites"]}) == 1
+            assert len({st["template"] for st in truth["sites"]}) == 1
+            assert truth["expected"]["largest_gain_from_local_fine_tuning"] == []
+        else:
+            assert "scenario" not in truth  # the default's truth.json is unchanged
+    d, e = spreads["default"], spreads["exchangeable"]
+    for key in ("age", "comorbidities", "words"):
+        assert e[key] < 0.3 * d[key], (key, d, e)
+    # readmission rates: four samples of one rate (about 0.2) differ by sampling noise only
+    assert e["rate"] < 0.08, e
+
+
+def _cue_rate_difference(frames, words):
+    """Readmission rate with the cue's words in the note minus without, pooled over frames."""
+    df = pd.concat(frames)
+    text = df["note_text"].str.lower()
+    has = np.zeros(len(df), dtype=bool)
+    for w in words:
+        has |= text.str.contains(w.lower(), regex=False).to_numpy()
+    y = df["readmitted_30d"].to_numpy()
+    assert 20 <= has.sum() <= len(df) - 20
+    return y[has].mean() - y[~has].mean()
+
+
+def test_concept_shift_reverses_the_cue_at_the_named_sites(tmp_path):
+    root = tmp_path / "cs"
+    truth = generate_federation(root, seed=1, sizes=SCENARIO_SIZES, scenario="concept-shift",
+                                shifted_sites="h02,h04", generative=False)
+    shift = truth["concept_shift"]
+    assert truth["scenario"] == "concept-shift" and shift["sites"] == ["h02", "h04"]
+    assert truth["expected"]["largest_gain_from_local_fine_tuning"] == ["h02", "h04"]
+    frames = _site_frames(root)
+    cue = "prior_admissions"
+    assert cue in shift["cues"] and shift["cues"][cue]["weight_at_shifted_sites"] < 0 < shift["cues"][cue]["weight"]
+    words = shift["words"][cue]
+    at_shifted = _cue_rate_difference([frames[s] for s in ("h02", "h04")], words)
+    elsewhere = _cue_rate_difference([frames[s] for s in ("h01", "h03")], words)
+    assert elsewhere > 0.05 and at_shifted < -0.05, (elsewhere, at_shifted)
+    # the cue is written in the same words everywhere: only its meaning changed
+    assert len({json.dumps(st["vocabulary"], sort_keys=True) for st in truth["sites"]}) == 1
+    with pytest.raises(ValueError, match="shifted"):
+        generate_federation(tmp_path / "bad", seed=1, sizes=SCENARIO_SIZES, scenario="concept-shift",
+                            shifted_sites="h09")

@@ -34,8 +34,12 @@ from clinfed.server.reports.toolkit import (  # noqa: E402
     CSS, f3, html_table, human_bytes, human_seconds, img, kv_table, simple_table,
 )
 from clinfed.server.analysis import (  # noqa: E402
-    GROUPINGS, KNOWN_REGIMES, KNOWN_SPLITS, analyze, gain_regimes, ordered, read_metrics,
+    ALPHA, GROUPINGS, KNOWN_REGIMES, KNOWN_SPLITS, analyze, gain_regimes, ordered, read_metrics,
     read_run, read_sites, split_subgroup, subgroup_sort_key,
+)
+from clinfed.server.reports.tested import (  # noqa: E402
+    calibration_section, calibration_sentences, comparison_sentence, differences_section, flip_sentences,
+    gap_sentence, gaps_section, replicate_sentences, site_tested_text, size_sentence, size_sentences,
 )
 
 DEFAULT_MIN_CELL = 10
@@ -379,8 +383,15 @@ def _fmt_auc_ci(cells: Cells, s, r, split) -> str:
 
 
 def _findings(cells: Cells, sites_df, regimes, splits, gains: pd.DataFrame, run: dict, k: int,
-              metrics: pd.DataFrame) -> tuple[list[tuple[str, list[str]]], pd.DataFrame]:
-    """Plain-language findings grouped as (heading, HTML bullets); every claim is computed from the numbers."""
+              metrics: pd.DataFrame, tests: dict | None = None) -> tuple[list[tuple[str, list[str]]], pd.DataFrame]:
+    """Plain-language findings grouped as (heading, HTML bullets); every claim is computed from the numbers.
+
+    A regime is called better or worse than another only from differences.csv's Holm-adjusted
+    tests (``tests``, from ``analysis.tested_summary``); without that file (a run folder from
+    before the tests) the comparisons are stated as untested point estimates.
+    """
+    tests = tests or {"available": {}, "comparisons": [], "size": []}
+    tested = bool(tests["available"].get("differences"))
     esc = html.escape
     sites = list(sites_df["site"])
     n_train = dict(zip(sites_df["site"], sites_df["n_train"]))
@@ -415,24 +426,40 @@ def _findings(cells: Cells, sites_df, regimes, splits, gains: pd.DataFrame, run:
                         "not distinguishable from chance there.")
             out.append(msg)
         rhos, too_few = [], []
+        comps = [c for c in tests["comparisons"] if c["split"] == split]
+        if tested:
+            out.append(f"Paired differences, tested (Holm-adjusted p_adj &lt; {ALPHA} is called better or worse; "
+                       "otherwise no detectable difference, with its 95 % interval):")
+            out += [comparison_sentence(c) for c in comps]
+            if not comps:
+                out.append("differences.csv has no comparison on this split.")
         for r in _gain_regimes(regimes):
             gr = gains[(gains["split"] == split) & (gains["regime"] == r)]
             if gr.empty:
                 continue
-            better = gr[gr["gain"] > 0]
-            msg = (f"{esc(r.capitalize())} beats global at <strong>{len(better)} of {len(gr)}</strong> sites "
-                   f"(mean AUC difference {gr['gain'].mean():+.3f}, range {gr['gain'].min():+.3f} to "
-                   f"{gr['gain'].max():+.3f}")
-            if not better.empty:
-                best = better.loc[better["gain"].idxmax()]
-                msg += f"; largest at {esc(best['site'])}, {best['gain']:+.3f}"
-            out.append(msg + ").")
+            if not tested:
+                higher = gr[gr["gain"] > 0]
+                msg = (f"{esc(r.capitalize())} has the higher point AUC than global at <strong>{len(higher)} of "
+                       f"{len(gr)}</strong> sites (mean AUC difference {gr['gain'].mean():+.3f}, range "
+                       f"{gr['gain'].min():+.3f} to {gr['gain'].max():+.3f}")
+                if not higher.empty:
+                    best = higher.loc[higher["gain"].idxmax()]
+                    msg += f"; largest at {esc(best['site'])}, {best['gain']:+.3f}"
+                out.append(msg + "; untested point estimates).")
             gs = gr[gr["n_train"].notna()]
             rho = _spearman(gs["n_train"], gs["gain"])
             if len(gs) < 3:
                 too_few.append((r, len(gs)))
             else:
                 rhos.append((r, rho, len(gs)))
+        size = [v for v in tests["size"] if v["split"] == split]
+        if size:
+            out.append("Difference vs site size (meta-regression on log2 training notes, Holm-adjusted): "
+                       + size_sentences(size) + ".")
+        elif tests["available"].get("size_effects"):
+            out.append("size_effects.csv has no meta-regression for this split: no tested size dependence.")
+        if tests["available"].get("size_effects"):
+            rhos, too_few = [], []  # a size claim comes from the tested slope only
         if rhos:
             items = []
             for r, rho, n in rhos:
@@ -449,8 +476,10 @@ def _findings(cells: Cells, sites_df, regimes, splits, gains: pd.DataFrame, run:
             out.append(f"Too few sites with a known training size ({n}) to relate the {esc(r)} − global gain "
                        "to site size.")
         if out:
-            if any("beats global" in o for o in out):
-                out.append("AUC differences are point estimates; each site's CI is in the table below.")
+            if not tested and any("higher point AUC" in o for o in out):
+                out.append("differences.csv not found (a run from before paired tests): these AUC differences are "
+                           "untested point estimates, so no regime is called better or worse than global; each "
+                           "site's CI is in the table below.")
             sections.append((SPLIT_TEXT.get(split, split).capitalize(), out))
     sub = metrics[(metrics["subgroup"] == "all") & (metrics["metric"] == "auc")]
     n_supp = int((sub["status"] == "suppressed").sum())
@@ -836,6 +865,8 @@ def _analysis_findings(summary: dict, main_regimes, config: dict) -> list[tuple[
     esc = html.escape
     sections = []
     worst_items = []
+    tests = summary.get("tests") or {"available": {}, "comparisons": [], "size": [], "gaps": []}
+    tested = bool(tests["available"].get("differences"))
     for split in [s for s in ("temporal", "test") if s in summary["worst"]] + \
             [s for s in summary["worst"] if s not in ("temporal", "test")]:
         w = summary["worst"][split]
@@ -843,13 +874,16 @@ def _analysis_findings(summary: dict, main_regimes, config: dict) -> list[tuple[
         ws = w.get("site")
         if ws:
             msg = f"{where}: the global model serves site <strong>{esc(ws['site'])}</strong> worst (AUC {f3(ws['auc'])})"
-            msg += _helps_text(ws["best_regime"], ws["gain"], None) + "."
+            told = site_tested_text(ws.get("tested") or []) if tested else ""
+            msg += (told or _helps_text(ws["best_regime"], ws["gain"], None)) + "."
             worst_items.append(msg)
         wg = w.get("subgroup")
         if wg:
             msg = (f"{where}: pooled over sites, the subgroup served worst is <strong>{esc(wg['subgroup'])}</strong> "
                    f"(AUC {f3(wg['auc'])}, n-weighted over {wg['n_sites']} site{'s' if wg['n_sites'] != 1 else ''})")
-            msg += _helps_text(wg["best_regime"], wg["gain"], wg["gain_n_sites"]) + "."
+            told = site_tested_text(wg.get("tested") or [], where="pooled in this subgroup") if tested else ""
+            msg += (told or
+                    _helps_text(wg["best_regime"], wg["gain"], wg["gain_n_sites"])) + "."
             others = [f"{esc(v['subgroup'])} {f3(v['auc'])}" for v in w["by_grouping"].values()]
             if len(others) > 1:
                 msg += " Lowest band in each grouping: " + "; ".join(others) + "."
@@ -857,48 +891,66 @@ def _analysis_findings(summary: dict, main_regimes, config: dict) -> list[tuple[
     if worst_items:
         sections.append(("Who the global model serves worst", worst_items))
 
-    flip_items = []
-    for f in summary["sign_flips"]:
+    flip_items = flip_sentences(tests["comparisons"]) if tested else []
+    for f in ([] if tested else summary["sign_flips"]):
         r = esc(f["regime"])
         if f["mean_flips"]:
-            verb = ("helps on the random test but hurts on the temporal test"
-                    if f["mean_gain_test"] > 0 else "hurts on the random test but helps on the temporal test")
-            flip_items.append(f"<strong>{r}</strong> {verb}: mean gain over global {f['mean_gain_test']:+.3f} "
-                              f"({f['n_sites_test']} sites) vs {f['mean_gain_temporal']:+.3f} "
-                              f"({f['n_sites_temporal']} sites).")
+            verb = ("is above global on the random test but below it on the temporal test"
+                    if f["mean_gain_test"] > 0 else "is below global on the random test but above it on the temporal test")
+            flip_items.append(f"<strong>{r}</strong> {verb} (untested point estimates): mean gain over global "
+                              f"{f['mean_gain_test']:+.3f} ({f['n_sites_test']} sites) vs "
+                              f"{f['mean_gain_temporal']:+.3f} ({f['n_sites_temporal']} sites).")
         if f["sites_helps_test_hurts_temporal"]:
-            flip_items.append(f"{r} helps on the random test but hurts on the temporal test at "
-                              f"{esc(', '.join(f['sites_helps_test_hurts_temporal']))}.")
+            flip_items.append(f"{r}'s point gain is positive on the random test but negative on the temporal test at "
+                              f"{esc(', '.join(f['sites_helps_test_hurts_temporal']))} (untested).")
     if any(r in main_regimes for r in gain_regimes(main_regimes)) and summary["splits"] and \
             {"test", "temporal"} <= set(summary["splits"]):
         if not flip_items:
-            flip_items.append("No regime's gain over global changes sign between the random and the temporal test.")
+            flip_items.append("No regime's pooled difference to global changes sign between the random and the "
+                              "temporal test." if tested else
+                              "No regime's gain over global changes sign between the random and the temporal test.")
         sections.append(("Random vs temporal test", flip_items))
 
     drv = []
     top = summary["top_drivers"]
     if top:
         n_sites = max(t["n_sites"] for t in top)
-        drv.append("Patient features that most drive the global model's errors (permutation importance of a "
-                   f"per-instance error classifier, n-weighted over {n_sites} site{'s' if n_sites != 1 else ''}): "
+        drv.append("Patient features along which the global model ranks patients least evenly (spread of its AUC "
+                   "within each feature's bands around the site's AUC, less sampling variance, "
+                   f"n-weighted over {n_sites} site{'s' if n_sites != 1 else ''}): "
                    + ", ".join(f"{t['rank']}. <strong>{esc(t['driver'])}</strong> ({t['importance']:.3f})"
                                for t in top[:3]) + ".")
     loc = [g for g in summary["gain_vs_n_train"] if g["regime"] == "local"]
     ok = [g for g in loc if np.isfinite(g["rho"])]
-    if ok:
+    size_local = [v for v in tests["size"] if v["regime"] == "local" and v["reference"] == "global"]
+    if size_local:
+        drv.append("Local − global vs site size (meta-regression slope, Holm-adjusted): " + "; ".join(
+            f"{SPLIT_SHORT.get(v['split'], v['split'])}: {size_sentence(v)}" for v in size_local) + ".")
+    elif ok:
         parts = [f"ρ = <strong>{g['rho']:+.2f}</strong> on the {SPLIT_SHORT.get(g['split'], g['split'])} "
                  f"({g['n_sites']} sites)" for g in ok]
         if all(g["rho"] < 0 for g in ok):
-            verdict = "local gains are largest at the smallest sites"
+            verdict = "local point gains are largest at the smallest sites"
         elif all(g["rho"] > 0 for g in ok):
-            verdict = "local gains are largest at the largest sites, not the smallest"
+            verdict = "local point gains are largest at the largest sites, not the smallest"
         else:
-            verdict = "no consistent relation between local gain and site size"
-        drv.append(f"Local − global gain vs training size (Spearman): {'; '.join(parts)}: {verdict}.")
+            verdict = "no consistent relation between local point gain and site size"
+        drv.append(f"Local − global gain vs training size (Spearman): {'; '.join(parts)}: {verdict} "
+                   "(descriptive, untested: size_effects.csv not found).")
     elif loc:
         drv.append("Local gain vs site size: " + esc(loc[0]["note"] or "not computable") + ".")
     if drv:
         sections.append(("Drivers", drv))
+
+    gap_items = [f"{SPLIT_SHORT.get(g['split'], g['split']).capitalize()}: {gap_sentence(g)}" for g in tests["gaps"]]
+    if gap_items:
+        sections.append(("Subgroup gaps", gap_items))
+    cal_items = calibration_sentences(tests, summary["splits"]) if tests["available"].get("calibration") else []
+    if cal_items:
+        sections.append(("Calibration", cal_items))
+    rep_items = replicate_sentences(tests)
+    if rep_items:
+        sections.append(("Replicates", rep_items))
 
     if "augmented" in main_regimes:
         k = config.get("augment-k")
@@ -917,8 +969,9 @@ def _helps_text(best, gain, n_sites) -> str:
         return ""
     over = f", n-weighted over {n_sites} site{'s' if n_sites != 1 else ''}" if n_sites else ""
     if gain > 0:
-        return f"; <strong>{html.escape(best)}</strong> helps most there ({gain:+.3f} AUC{over})"
-    return f"; no regime beats global there (best: {html.escape(best)}, {gain:+.3f}{over})"
+        return (f"; largest point gain there: <strong>{html.escape(best)}</strong> ({gain:+.3f} AUC{over}; "
+                "untested point estimate)")
+    return f"; no regime has a higher point AUC than global there (best: {html.escape(best)}, {gain:+.3f}{over})"
 
 
 # --------------------------------------------------------------------------- main
@@ -977,7 +1030,7 @@ def build_classifier_report(run_dir) -> Path:
     _fig_gain_vs_size(gains, regimes, splits, f_gain)
 
     # Tables.
-    findings, mean_auc = _findings(cells, sites_df, regimes, splits, gains, run, k, metrics)
+    findings, mean_auc = _findings(cells, sites_df, regimes, splits, gains, run, k, metrics, summary["tests"])
     extra = _analysis_findings(summary, regimes, config)
     cut = next((i for i, (head, _) in enumerate(findings) if head == "Completeness"), len(findings))
     findings = findings[:cut] + extra + findings[cut:]
@@ -985,6 +1038,10 @@ def build_classifier_report(run_dir) -> Path:
     subgroup_html = _subgroup_section(summary["tables"]["subgroups"], summary["tables"]["subgroups_by_site"],
                                       regimes, splits, tab_dir, fig_dir)
     cross_html = _cross_site(metrics, sites, splits, fig_dir, tab_dir, config)
+    colors = _colors(list(dict.fromkeys(regimes + list(KNOWN_REGIMES))))
+    differences_html = differences_section(summary["tests"], colors, fig_dir, tab_dir)
+    calibration_html = calibration_section(summary["tests"], regimes, splits, colors, fig_dir, tab_dir)
+    gaps_html = gaps_section(summary["tests"], tab_dir)
     drivers_html = _drivers_section(summary, run_dir, fig_dir, tab_dir)
     clusters_html = _clusters_section(summary, tab_dir)
     training_df = _training(run)
@@ -1068,7 +1125,10 @@ def build_classifier_report(run_dir) -> Path:
     parts.append("<h2>Results by site</h2>" + (overview_html if len(overview_df) else "<p>No results.</p>"))
     if notes.items:
         parts.append('<ol class="foot">' + "".join(f"<li>n/c: {esc(n)}</li>" for n in notes.items) + "</ol>")
+    parts.append(differences_html)
+    parts.append(calibration_html)
     parts.append(subgroup_html)
+    parts.append(gaps_html)
     parts.append(cross_html)
     parts.append("<h2>Gain over global vs site size</h2>" + img(f_gain, "Gain over global vs site size")
                  + '<p class="caption">Each point is one site: AUC of the regime minus AUC of the global model on '
