@@ -39,12 +39,21 @@ def pick_device(prefer: str = "auto") -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def bitsandbytes_config(quantization: str, skip_modules: list[str] | None = None):
+def compute_dtype(device: str):
+    """bf16 where the device does it (CPU, Ampere and later GPUs), else fp16 (older GPUs)."""
+    import torch
+
+    if device == "cuda" and not torch.cuda.is_bf16_supported():
+        return torch.float16
+    return torch.bfloat16
+
+
+def bitsandbytes_config(quantization: str, skip_modules: list[str] | None = None, device: str = "cpu"):
     """The `BitsAndBytesConfig` of a quantization mode (None for `none`).
 
-    4-bit: NF4, double quantization, bf16 compute (the QLoRA recipe). `skip_modules`
-    stay unquantized: a classifier's head is trained in full and must stay a float layer."""
-    import torch
+    4-bit: NF4, double quantization, bf16 compute (the QLoRA recipe; fp16 on a GPU without
+    bf16). `skip_modules` stay unquantized: a classifier's head is trained in full and must
+    stay a float layer."""
 
     quantization = (quantization or "none").strip().lower()
     if quantization not in QUANTIZATIONS:
@@ -59,17 +68,18 @@ def bitsandbytes_config(quantization: str, skip_modules: list[str] | None = None
 
     if quantization == "4bit":
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                  bnb_4bit_compute_dtype=torch.bfloat16, llm_int8_skip_modules=skip_modules)
+                                  bnb_4bit_compute_dtype=compute_dtype(device), llm_int8_skip_modules=skip_modules)
     return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip_modules)
 
 
 def quantized_load_kwargs(quantization: str, device: str = "auto", skip_modules: list[str] | None = None) -> dict:
     """Keyword arguments of `from_pretrained` that load the base quantized onto the site's device
     ({} without quantization: the base loads in fp32 and the training loop moves it)."""
-    cfg = bitsandbytes_config(quantization, skip_modules)
-    if cfg is None:
+    if (quantization or "none").strip().lower() == "none":
+        bitsandbytes_config(quantization)  # still refuses an unknown mode
         return {}
     where = pick_device(device)
+    cfg = bitsandbytes_config(quantization, skip_modules, where)
     return {"quantization_config": cfg, "device_map": {"": 0 if where == "cuda" else "cpu"}}
 
 

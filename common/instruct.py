@@ -57,15 +57,20 @@ class InstructSettings:
 
 def _common_args(settings: InstructSettings, out: str, micro: int | None = None) -> dict:
     """TRL's arguments: `micro` examples per forward, accumulated to the study's batch size (the
-    number of optimizer steps, `max_steps`, does not change). bf16 stays off in the trainer's own
-    mixed precision: a quantized base computes in bf16 itself; fp32 LoRA weights otherwise."""
+    number of optimizer steps, `max_steps`, does not change)."""
+    import torch
+
     device = pick_device(settings.device)
     micro = int(micro or settings.batch_size)
+    # on a GPU the trainer's own mixed precision: bf16 autocast, else fp16 with loss scaling
+    # (not run yet: no GPU was available); on CPU fp32, as measured
+    bf16 = device == "cuda" and torch.cuda.is_bf16_supported()
+    fp16 = device == "cuda" and not bf16
     return dict(output_dir=out, max_steps=int(settings.steps), per_device_train_batch_size=micro,
                 gradient_accumulation_steps=max(1, int(settings.batch_size) // micro),
                 learning_rate=float(settings.lr), lr_scheduler_type="cosine", warmup_steps=max(1, settings.steps // 10),
                 logging_steps=max(1, settings.steps // 4) if settings.steps > 1 else 1, save_strategy="no", report_to=[],
-                seed=int(settings.seed), use_cpu=device == "cpu", bf16=False, disable_tqdm=True,
+                seed=int(settings.seed), use_cpu=device == "cpu", bf16=bf16, fp16=fp16, disable_tqdm=True,
                 max_length=int(settings.max_length), remove_unused_columns=True)
 
 
