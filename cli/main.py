@@ -216,6 +216,17 @@ def _simulate(out: Path, overrides: dict, n_sites: int, cpus_per_site: float) ->
         raise
 
 
+def _check_device(overrides: dict) -> None:
+    """`device = cuda` on a machine without one: refused before Flower starts, not at every site."""
+    if str(overrides.get("device", "auto")) == "cuda":
+        from clinfed.common.hardware import DeviceError, pick_device
+
+        try:
+            pick_device("cuda")
+        except DeviceError as err:
+            raise CliError(str(err)) from None
+
+
 def cmd_simulate(args) -> int:
     from clinfed.common.data import list_sites, validate_path
 
@@ -229,6 +240,11 @@ def cmd_simulate(args) -> int:
     _same_as_option(overrides, "out-dir", "--out", Path(args.out).resolve() if args.out else None)
     _same_as_option(overrides, "seed", "--seed", args.seed if args.seed != 0 else None)
     _same_as_option(overrides, "replicates", "--replicates", args.replicates)
+    device = getattr(args, "device", None)
+    _same_as_option(overrides, "device", "--device", device)
+    if device:
+        overrides["device"] = device
+    _check_device(overrides)
     if args.replicates:
         overrides["replicates"] = args.replicates
     if args.task:
@@ -610,6 +626,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--replicates", type=_int_in(1, 50), default=None,
                    help="rerun the training with N seeds on the same test patients and combine the differences "
                         "(same as run config `replicates`)")
+    s.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None,
+                   help="where the simulated sites train (same as run config `device`; cuda without a GPU "
+                        "is refused at start)")
     s.set_defaults(func=cmd_simulate)
 
     c = sub.add_parser("compare", help="run a comparison study of arms (base model x method x task form) "

@@ -99,10 +99,17 @@ def train(msg: Message, context: Context, sim: SimulationSupport | None = None) 
         "train-seconds": info["seconds"],
         "train-tokens": info["tokens"],
         "train-peak-rss": info["peak_rss_mb"],
+        **fit_metrics(info),
         "adapter-hash": wire_hash(state),
         **dp_metrics(info, len(site.splits["train"]), policy),
     })
     return Message(RecordDict({ARRAYS: to_arrays(state), "metrics": metrics}), reply_to=msg)
+
+
+def fit_metrics(info: dict) -> dict:
+    """What the training call chose to fit the site's card (micro-batch, accumulation, OOM retries)."""
+    return {f"train-{k.replace('_', '-')}": int(info[k]) for k in ("micro_batch", "accumulation", "oom_retries")
+            if k in info}
 
 
 @guarded("local and personalized training")

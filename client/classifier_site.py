@@ -138,7 +138,8 @@ class Site:
         model = lm.use(start)
         settings = TrainSettings(
             steps=int(steps), batch_size=cfg.batch_size, lr=cfg.learning_rate,
-            seed=self.site_seed + seed_offset, precision=cfg.precision,
+            seed=self.site_seed + seed_offset, precision=cfg.precision, device=cfg.device,
+            gpu_memory_gb=cfg.gpu_memory_gb, micro_batch=getattr(self, "micro_batch", 0),
         )
         prompt = lm.answer_ids is not None
         if prompt and dp is not None:
@@ -163,6 +164,7 @@ class Site:
                 info = train_classifier(model, encoded, labels, settings, pad_id=lm.tokenizer.pad_token_id,
                                         progress=progress)
         info["peak_rss_mb"] = rss.peak_mb
+        self.micro_batch = int(info.get("micro_batch", 0))  # the plan holds for the site's next calls
         if event is not None:
             info["dp"] = event
         return adapter_state(model), info
@@ -265,11 +267,12 @@ class Site:
         if lm.answer_ids is not None:
             return {split: predict_yes_proba(model, self.encoded(split, lm.tokenizer), lm.tokenizer.pad_token_id,
                                              lm.answer_ids, batch_size=self.cfg.eval_batch_size,
-                                             precision=self.cfg.precision)
+                                             device=self.cfg.device, precision=self.cfg.precision)
                     for split in ("val",) + EVAL_SPLITS}
         return {
             split: predict_proba(model, self.encoded(split, lm.tokenizer), lm.tokenizer.pad_token_id,
-                                 batch_size=self.cfg.eval_batch_size, precision=self.cfg.precision)
+                                 batch_size=self.cfg.eval_batch_size, device=self.cfg.device,
+                                 precision=self.cfg.precision)
             for split in ("val",) + EVAL_SPLITS
         }
 

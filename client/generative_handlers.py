@@ -78,6 +78,8 @@ def generative_reply(msg, gsite, state, info, policy: Policy) -> Message:
     metrics = MetricRecord({"num-examples": gsite.n_train(), "train-loss": info["train_loss"],
                             "train-steps": info["steps"], "train-seconds": info["seconds"],
                             "adapter-hash": wire_hash(state),
+                            **{f"train-{k.replace('_', '-')}": int(info[k])
+                               for k in ("micro_batch", "accumulation", "oom_retries") if k in info},
                             **self_rejected_share(info, policy.min_cell_size),
                             **dp_metrics(info, gsite.n_train(), policy)})
     return Message(RecordDict({ARRAYS: to_arrays(state), "metrics": metrics}), reply_to=msg)

@@ -63,7 +63,8 @@ class GenSite:
         c = self.cfg
         return InstructSettings(steps=int(steps), batch_size=int(c["gen-batch-size"]), lr=float(c[lr_key]),
                                 max_length=int(c["gen-max-length"]), beta=float(c["dpo-beta"]),
-                                seed=int(c["seed"]) + offset)
+                                seed=int(c["seed"]) + offset, device=str(c["device"]),
+                                micro_batch=getattr(self, "micro_batch", 0))
 
     def sft_examples(self) -> list[dict]:
         mw = self.cfg.gen_max_words
@@ -90,7 +91,7 @@ class GenSite:
             if gen_idx:
                 texts = generate(dec.model, dec.tokenizer, [TASKS[picked[i][0]].prompt(picked[i][1], max_words=mw)
                                                             for i in gen_idx],
-                                 max_new_tokens=self.cfg.gen_max_new_tokens)
+                                 max_new_tokens=self.cfg.gen_max_new_tokens, device=self.cfg.device)
                 for i, text in zip(gen_idx, texts):
                     t, r = picked[i]
                     if text.strip() and not TASKS[t].is_correct(r, text):
@@ -117,7 +118,8 @@ class GenSite:
         settings = self.settings(steps, offset)
         if dp is None:
             model = dec.use(start)
-            info = sft_train(model, dec.tokenizer, examples, settings)
+            info = sft_train(model, dec.tokenizer, examples, settings, restore=lambda: dec.use(start))
+            self.micro_batch = int(info.get("micro_batch", 0))
             return decoder_adapter_state(model), info
         from clinfed.common.dp import plan
         from clinfed.common.instruct import sft_train_dp
@@ -132,7 +134,9 @@ class GenSite:
         """DPO from `start`; TRL's reference is `start` itself (see common.instruct)."""
         model = dec.use(start)
         pairs, own = self.dpo_pairs(dec, int(steps) * self.cfg.gen_batch_size, offset)
-        info = dpo_train(model, dec.tokenizer, pairs, self.settings(steps, offset, "dpo-learning-rate"))
+        info = dpo_train(model, dec.tokenizer, pairs, self.settings(steps, offset, "dpo-learning-rate"),
+                         restore=lambda: dec.use(start))
+        self.micro_batch = int(info.get("micro_batch", 0))
         info.update(self_rejected=own, pairs=len(pairs))
         return decoder_adapter_state(model), info
 
@@ -164,11 +168,12 @@ class GenSite:
                 continue
             prompts = [TASKS[t].prompt(r, max_words=mw) for r in recs]
             if t == "readmission":
-                p_yes = answer_probability(model, tok, prompts)
+                p_yes = answer_probability(model, tok, prompts, device=self.cfg.device)
                 answers = ["yes" if p >= 0.5 else "no" for p in p_yes]
                 scores = TASKS[t].score(recs, answers, p_yes=p_yes)
             else:
-                gens = generate(model, tok, prompts, max_new_tokens=self.cfg.gen_max_new_tokens)
+                gens = generate(model, tok, prompts, max_new_tokens=self.cfg.gen_max_new_tokens,
+                                device=self.cfg.device)
                 scores = TASKS[t].score(recs, gens)
             out[t] = {m: float(x) for m, x in scores.items() if x is not None and np.isfinite(x)}
         return out

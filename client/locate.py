@@ -18,7 +18,7 @@ from flwr.app import Context
 from clinfed.client.classifier_site import Site
 from clinfed.common.config import for_arm, from_run_config
 from clinfed.common.data import find_table, list_sites
-from clinfed.common.policy import Policy, effective, load_site_policy
+from clinfed.common.policy import Policy, effective, hardware_overrides, load_site_policy
 from clinfed.common.training import set_threads
 
 
@@ -133,7 +133,11 @@ def locate_site(context: Context, run_dir: str = "", arm: str = "", sim: Simulat
         out_dir = Path(run_dir) / "sites" / name
     else:
         raise ValueError("node config has neither 'data-path' (deployment) nor 'partition-id' (simulation)")
-    policy = effective(cfg, _site_policy(nc, folder), deployment="data-path" in nc)
+    site_policy = _site_policy(nc, folder)
+    hardware = hardware_overrides(site_policy, nc)
+    if hardware and any(cfg[k] != v for k, v in hardware.items()):
+        cfg = cfg.override(hardware)  # the site's card, not the study, decides these (checked again)
+    policy = effective(cfg, site_policy, deployment="data-path" in nc)
     if arm:
         from clinfed.common.arms import parse_arm
 

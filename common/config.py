@@ -44,6 +44,16 @@ KEYS: dict[str, tuple[Any, type, Any, str]] = {
     "lora-dropout": (0.0, float, (0.0, 0.9), "LoRA dropout"),
     "lora-targets": ("", str, None, "comma-separated module names; empty = per architecture (query,value / q_proj,v_proj)"),
     "precision": ("auto", str, ("auto", "fp32", "bf16"), "auto = bf16 autocast where the hardware supports it"),
+    "device": ("auto", str, ("auto", "cpu", "cuda"),
+               "where sites train and score: auto = the GPU when there is one; cuda without one is an error at "
+               "start (a site's policy may set its own)"),
+    "quantization": ("none", str, ("none", "4bit", "8bit"),
+                     "hold the frozen base in 4 bits (NF4, double quantization, bf16 compute) or 8 bits through "
+                     "bitsandbytes and train LoRA on it (QLoRA); adapters stay plain PEFT. A site's policy may set "
+                     "its own to fit its card (the site's wins). LoRA only; not with dp"),
+    "gpu-memory-gb": (0.0, float, (0.0, 100000.0),
+                      "GPU memory a site may use, in GiB, to plan micro-batches and gradient accumulation "
+                      "(keeping batch-size and the steps); 0 = the card's total. A site's policy or node config may set its own"),
     "client-threads": (1, int, (0, 256), "torch threads per simulated site (0 = all cores)"),
     "temporal-frac": (0.2, float, (0.0, 0.9), "most recent share of each site's encounters held out as the temporal test"),
     "test-frac": (0.25, float, (0.05, 0.9), "share of the remaining encounters in the random test split"),
@@ -263,6 +273,13 @@ def resolve(overrides: Mapping[str, Any] | None = None) -> "RunConfig":
     if cfg["dp"] and cfg["task"] == "generative" and int(cfg["dpo-rounds"]) > 0:
         raise ConfigError("run config 'dp': the generative study trains SFT with DP-SGD, but DPO has no DP "
                           "path (see docs/privacy.md); set dpo-rounds = 0 with dp = true")
+    if cfg["quantization"] != "none":
+        if cfg["dp"]:
+            raise ConfigError("run config 'quantization': DP-SGD (dp = true) on a quantized base is not built "
+                              "or tested; set quantization = none with dp")
+        if cfg["arm-method"] != "lora" or str(cfg["arms"]).strip():
+            raise ConfigError("run config 'quantization': a quantized base trains LoRA adapters only (QLoRA); "
+                              "it cannot be combined with arm-method head-only/full or a comparison's arms")
     _check_models(cfg)
     _check_arms(cfg)
     return RunConfig(**{attribute(k): v for k, v in cfg.items()})
@@ -348,7 +365,7 @@ def _check_models(cfg: dict[str, Any]) -> None:
     for key in ("model", "decoder"):
         if key in cfg:
             try:
-                check_model_source(cfg[key])
+                check_model_source(cfg[key], chat_template=key == "decoder" and cfg.get("task") == "generative")
             except ModelError as err:
                 raise ConfigError(f"run config '{key}': {err}") from None
 

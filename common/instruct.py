@@ -24,17 +24,19 @@ import numpy as np
 
 from clinfed.common.adapters import adapter_state
 from clinfed.common.model_source import LOCK, load_causal_lm, seeded
-from clinfed.common.models import DEFAULT_DECODER_TARGETS, LoraSettings
+from clinfed.common.models import LoraSettings, decoder_targets
 from clinfed.common.training import pick_device
 
 
-def make_lora_causal_lm(name: str, seed: int, lora: LoraSettings):
-    """A causal LM wrapped with a fresh LoRA adapter (B zero: starts equal to the base)."""
+def make_lora_causal_lm(name: str, seed: int, lora: LoraSettings, quantization: str = "none",
+                        device: str = "auto"):
+    """A causal LM wrapped with a fresh LoRA adapter (B zero: starts equal to the base); with
+    `quantization` the frozen base is held in 4 or 8 bits (QLoRA)."""
     from peft import LoraConfig, TaskType, get_peft_model
 
-    model, tok = load_causal_lm(name, seed)
+    model, tok = load_causal_lm(name, seed, quantization=quantization, device=device)
     cfg = LoraConfig(task_type=TaskType.CAUSAL_LM, r=lora.rank, lora_alpha=lora.alpha,
-                     lora_dropout=lora.dropout, target_modules=list(lora.targets) or DEFAULT_DECODER_TARGETS)
+                     lora_dropout=lora.dropout, target_modules=list(lora.targets) or decoder_targets(model))
     with LOCK:
         seeded(seed + 1)
         peft_model = get_peft_model(model, cfg)
@@ -49,14 +51,26 @@ class InstructSettings:
     max_length: int = 256
     beta: float = 0.1
     seed: int = 0
+    device: str = "auto"
+    micro_batch: int = 0  # 0 = batch_size; less: micro-batches with gradient accumulation (same effective batch)
 
 
-def _common_args(settings: InstructSettings, out: str) -> dict:
-    device = pick_device()
-    return dict(output_dir=out, max_steps=int(settings.steps), per_device_train_batch_size=int(settings.batch_size),
+def _common_args(settings: InstructSettings, out: str, micro: int | None = None) -> dict:
+    """TRL's arguments: `micro` examples per forward, accumulated to the study's batch size (the
+    number of optimizer steps, `max_steps`, does not change)."""
+    import torch
+
+    device = pick_device(settings.device)
+    micro = int(micro or settings.batch_size)
+    # on a GPU the trainer's own mixed precision: bf16 autocast, else fp16 with loss scaling
+    # (not run yet: no GPU was available); on CPU fp32, as measured
+    bf16 = device == "cuda" and torch.cuda.is_bf16_supported()
+    fp16 = device == "cuda" and not bf16
+    return dict(output_dir=out, max_steps=int(settings.steps), per_device_train_batch_size=micro,
+                gradient_accumulation_steps=max(1, int(settings.batch_size) // micro),
                 learning_rate=float(settings.lr), lr_scheduler_type="cosine", warmup_steps=max(1, settings.steps // 10),
                 logging_steps=max(1, settings.steps // 4) if settings.steps > 1 else 1, save_strategy="no", report_to=[],
-                seed=int(settings.seed), use_cpu=device == "cpu", bf16=False, disable_tqdm=True,
+                seed=int(settings.seed), use_cpu=device == "cpu", bf16=bf16, fp16=fp16, disable_tqdm=True,
                 max_length=int(settings.max_length), remove_unused_columns=True)
 
 
@@ -80,19 +94,29 @@ def _losses(trainer) -> float:
     return float(np.mean(logs[-2:])) if logs else float("nan")
 
 
-def sft_train(peft_model, tok, examples: list[dict], settings: InstructSettings) -> dict:
-    """Supervised fine-tuning on prompt/completion chat examples (loss on the completion only)."""
+def sft_train(peft_model, tok, examples: list[dict], settings: InstructSettings, restore=None) -> dict:
+    """Supervised fine-tuning on prompt/completion chat examples (loss on the completion only).
+
+    Out of memory: `restore()` puts the starting adapter back and the stage runs again with
+    half the micro-batch (`common.memory.retry_on_oom`)."""
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
+    from clinfed.common.memory import retry_on_oom
+
     _no_bars()
-    with tempfile.TemporaryDirectory() as out:
-        args = SFTConfig(**_common_args(settings, out))
-        trainer = _quiet(SFTTrainer(model=peft_model, args=args, train_dataset=Dataset.from_list(examples),
-                                    processing_class=tok))
-        t = time.perf_counter()
-        trainer.train()
-        return {"train_loss": _losses(trainer), "seconds": time.perf_counter() - t, "steps": settings.steps}
+
+    def run(micro, _accumulation):
+        with tempfile.TemporaryDirectory() as out:
+            args = SFTConfig(**_common_args(settings, out, micro))
+            trainer = _quiet(SFTTrainer(model=peft_model, args=args, train_dataset=Dataset.from_list(examples),
+                                        processing_class=tok))
+            t = time.perf_counter()
+            trainer.train()
+            return {"train_loss": _losses(trainer), "seconds": time.perf_counter() - t, "steps": settings.steps}
+
+    info, fit = retry_on_oom(run, int(settings.batch_size), settings.micro_batch or None, restore, "SFT")
+    return {**info, **fit.as_info()}
 
 
 def sft_token_lists(tok, examples: list[dict], max_length: int) -> list[tuple[list[int], int]]:
@@ -159,28 +183,36 @@ def sft_train_dp(peft_model, tok, examples: list[dict], settings: InstructSettin
     return info
 
 
-def dpo_train(peft_model, tok, pairs: list[dict], settings: InstructSettings) -> dict:
-    """DPO on {prompt, chosen, rejected} chat pairs; the reference is the starting adapter."""
+def dpo_train(peft_model, tok, pairs: list[dict], settings: InstructSettings, restore=None) -> dict:
+    """DPO on {prompt, chosen, rejected} chat pairs; the reference is the starting adapter.
+    Out of memory: retried like `sft_train`, with half the micro-batch."""
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
+    from clinfed.common.memory import retry_on_oom
+
     _no_bars()
-    with tempfile.TemporaryDirectory() as out:
-        args = DPOConfig(**_common_args(settings, out), beta=float(settings.beta))
-        trainer = _quiet(DPOTrainer(model=peft_model, ref_model=None, args=args,
-                                    train_dataset=Dataset.from_list(pairs), processing_class=tok))
-        t = time.perf_counter()
-        try:
-            trainer.train()
-            margins = [h["rewards/margins"] for h in trainer.state.log_history if "rewards/margins" in h]
-            return {"train_loss": _losses(trainer), "seconds": time.perf_counter() - t, "steps": settings.steps,
-                    "reward_margin": float(margins[-1]) if margins else float("nan"),
-                    "reference_adapter": "ref" in peft_model.peft_config,
-                    "log": list(trainer.state.log_history)}
-        finally:
-            if "ref" in peft_model.peft_config:
-                peft_model.delete_adapter("ref")
-            peft_model.set_adapter("default")
+
+    def run(micro, _accumulation):
+        with tempfile.TemporaryDirectory() as out:
+            args = DPOConfig(**_common_args(settings, out, micro), beta=float(settings.beta))
+            trainer = _quiet(DPOTrainer(model=peft_model, ref_model=None, args=args,
+                                        train_dataset=Dataset.from_list(pairs), processing_class=tok))
+            t = time.perf_counter()
+            try:
+                trainer.train()
+                margins = [h["rewards/margins"] for h in trainer.state.log_history if "rewards/margins" in h]
+                return {"train_loss": _losses(trainer), "seconds": time.perf_counter() - t, "steps": settings.steps,
+                        "reward_margin": float(margins[-1]) if margins else float("nan"),
+                        "reference_adapter": "ref" in peft_model.peft_config,
+                        "log": list(trainer.state.log_history)}
+            finally:
+                if "ref" in peft_model.peft_config:
+                    peft_model.delete_adapter("ref")
+                peft_model.set_adapter("default")
+
+    info, fit = retry_on_oom(run, int(settings.batch_size), settings.micro_batch or None, restore, "DPO")
+    return {**info, **fit.as_info()}
 
 
 def decoder_adapter_state(peft_model) -> dict[str, np.ndarray]:
@@ -193,12 +225,15 @@ def _prompt_ids(tok, messages_list):
             for m in messages_list]
 
 
-def generate(peft_model, tok, prompts: list[list[dict]], max_new_tokens: int = 48, batch_size: int = 8) -> list[str]:
-    """Greedy answers to chat prompts (left-padded batches, no gradients)."""
+def generate(peft_model, tok, prompts: list[list[dict]], max_new_tokens: int = 48, batch_size: int = 8,
+             device: str = "auto") -> list[str]:
+    """Greedy answers to chat prompts (left-padded batches with the KV cache, no gradients)."""
     import torch
 
-    device = pick_device()
-    peft_model.to(device).eval()
+    from clinfed.common.hardware import place
+
+    device = pick_device(device)
+    place(peft_model, device).eval()
     ids = _prompt_ids(tok, prompts)
     outs = []
     with torch.inference_mode():
@@ -211,18 +246,21 @@ def generate(peft_model, tok, prompts: list[list[dict]], max_new_tokens: int = 4
                 inp[r, width - len(x):] = torch.tensor(x)
                 mask[r, width - len(x):] = 1
             gen = peft_model.generate(input_ids=inp.to(device), attention_mask=mask.to(device),
-                                      max_new_tokens=max_new_tokens, do_sample=False,
+                                      max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
                                       pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
             outs.extend(tok.decode(g[width:], skip_special_tokens=True).strip() for g in gen)
     return outs
 
 
-def answer_probability(peft_model, tok, prompts: list[list[dict]], yes: str = "yes", no: str = "no") -> np.ndarray:
+def answer_probability(peft_model, tok, prompts: list[list[dict]], yes: str = "yes", no: str = "no",
+                       device: str = "auto") -> np.ndarray:
     """P(yes) / (P(yes) + P(no)) from the first answer token: a score for ROC AUC."""
     import torch
 
-    device = pick_device()
-    peft_model.to(device).eval()
+    from clinfed.common.hardware import place
+
+    device = pick_device(device)
+    place(peft_model, device).eval()
     yes_id = tok.encode(yes, add_special_tokens=False)[0]
     no_id = tok.encode(no, add_special_tokens=False)[0]
     out = []

@@ -17,8 +17,8 @@ from clinfed.common.adapters import adapter_state, load_adapter_state
 from clinfed.common.instruct import make_lora_causal_lm
 from clinfed.common.model_source import LOCK, TINY_MODELS, ModelError, model_identity, resolve_model
 from clinfed.common.models import (
-    DEFAULT_DECODER_TARGETS,
     LoraSettings,
+    decoder_targets,
     head_modules,
     lora_targets,
     make_full_model,
@@ -43,6 +43,8 @@ class ModelKey:
     lora: LoraSettings
     method: str = "lora"  # lora | head-only | full (an arm of a comparison)
     form: str = "cls"  # cls | prompt
+    quantization: str = "none"  # none | 4bit | 8bit: the frozen base in bitsandbytes (QLoRA)
+    device: str = "auto"  # where a quantized base is loaded (others are moved by the training loop)
 
 
 class LoadedModel:
@@ -56,7 +58,9 @@ class LoadedModel:
     def __init__(self, key: ModelKey, build=None):
         self.key = key
         build = build or builder(key.method, key.form)
-        self.model, self.tokenizer = build(key.model, key.seed, key.lora)
+        self.model, self.tokenizer = build(key.model, key.seed, key.lora,
+                                           **({"quantization": key.quantization, "device": key.device}
+                                              if key.quantization != "none" else {}))
         self.init_state = adapter_state(self.model)
         self.shapes = {k: tuple(v.shape) for k, v in self.init_state.items()}
         self.identity = model_identity(key.model)
@@ -89,7 +93,8 @@ def model_key(cfg: dict) -> ModelKey:
     targets = tuple(t.strip() for t in cfg.lora_targets.split(",") if t.strip())
     lora = LoraSettings(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, targets)
     return ModelKey(cfg.model, cfg.seed, lora, str(cfg.get("arm-method", "lora")),
-                    str(cfg.get("arm-form", "cls")))
+                    str(cfg.get("arm-form", "cls")), str(cfg.get("quantization", "none")),
+                    str(cfg.get("device", "auto")))
 
 
 _DECODERS: dict[ModelKey, LoadedModel] = {}
@@ -135,7 +140,7 @@ def trainable_shapes(name: str, method: str = "lora", form: str = "cls", lora: L
 
     if form == "prompt":
         pcfg = LoraConfig(task_type=TaskType.CAUSAL_LM, r=lora.rank, lora_alpha=lora.alpha,
-                          target_modules=list(lora.targets) or DEFAULT_DECODER_TARGETS)
+                          target_modules=list(lora.targets) or decoder_targets(model))
     else:
         pcfg = LoraConfig(task_type=TaskType.SEQ_CLS, r=lora.rank, lora_alpha=lora.alpha,
                           target_modules=list(lora.targets) or lora_targets(model),

@@ -76,14 +76,16 @@ def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
-def check_model_source(name: str) -> None:
+def check_model_source(name: str, chat_template: bool = False) -> None:
     """Refuse a model string that can never load, without loading anything (ModelError).
 
     Runs when the run config is resolved, so a typo in a path stops `clinfed simulate` before
     Flower starts instead of failing every site minutes later. Checks: a path (starts with
     '.', '/', '~' or has a directory part that exists) must exist and be a folder with
     config.json; anything else must be a valid Hugging Face id, and offline it must be in the
-    local Hugging Face cache. Aliases (`minilm`, `smollm2`, `tiny-*`) pass.
+    local Hugging Face cache. Aliases (`minilm`, `smollm2`, `tiny-*`) pass. A local folder must
+    hold weights and a tokenizer, and with `chat_template` (a decoder for SFT/DPO) a chat template
+    (`check_model_folder`).
     """
     name = (name or "").strip()
     if not name or name in _ALIASES:
@@ -92,8 +94,7 @@ def check_model_source(name: str) -> None:
     if expanded.exists():
         if expanded.is_file():
             raise ModelError(f"model path {name} is a file; give the model's folder (with config.json)")
-        if not (expanded / "config.json").exists():
-            raise ModelError(f"model path {name} is a folder without config.json")
+        check_model_folder(expanded, chat_template=chat_template)
         return
     looks_like_path = (name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1
                        or ("/" in name and expanded.parent.exists() and str(expanded.parent) != "."))
@@ -113,6 +114,40 @@ def check_model_source(name: str) -> None:
                 f"model {name!r} is not a local path and not in the local Hugging Face cache, and "
                 "downloads are off (HF_HUB_OFFLINE=1): download it once, or give a local folder"
             )
+
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.txt", "vocab.json", "spiece.model")
+
+
+def check_model_folder(folder: Path, chat_template: bool = False) -> None:
+    """Name what a hospital's model folder lacks, before transformers fails on it with a trace.
+
+    A model mirrored into a local folder needs config.json, its weights (safetensors or
+    PyTorch, single or sharded), a tokenizer, and, to be tuned with chat examples (SFT,
+    DPO), a chat template (in tokenizer_config.json or chat_template.jinja/.json)."""
+    import json
+
+    folder = Path(folder)
+    missing = []
+    if not (folder / "config.json").exists():
+        raise ModelError(f"model path {folder} is a folder without config.json")
+    if not any((folder / f).exists() for f in WEIGHT_FILES) and not any(folder.glob("*.safetensors")):
+        missing.append(f"weights (one of {', '.join(WEIGHT_FILES)})")
+    if not any((folder / f).exists() for f in TOKENIZER_FILES):
+        missing.append(f"a tokenizer (tokenizer.json, or one of {', '.join(TOKENIZER_FILES[1:])})")
+    if chat_template and not any((folder / f).exists() for f in ("chat_template.jinja", "chat_template.json")):
+        try:
+            has = bool(json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8")).get("chat_template"))
+        except (OSError, ValueError, AttributeError):
+            has = False
+        if not has:
+            missing.append("a chat template (tokenizer_config.json's chat_template, or chat_template.jinja), "
+                           "which SFT and DPO need to render chat examples: use an instruction-tuned model's "
+                           "folder or add the template")
+    if missing:
+        raise ModelError(f"model folder {folder} cannot be used: it lacks " + "; and ".join(missing))
 
 
 def model_identity(name: str) -> str:
@@ -165,6 +200,18 @@ def tiny_config(name: str, vocab_size: int, num_labels: int):
     )
 
 
+def from_config_quantized(auto_cls, config, load_kwargs: dict):
+    """A random model built from `config`, then loaded through `from_pretrained` with the
+    quantization's keyword arguments: a tiny test model takes the same quantized loading
+    path as a hospital's folder (bitsandbytes quantizes while loading)."""
+    model = auto_cls.from_config(config)
+    if not load_kwargs:
+        return model
+    with tempfile.TemporaryDirectory(prefix="clinfed-q.") as tmp:
+        model.save_pretrained(tmp)
+        return auto_cls.from_pretrained(tmp, **load_kwargs)
+
+
 # --------------------------------------------------------------------------
 # loading
 # --------------------------------------------------------------------------
@@ -185,9 +232,11 @@ def load_tokenizer(name: str):
         return tiny_tokenizer()
     from transformers import AutoTokenizer
 
+    if Path(resolved).is_dir():
+        check_model_folder(Path(resolved))
     try:
         tok = AutoTokenizer.from_pretrained(resolved)
-    except OSError as err:
+    except (OSError, ValueError) as err:
         raise ModelError(f"cannot load the tokenizer of model '{name}': {err}") from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token or tok.unk_token
@@ -276,12 +325,22 @@ def resolve_decoder(name: str) -> str:
     return name
 
 
-def load_causal_lm(name: str, seed: int = 0):
-    """(model in fp32, tokenizer with a chat template and a pad token)."""
+def load_causal_lm(name: str, seed: int = 0, quantization: str = "none", device: str = "auto"):
+    """(model in fp32, or its frozen base in 4/8 bits; tokenizer with a chat template and a pad token).
+
+    A decoder from a local folder must bring its own chat template (`check_model_folder`):
+    rendering chat examples with a template the model never saw would train on markers
+    its tokenizer splits into pieces. The offline SmolLM2 and the tiny test model have one."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
+    from clinfed.common.hardware import prepare_quantized, quantized_load_kwargs
+
     resolved = resolve_decoder(name)
+    qkw = quantized_load_kwargs(quantization, device)
+    smollm2 = (name or DEFAULT_DECODER).strip() in SMOLLM2_ALIASES  # ChatML is its own template
+    if resolved != "tiny-llama" and Path(resolved).is_dir():
+        check_model_folder(Path(resolved), chat_template=not smollm2)
     with LOCK:
         seeded(seed)
         if resolved == "tiny-llama":
@@ -291,16 +350,21 @@ def load_causal_lm(name: str, seed: int = 0):
                               pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
                               eos_token_id=tok.eos_token_id, tie_word_embeddings=False,
                               initializer_range=0.3)  # visible logits, so LoRA can move answers
-            model = AutoModelForCausalLM.from_config(cfg)
+            model = from_config_quantized(AutoModelForCausalLM, cfg, qkw)
         else:
             try:
                 tok = AutoTokenizer.from_pretrained(resolved)
-                model = AutoModelForCausalLM.from_pretrained(resolved, dtype=torch.float32)
+                model = AutoModelForCausalLM.from_pretrained(resolved, dtype=torch.float32, **qkw)
             except (OSError, ValueError) as err:
                 raise ModelError(f"cannot load causal language model '{name}': {err}") from None
+        if qkw:
+            model = prepare_quantized(model)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    if not getattr(tok, "chat_template", None):
+    if not getattr(tok, "chat_template", None) and smollm2:
         tok.chat_template = CHATML
+    if not getattr(tok, "chat_template", None):
+        raise ModelError(f"decoder '{name}' has no chat template, which SFT and DPO need to render chat "
+                         "examples: use an instruction-tuned model or add a template to its tokenizer")
     model.config.pad_token_id = tok.pad_token_id
     return model, tok

@@ -11,20 +11,25 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
+from clinfed.common.hardware import prepare_quantized, quantized_load_kwargs
 from clinfed.common.model_source import (
     LOCK,
     SMOLLM2_ALIASES,
     TINY_MODELS,
     ModelError,
+    from_config_quantized,
     load_tokenizer,
     resolve_model,
     seeded,
     tiny_config,
 )
 
-# LoRA target modules per architecture (attention query/value projections).
+# LoRA target modules per architecture (attention query/value projections; ModernBERT fuses
+# query, key and value into one `Wqkv` projection). Each family clinfed names in its docs
+# (BERT, ModernBERT, Llama, Qwen2, Gemma, Mistral) is tested on a tiny random config.
 LORA_TARGETS = {
     "bert": ["query", "value"],
+    "modernbert": ["Wqkv"],
     "roberta": ["query", "value"],
     "xlm-roberta": ["query", "value"],
     "electra": ["query", "value"],
@@ -46,32 +51,43 @@ LORA_TARGETS = {
 DEFAULT_DECODER_TARGETS = ["q_proj", "v_proj"]
 
 
-def load_classifier(name: str, seed: int, num_labels: int = 2):
+# Float layers of a classifier that are never quantized: the head (trained in full) and the pooler.
+# transformers matches these from the start of a module's full name or as its suffix (5.x), or as a
+# substring (4.x): the `.*` forms catch `bert.pooler.dense` in 5.x, the bare ones in 4.x.
+HEAD_NAMES = ["classifier", "score", "pooler", ".*classifier", ".*score", ".*pooler"]
+
+
+def load_classifier(name: str, seed: int, num_labels: int = 2, quantization: str = "none",
+                    device: str = "auto"):
     """Base encoder/decoder with a sequence-classification head initialised from `seed`.
 
     The head is new; seeding right before construction makes it identical at
     every site and at the server, so `base` and round-1 `global` start equal.
+    With `quantization` (4bit/8bit) the frozen base is loaded through bitsandbytes onto
+    the site's device and prepared for k-bit training; the head stays fp32.
     """
     import torch
     from transformers import AutoModelForSequenceClassification
 
     resolved = resolve_model(name)
     tok = load_tokenizer(name)
+    qkw = quantized_load_kwargs(quantization, device, skip_modules=HEAD_NAMES)
     with LOCK:
         seeded(seed)
         if resolved in TINY_MODELS:
-            model = AutoModelForSequenceClassification.from_config(
-                tiny_config(resolved, len(tok), num_labels)
-            )
+            model = from_config_quantized(AutoModelForSequenceClassification,
+                                          tiny_config(resolved, len(tok), num_labels), qkw)
         else:
             try:
                 model = AutoModelForSequenceClassification.from_pretrained(
-                    resolved, num_labels=num_labels, dtype=torch.float32
+                    resolved, num_labels=num_labels, dtype=torch.float32, **qkw
                 )
             except (OSError, ValueError) as err:
                 raise ModelError(
                     f"cannot load model '{name}' for sequence classification: {err}"
                 ) from None
+        if qkw:
+            model = prepare_quantized(model)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tok.pad_token_id
     return model, tok
@@ -93,6 +109,14 @@ def lora_targets(model) -> list[str]:
     )
 
 
+def decoder_targets(model) -> list[str]:
+    """A decoder's LoRA targets: its architecture's (`lora_targets`), q_proj/v_proj when unknown."""
+    try:
+        return lora_targets(model)
+    except ModelError:
+        return DEFAULT_DECODER_TARGETS
+
+
 def head_modules(model) -> list[str] | None:
     """Modules trained in full and federated with the adapter: the head, and for
     BERT-like encoders the pooler, whose pretrained weights (absent or unused in
@@ -112,11 +136,12 @@ class LoraSettings:
     targets: tuple[str, ...] = ()
 
 
-def make_lora_model(name: str, seed: int, lora: LoraSettings):
+def make_lora_model(name: str, seed: int, lora: LoraSettings, quantization: str = "none",
+                    device: str = "auto"):
     """Base classifier wrapped with a fresh LoRA adapter (A random from `seed`, B zero)."""
     from peft import LoraConfig, TaskType, get_peft_model
 
-    model, tok = load_classifier(name, seed)
+    model, tok = load_classifier(name, seed, quantization=quantization, device=device)
     targets = list(lora.targets) or lora_targets(model)
     cfg = LoraConfig(
         task_type=TaskType.SEQ_CLS, r=lora.rank, lora_alpha=lora.alpha,
@@ -129,10 +154,18 @@ def make_lora_model(name: str, seed: int, lora: LoraSettings):
     return peft_model, tok
 
 
-def make_head_only_model(name: str, seed: int, lora: LoraSettings | None = None):
+def _unquantized_only(method: str, quantization: str) -> None:
+    if (quantization or "none") != "none":
+        raise ModelError(f"quantization {quantization!r} applies to LoRA (QLoRA); the {method} method trains "
+                         "base weights, which cannot be held in 4 or 8 bits: set quantization = none")
+
+
+def make_head_only_model(name: str, seed: int, lora: LoraSettings | None = None, quantization: str = "none",
+                         device: str = "auto"):
     """Base classifier with every weight frozen but the head (`head_modules`: the classifier
     and, for BERT-like encoders, the pooler). Not a PEFT model: PEFT refuses an adapter
     without target modules, so its trainable state is the plain named parameters."""
+    _unquantized_only("head-only", quantization)
     model, tok = load_classifier(name, seed)
     heads = head_modules(model) or []
     if not heads:
@@ -143,8 +176,10 @@ def make_head_only_model(name: str, seed: int, lora: LoraSettings | None = None)
     return model, tok
 
 
-def make_full_model(name: str, seed: int, lora: LoraSettings | None = None):
+def make_full_model(name: str, seed: int, lora: LoraSettings | None = None, quantization: str = "none",
+                    device: str = "auto"):
     """Base classifier with every weight trainable (full fine-tuning: the whole model travels)."""
+    _unquantized_only("full", quantization)
     model, tok = load_classifier(name, seed)
     for param in model.parameters():
         param.requires_grad = True
@@ -167,4 +202,4 @@ def is_decoder_model(name: str) -> bool:
     return any(a.endswith("ForCausalLM") for a in archs) or getattr(cfg, "model_type", "") in LLAMA_LIKE
 
 
-LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "gpt2", "gpt_neox")
+LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "gpt2", "gpt_neox")

@@ -12,8 +12,15 @@ A hospital keeps a small TOML file next to its data (node config `policy-path`):
     allow-full-weights = false     # never send the whole model (full fine-tuning arms of a comparison)
     max-update-bytes = 10000000    # never send an update larger than this many bytes
     approved-app-hashes = ["<64 hex digits>"]  # app bundles the node may run besides its own clinfed's
+    quantization = "4bit"          # the site's card: hold the frozen base in 4 (or 8) bits, whatever the study says
+    device = "cuda"                # where the site trains (auto, cpu, cuda)
+    gpu-memory-gb = 24             # the memory the site's training may use (micro-batches are planned to fit)
 
-Every key is optional. The run config is written by the server, the file by
+Every key is optional. The last three describe the site's hardware, not what may
+leave: there the site's setting simply replaces the study's (`hardware_overrides`;
+a deployed node's config may also set `gpu-memory-gb`, `device` and `quantization`),
+and an adapter trained on a quantized base is still a plain adapter of the same base.
+The run config is written by the server, the file by
 the hospital: in `effective` the stricter side of each setting wins, so no
 run config can loosen a site's policy, and where the file is silent the safe
 default holds, not the server's wish: k is at least 10 (`DEFAULT_MIN_CELL_SIZE`;
@@ -66,6 +73,9 @@ class SitePolicy:
     allow_full_weights: bool = True
     max_update_bytes: int | None = None
     approved_app_hashes: tuple[str, ...] = ()
+    quantization: str | None = None
+    device: str | None = None
+    gpu_memory_gb: float | None = None
     source: str = ""
 
 
@@ -83,7 +93,11 @@ _FIELDS: dict[str, tuple[str, type, Any, str]] = {
     "max-update-bytes": ("max_update_bytes", int, lambda v: v >= 1, "a whole number of bytes >= 1 (omit for no cap)"),
     "approved-app-hashes": ("approved_app_hashes", tuple, None,
                             "a list of app-code hashes, 64 hex digits each, as `clinfed app-hash` prints them"),
+    "quantization": ("quantization", str, ("none", "4bit", "8bit"), "one of \"none\", \"4bit\", \"8bit\""),
+    "device": ("device", str, ("auto", "cpu", "cuda"), "one of \"auto\", \"cpu\", \"cuda\""),
+    "gpu-memory-gb": ("gpu_memory_gb", float, lambda v: 0 < v <= 100_000, "a number of GiB > 0"),
 }
+HARDWARE_KEYS = ("quantization", "device", "gpu-memory-gb")
 POLICY_KEYS = tuple(_FIELDS)
 
 
@@ -100,6 +114,10 @@ def _value(where: str, key: str, raw: Any) -> Any:
         if not isinstance(raw, bool):
             raise bad
         return raw
+    if kind is str:
+        if not isinstance(raw, str) or raw.strip().lower() not in check:
+            raise bad
+        return raw.strip().lower()
     if isinstance(raw, bool) or not isinstance(raw, (int, float)):
         raise bad
     if kind is int:
@@ -214,6 +232,30 @@ class Policy:
         )
 
 
+def hardware_overrides(site_policy: "SitePolicy | None", node_config: dict | None = None) -> dict[str, Any]:
+    """Run-config values the site sets for its own hardware (quantization, device, GPU memory):
+    the site's policy file first, then its node config; the site's setting wins over the study's,
+    since only the site knows its card. Nothing here changes what leaves the site."""
+    out: dict[str, Any] = {}
+    nc = dict(node_config or {})
+    for key in HARDWARE_KEYS:
+        raw = nc.get(key)
+        if raw is None or str(raw).strip() == "":
+            continue
+        if key == "gpu-memory-gb" and isinstance(raw, str):
+            try:
+                raw = float(raw)
+            except ValueError:
+                raise PolicyError(f"node config: key '{key}': expected a number of GiB > 0, got {raw!r}") from None
+        out[key] = _value("node config", key, raw)
+    if site_policy is not None:
+        for key in HARDWARE_KEYS:
+            value = getattr(site_policy, _FIELDS[key][0])
+            if value is not None:
+                out[key] = value
+    return out
+
+
 def _min_positive(*values) -> float:
     pos = [float(v) for v in values if v is not None and float(v) > 0]
     return min(pos) if pos else 0.0
@@ -251,5 +293,5 @@ def effective(run_cfg: dict[str, Any], site_policy: "SitePolicy | dict | None" =
     )
 
 
-__all__ = ["DEFAULT_MIN_CELL_SIZE", "SIMULATED_POLICY_FILE", "POLICY_KEYS", "NO_SITE_POLICY", "Policy", "PolicyError", "PolicyRefusal", "SitePolicy", "effective",
+__all__ = ["HARDWARE_KEYS", "hardware_overrides", "DEFAULT_MIN_CELL_SIZE", "SIMULATED_POLICY_FILE", "POLICY_KEYS", "NO_SITE_POLICY", "Policy", "PolicyError", "PolicyRefusal", "SitePolicy", "effective",
            "load_site_policy", "site_policy_from_dict"]

@@ -72,6 +72,8 @@ ALLOWED_METRIC_KEYS = [
         r"train-seconds",
         r"train-tokens",
         r"train-peak-rss",
+        # what the site chose to fit its card (common.memory): hardware, not patients
+        r"train-(micro-batch|accumulation|oom-retries)",
         r"adapter-hash",
         r"(local-)?dpo-self-rejected-share",
         r"(local|personalized|similarity-weighted|augmented)-train-(loss|seconds|peak-rss)",

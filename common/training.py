@@ -17,24 +17,22 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from clinfed.common.hardware import pick_device, place
+from clinfed.common.memory import FitReport, free_cached, is_out_of_memory, meter_for, micro_batches, plan_micro_batch
+
+__all__ = ["pick_device"]  # re-exported: callers pick the device here, with dtype and threads
+
 
 # --------------------------------------------------------------------------
 # device, dtype, threads
 # --------------------------------------------------------------------------
-def pick_device(prefer: str = "auto") -> str:
-    import torch
-
-    if prefer in ("cpu", "cuda"):
-        if prefer == "cuda" and not torch.cuda.is_available():
-            raise ValueError("device 'cuda' was requested but no CUDA device is available")
-        return prefer
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
 
 def autocast_dtype(device: str, mode: str = "auto"):
     """bf16 autocast where the hardware does it natively, else None (fp32).
 
-    On CPU bf16 only pays with AVX512-BF16/AMX; elsewhere it is slower than fp32.
+    On CPU bf16 only pays with AVX512-BF16/AMX; elsewhere it is slower than fp32. On a
+    GPU without bf16 (before Ampere) fp16, whose gradients the training loop scales
+    (GradScaler); that branch has not run yet (no GPU was available).
     """
     import torch
 
@@ -152,6 +150,9 @@ class TrainSettings:
     seed: int = 0
     precision: str = "auto"
     device: str = "auto"
+    micro_batch: int = 0  # 0 = the whole batch at once (until a memory plan or an out-of-memory retry says less)
+    gpu_memory_gb: float = 0.0  # the site's stated card memory; 0 = the card's total
+    memory: object = None  # a meter (reset_peak/current/peak/budget) to plan with; None = the CUDA device's
 
 
 def train_classifier(model, encoded: list[np.ndarray], labels: np.ndarray, settings: TrainSettings,
@@ -185,15 +186,18 @@ def _train_steps(model, encoded: list[np.ndarray], settings: TrainSettings, batc
     if len(encoded) == 0:
         raise ValueError("no training examples")
     device = pick_device(settings.device)
-    model.to(device)
+    place(model, device)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay,
+                            **({"fused": True} if device == "cuda" else {}))
     warm = max(1, int(settings.steps * settings.warmup_frac))
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warm) * (0.5 * (1 + math.cos(math.pi * min(1.0, s / max(1, settings.steps)))) * 0.9 + 0.1)
     )
     amp = autocast_dtype(device, settings.precision)
+    # fp16 (a GPU without bf16) needs its gradients scaled; bf16 and fp32 do not
+    scaler = torch.amp.GradScaler("cuda", enabled=device == "cuda" and amp is torch.float16)
     rng = np.random.default_rng(settings.seed)
     # dropout draws from torch's global generator: seed it too, or a result depends on
     # what the process trained before (a resumed study would not match an uninterrupted one)
@@ -201,28 +205,64 @@ def _train_steps(model, encoded: list[np.ndarray], settings: TrainSettings, batc
     lengths = np.array([len(e) for e in encoded])
     batches: list[np.ndarray] = []
     losses, tokens, padded = [], 0, 0
+    meter = meter_for(device, settings.gpu_memory_gb, settings.memory)
+    fit = FitReport(micro_batch=min(settings.micro_batch or settings.batch_size, settings.batch_size), accumulation=1)
+
+    def step_on(idx):
+        """One batch's gradients, micro-batch by micro-batch: each micro-batch's mean loss weighted
+        by its share of the batch, so the accumulated gradient is the whole batch's mean."""
+        opt.zero_grad(set_to_none=True)
+        total, ntok, npad = 0.0, 0, 0
+        for chunk in micro_batches(idx, fit.micro_batch):
+            loss, mask = batch_loss(chunk, device, amp)
+            scaler.scale(loss * (len(chunk) / len(idx))).backward()
+            total += float(loss.detach()) * len(chunk) / len(idx)
+            ntok, npad = ntok + int(mask.sum()), npad + int(mask.numel())
+        return total, ntok, npad
+
     t0 = time.perf_counter()
     with frozen_linears_in(model, amp):
         for step in range(settings.steps):
             if not batches:
                 batches = length_grouped_batches(lengths, settings.batch_size, rng)
-            loss, mask = batch_loss(batches.pop(), device, amp)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
+            idx = batches.pop()
+            while True:
+                try:
+                    if meter is not None:
+                        meter.reset_peak()
+                        base = meter.current()
+                    loss, ntok, npad = step_on(idx)
+                    break
+                except Exception as exc:  # noqa: BLE001 - only out-of-memory is retried
+                    if not is_out_of_memory(exc) or fit.micro_batch == 1:
+                        raise
+                    opt.zero_grad(set_to_none=True)
+                    free_cached()
+                    fit.micro_batch = max(1, fit.micro_batch // 2)
+                    fit.oom_retries += 1
+            if meter is not None and step == 0 and getattr(meter, "budget", None):
+                peak = meter.peak()
+                used = max(len(c) for c in micro_batches(idx, fit.micro_batch))
+                fit.micro_batch = min(plan_micro_batch(settings.batch_size, used, base, peak, meter.budget),
+                                      fit.micro_batch if fit.oom_retries else settings.batch_size)
+                fit.planned_from_peak = int(peak)
             if settings.grad_clip:
+                scaler.unscale_(opt)
                 torch.nn.utils.clip_grad_norm_(params, settings.grad_clip)
-            opt.step()
+            scaler.step(opt)
+            scaler.update()
             sched.step()
-            losses.append(float(loss.detach()))
-            tokens += int(mask.sum())
-            padded += int(mask.numel())
+            losses.append(loss)
+            tokens += ntok
+            padded += npad
             if progress is not None:
                 progress(step + 1, settings.steps, losses[-1])
     seconds = time.perf_counter() - t0
     model.eval()
     tail = losses[-max(1, len(losses) // 4):]
+    fit.accumulation = math.ceil(settings.batch_size / fit.micro_batch)
     return {"train_loss": float(np.mean(tail)), "steps": settings.steps, "seconds": seconds,
-            "tokens": tokens, "padded_tokens": padded}
+            "tokens": tokens, "padded_tokens": padded, **fit.as_info()}
 
 
 def predict_proba(model, encoded: list[np.ndarray], pad_id: int, batch_size: int = 64,
@@ -248,7 +288,7 @@ def _score_batches(model, encoded: list[np.ndarray], score, batch_size: int, dev
     if len(encoded) == 0:
         return np.zeros(0)
     device = pick_device(device)
-    model.to(device)
+    place(model, device)
     model.eval()
     amp = autocast_dtype(device, precision)
     lengths = np.array([len(e) for e in encoded])

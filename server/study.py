@@ -178,7 +178,9 @@ class Study(SiteMessaging, PrivacyAccounting):
                                           "received": _arrays_bytes(ok[self.sites[n]].content[protocol.ARRAYS])
                                           if self.sites[n] in ok else 0} for n in group_of}
             costs = {s: {k: float(r.content[protocol.METRICS][m]) for k, m in (("train_seconds", "train-seconds"),
-                                                                        ("peak_rss_mb", "train-peak-rss"))
+                                                                        ("peak_rss_mb", "train-peak-rss"),
+                                                                        ("micro_batch", "train-micro-batch"),
+                                                                        ("oom_retries", "train-oom-retries"))
                          if m in r.content[protocol.METRICS]} for s, r in ok.items()}
             losses = {s: float(r.content[protocol.METRICS]["train-loss"]) for s, r in ok.items()}
             own = {s: float(r.content[protocol.METRICS]["dpo-self-rejected-share"]) for s, r in ok.items()

@@ -26,11 +26,13 @@ import threading
 import time
 from pathlib import Path
 
+from clinfed.simulations import gpu_bench
 from clinfed.simulations.eval_cost import evaluation
 
-BENCHES = ("throughput", "overhead", "comm", "scale", "generative", "evaluation")
+BENCHES = ("throughput", "overhead", "comm", "scale", "generative", "evaluation", "gpu")
 HEADLINE = {"throughput": "ratio", "overhead": "ratio", "comm": "fraction_of_full_model",
-            "scale": "peak_rss_mb", "generative": "sft_tokens_per_s", "evaluation": "speedup"}
+            "scale": "peak_rss_mb", "generative": "sft_tokens_per_s", "evaluation": "speedup",
+            "gpu": "qlora_lora_tokens_ratio"}
 
 
 # --------------------------------------------------------------------------
@@ -890,9 +892,10 @@ SMOKE = {
                   personalize_steps=1, bootstrap=10),
     "generative": dict(decoder="tiny-llama", sft_steps=2, dpo_steps=1, compare_bf16=False),
     "evaluation": dict(sizes=(60,), repeats=1, bootstrap=20),
+    "gpu": dict(shapes=("tiny",), steps=1, batch=2, seq=32, device="cpu"),
 }
 FUNCS = {"throughput": throughput, "overhead": overhead, "comm": comm, "scale": scale, "generative": generative,
-         "evaluation": evaluation}
+         "evaluation": evaluation, "gpu": gpu_bench.gpu}
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -914,7 +917,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="classifier base model (default: minilm; smoke: tiny-bert)")
     p.add_argument("--decoder", help="generative: decoder (default: smollm2; smoke: tiny-llama)")
     p.add_argument("--steps", type=int,
-                   help="throughput: steps per block; comm: training steps of the fp16 check; generative: SFT steps")
+                   help="throughput: steps per block; comm: training steps of the fp16 check; generative: SFT steps; "
+                        "gpu: timed steps per row")
     p.add_argument("--repeats", type=int, help="throughput: blocks per arm; evaluation: timed repeats per size")
     p.add_argument("--sites", type=_ints, help="scale: numbers of sites, e.g. 5,20,50")
     p.add_argument("--sizes", type=_ints, help="overhead: encounters per hospital, e.g. 600,400,250; "

@@ -101,3 +101,31 @@ def test_contention_smoke(small_federation, capsys):
                  "--repeats", "1", "--threads", "1"]) == 0
     out = capsys.readouterr().out
     assert "slowdown" in out and "quiet" in out and "loaded" in out and "cores" in out
+
+
+def test_gpu_smoke_runs_lora_and_qlora_on_cpu(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    doc = _bench("gpu", tmp_path)
+    modes = {(r["stage"], r["mode"]) for r in doc["rows"]}
+    assert modes == {("sft", "lora-fp32"), ("sft", "qlora-4bit"), ("dpo", "lora-fp32"), ("dpo", "qlora-4bit")}
+    for r in doc["rows"]:
+        assert _finite(r["tokens_per_s"]) and r["tokens_per_s"] > 0 and r["peak_mb"] > 0
+    assert _finite(doc["qlora_lora_tokens_ratio"]) and len(doc["ratios"]) == 2
+    assert "bitsandbytes" in doc["quantization_versions"]
+
+
+def test_gpu_bench_builds_4bit_layers_without_a_full_precision_model():
+    pytest.importorskip("bitsandbytes")
+    import bitsandbytes as bnb
+    import torch
+
+    from clinfed.simulations.gpu_bench import gpu, random_llama
+
+    model = random_llama("tiny", "4bit", "cpu")
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(layers) == 2 * 7  # every projection of both blocks, quantized as built
+    assert not any(p.is_meta for p in model.parameters()) and not any(b.is_meta for b in model.buffers())
+    assert model(input_ids=torch.tensor([[1, 2, 3]])).logits.shape[-1] == 512
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="needs a CUDA GPU"):
+            gpu(shapes=("1b",), device="auto")

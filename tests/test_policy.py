@@ -161,7 +161,8 @@ def test_reported_policy_passes_the_egress_guard_and_round_trips():
 def test_policy_keys_are_documented():
     assert set(POLICY_KEYS) == {"allow-adapters", "share-local-adapters", "min-cell-size", "dp-required",
                                 "dp-epsilon", "dp-delta", "refuse-instance-moving", "allow-full-weights",
-                                "max-update-bytes", "approved-app-hashes"}
+                                "max-update-bytes", "approved-app-hashes", "quantization", "device",
+                                "gpu-memory-gb"}
     from pathlib import Path
 
     page = (Path(__file__).resolve().parent.parent / "docs" / "site-policy.md").read_text()
