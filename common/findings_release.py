@@ -26,8 +26,6 @@ The keys, both sides read them (checked by `common.privacy` on the way out):
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 from clinfed.common.disclosure import counts, protect
@@ -152,6 +150,3 @@ def parse_calibration(metrics: dict[str, float]) -> dict[tuple[str, str], dict[s
             out.setdefault((parts[1], parts[2]), {}).setdefault(parts[3], {})[parts[4]] = float(val)
     return out
 
-
-def finite(x) -> bool:
-    return x is not None and isinstance(x, (int, float)) and math.isfinite(x)

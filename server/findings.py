@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from scipy.stats import norm
 
 from clinfed.common.findings_release import (
     CAL_EDGES,
@@ -53,6 +54,7 @@ SIZE_COLUMNS = ["regime", "reference", "split", "covariate", "slope", "lo", "hi"
 CAL_COLUMNS = ["site", "regime", "split", "metric", "value", "status"]
 GAP_COLUMNS = ["site", "regime", "split", "grouping", "best", "worst", "gap", "lo", "hi", "p", "p_adj", "status"]
 SIZE_COVARIATE = "log2 training notes"
+Z95 = float(norm.isf(0.025))
 SUPPRESSED_NOTE = "withheld by disclosure control at the site"
 
 
@@ -210,7 +212,7 @@ def calibration_rows(released: dict[str, dict[str, float]], metrics: pd.DataFram
         for name in ("slope", "intercept"):
             ok = [f for _, f in fits[(regime, split)] if name in f]
             est = [f[name] for f in ok]
-            var = [((f[f"{name}_hi"] - f[f"{name}_lo"]) / (2 * 1.959963984540054)) ** 2 for f in ok]
+            var = [((f[f"{name}_hi"] - f[f"{name}_lo"]) / (2 * Z95)) ** 2 for f in ok]
             res = random_effects(est, var) if len(ok) >= 2 else {"status": "too_few"}
             if res["status"] == "ok":
                 rows += [{"site": POOLED, "regime": regime, "split": split, "metric": name, "value": res["estimate"],
@@ -322,7 +324,6 @@ def _differences_frames(site_rows: list[dict], n_train: dict[str, int]) -> dict[
 
 # ------------------------------------------------------------------ replicates
 KEY = ["site", "regime", "reference", "split", "subgroup"]
-Z95 = 1.959963984540054
 
 
 def combine_replicates(run_dirs: list[Path], out: Path) -> dict[str, pd.DataFrame]:
@@ -358,8 +359,6 @@ def combine_replicates(run_dirs: list[Path], out: Path) -> dict[str, pd.DataFram
         est = float(d.mean())
         var = float(v.mean() + (1 + 1 / n) * (d.var(ddof=1) if n > 1 else 0.0))
         se = math.sqrt(var)
-        from scipy.stats import norm
-
         p = float(2 * norm.sf(abs(est) / se)) if se > 0 else (1.0 if est == 0 else 0.0)
         side = np.sign(est)
         consistent = int(((ok["lo"] > 0) & (side > 0) | (ok["hi"] < 0) & (side < 0)).sum())
