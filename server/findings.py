@@ -203,11 +203,7 @@ def calibration_rows(released: dict[str, dict[str, float]], metrics: pd.DataFram
             rows.append({"site": site, "regime": regime, "split": split, "metric": "ece", "value": None,
                          "status": "suppressed"})
     for (regime, split), acc in sorted(pooled_bins.items()):
-        bins = CalibrationBins(edges=tuple(CAL_EDGES), n=acc[:, 0], positives=acc[:, 1], sum_p=acc[:, 2])
-        ece = calibration_from_bins(bins)
-        rows.append({"site": POOLED, "regime": regime, "split": split, "metric": "ece",
-                     "value": ece["ece"] if ece["status"] != "empty" else None,
-                     "status": "ok" if ece["status"] != "empty" else "not_computable"})
+        rows.append(_ece_row(POOLED, regime, split, acc, empty="not_computable"))
         rows.extend(_bin_rows(POOLED, regime, split, acc))
         for name in ("slope", "intercept"):
             ok = [f for _, f in fits[(regime, split)] if name in f]
@@ -233,13 +229,19 @@ def _cal_site_rows(site, regime, split, fit, arr) -> list[dict]:
         if name in fit:
             rows.append({"site": site, "regime": regime, "split": split, "metric": name, "value": fit[name],
                          "status": "ok"})
-    bins = CalibrationBins(edges=tuple(CAL_EDGES), n=arr[:, 0], positives=arr[:, 1], sum_p=arr[:, 2])
-    ece = calibration_from_bins(bins)
-    rows.append({"site": site, "regime": regime, "split": split, "metric": "ece",
-                 "value": ece["ece"] if ece["status"] != "empty" else None,
-                 "status": "ok" if ece["status"] != "empty" else "suppressed"})
+    rows.append(_ece_row(site, regime, split, arr, empty="suppressed"))
     rows.extend(_bin_rows(site, regime, split, arr))
     return rows
+
+
+def _ece_row(site, regime, split, arr, empty: str) -> dict:
+    """ECE from bin aggregates (n, positives, sum of p per bin; NaN where withheld); `empty`:
+    the status when no bin holds anyone (a site's: all withheld; the pool's: nothing to pool)."""
+    ece = calibration_from_bins(CalibrationBins(edges=tuple(CAL_EDGES), n=arr[:, 0], positives=arr[:, 1],
+                                                sum_p=arr[:, 2]))
+    none = ece["status"] == "empty"
+    return {"site": site, "regime": regime, "split": split, "metric": "ece",
+            "value": None if none else ece["ece"], "status": empty if none else "ok"}
 
 
 def _bin_rows(site, regime, split, arr) -> list[dict]:
