@@ -42,3 +42,10 @@ def fresh_federation(small_federation, tmp_path):
     import shutil
 
     return Path(shutil.copytree(small_federation, tmp_path / "fed", ignore=shutil.ignore_patterns("clinfed-out")))
+
+
+def pytest_collection_modifyitems(config, items):
+    """The slow end-to-end tests (each starts a Flower engine, 40 s to 4 min) first: the suite
+    runs on pytest-xdist workers (pyproject's addopts), and a long test started last would run
+    alone at the end while the other workers sit idle."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

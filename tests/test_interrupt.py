@@ -25,7 +25,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 ROUNDS = 6
 CONFIG = (f'model="tiny-bert" num-server-rounds={ROUNDS} local-steps=40 personalize-steps=2 bootstrap=20 '
-          'min-cell-size=5 regimes="global,local" subgroups=false')
+          'min-cell-size=5 regimes="global,local" local-regime-steps=5 subgroups=false')
 STOP_WITHIN = 60  # seconds from the signal to the command's exit, on a loaded 2-core machine (typically 3-8 s)
 
 
