@@ -34,10 +34,10 @@ def build_server_app(probe_items: Callable[[int, int], dict] | None = None) -> S
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
+        # quiet transformers through its environment, should anything in this process import it
+        # (importing it here only to set its verbosity cost the server seconds of CPU per study)
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
         cfg = resolve(dict(context.run_config))
         if str(cfg.get("arms", "")).strip():
             from clinfed.server.comparison import Comparison
