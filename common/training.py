@@ -153,6 +153,32 @@ class TrainSettings:
     micro_batch: int = 0  # 0 = the whole batch at once (until a memory plan or an out-of-memory retry says less)
     gpu_memory_gb: float = 0.0  # the site's stated card memory; 0 = the card's total
     memory: object = None  # a meter (reset_peak/current/peak/budget) to plan with; None = the CUDA device's
+    # proximal pull (FedProx's mu, Ditto's lambda): the loss gains mu/2 * ||w - anchor||^2 over the
+    # trainable weights; anchor = {parameter name: tensor}, None = the weights the training starts from
+    proximal_mu: float = 0.0
+    anchor: dict | None = None
+
+
+def trainable_snapshot(model) -> dict:
+    """The trainable weights as they are now, by parameter name: the anchor of a proximal pull."""
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def add_proximal_grad(model, anchor: dict, mu: float) -> None:
+    """Add the gradient of mu/2 * ||w - anchor||^2, mu * (w - anchor), to each anchored weight's
+    gradient: the same update as the term in the loss, without a second graph through the weights."""
+    import torch
+
+    if mu <= 0:
+        return
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad and name in anchor:
+                pull = mu * (p.detach().float() - anchor[name].to(p.device).float())
+                if p.grad is None:
+                    p.grad = pull.to(p.dtype)
+                else:
+                    p.grad.add_(pull.to(p.grad.dtype))
 
 
 def train_classifier(model, encoded: list[np.ndarray], labels: np.ndarray, settings: TrainSettings,
@@ -206,6 +232,9 @@ def _train_steps(model, encoded: list[np.ndarray], settings: TrainSettings, batc
     batches: list[np.ndarray] = []
     losses, tokens, padded = [], 0, 0
     meter = meter_for(device, settings.gpu_memory_gb, settings.memory)
+    anchor = None
+    if settings.proximal_mu > 0:
+        anchor = settings.anchor if settings.anchor is not None else trainable_snapshot(model)
     fit = FitReport(micro_batch=min(settings.micro_batch or settings.batch_size, settings.batch_size), accumulation=1)
 
     def step_on(idx):
@@ -240,6 +269,9 @@ def _train_steps(model, encoded: list[np.ndarray], settings: TrainSettings, batc
                     free_cached()
                     fit.micro_batch = max(1, fit.micro_batch // 2)
                     fit.oom_retries += 1
+            if anchor is not None:
+                # gradients are scaled (fp16 loss scaling): scale the pull by the same factor
+                add_proximal_grad(model, anchor, settings.proximal_mu * float(scaler.get_scale() if scaler.is_enabled() else 1.0))
             if meter is not None and step == 0 and getattr(meter, "budget", None):
                 peak = meter.peak()
                 used = max(len(c) for c in micro_batches(idx, fit.micro_batch))
