@@ -1,4 +1,5 @@
-"""Stopping a real `clinfed simulate` with the signals users and schedulers send, and resuming it.
+"""Stopping a real `clinfed simulate` with the signals users and schedulers send, and resuming it;
+the final resume also checks the command as a user runs it (installed script, clean console).
 
 Each test sets the signal dispositions of the process it starts (SIGINT starts
 *ignored*, as in a background job of a non-interactive shell, where Python would
@@ -151,8 +152,13 @@ def test_sigterm_sigint_and_sigkill_each_stop_the_study_and_resume_finishes_it(s
     proc.wait()
     assert _living(_run_processes(out)), "a SIGKILLed command is expected to leave its run's processes behind"
 
-    # 4. --resume finds what the killed command left, stops it, says so, and finishes the study
-    res = subprocess.run([sys.executable, "-m", "clinfed.cli", *resume], cwd=ROOT, capture_output=True,
+    # 4. --resume finds what the killed command left, stops it, says so, and finishes the study.
+    #    Run as pipx runs it: the `clinfed` script by its absolute path, its environment not
+    #    activated (no virtual environment on PATH), from a folder that is not the checkout.
+    script = Path(sys.executable).parent / "clinfed"
+    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH")}
+    env["PATH"] = "/usr/bin:/bin"
+    res = subprocess.run([str(script), *resume], cwd=tmp_path, env=env, capture_output=True,
                          text=True, timeout=600, preexec_fn=_dispositions)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "left running by an earlier, killed run" in res.stdout, res.stdout[-3000:]
@@ -161,6 +167,15 @@ def test_sigterm_sigint_and_sigkill_each_stop_the_study_and_resume_finishes_it(s
     assert run["status"] == "completed"
     assert [r["round"] for r in run["rounds"]] == list(range(1, ROUNDS + 1))
     assert pd.read_csv(out / "metrics.csv")["site"].nunique() == 3
+    assert (out / "report.html").exists()
+    # piped to a file, the console is for a person: no colour codes, no Ray actor prefixes or
+    # deduplication notes, no Flower warning that does not apply; the whole log is in flwr.log
+    console = res.stdout
+    for machinery in ("\x1b[", "ClientAppActor", "repeated", "fraction_evaluate", "Federated evaluation will be"):
+        assert machinery not in console, (machinery, console[-3000:])
+    assert f"global round {ROUNDS}/{ROUNDS}:" in console and "evaluation 1/1:" in console, console[-3000:]
+    flwr_log = (out / "flwr.log").read_text()
+    assert "site h" in flwr_log and "\x1b[" not in flwr_log
 
 
 @pytest.mark.slow
