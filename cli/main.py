@@ -91,6 +91,17 @@ def _int_in(lo: int, hi: int):
     return parse
 
 
+def _share_of_gpu(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a share of one GPU between 0 and 1, got {text!r}") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a share of one GPU between 0 and 1 (several GPUs per site are "
+                                         f"not supported), got {text!r}")
+    return value
+
+
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -194,12 +205,13 @@ def _resume(args) -> int:
         raise CliError(str(err)) from None
     out = Path(args.resume).resolve()
     print(f"clinfed: resuming {out} ({n_sites} sites)")
-    run = _simulate(out, overrides, n_sites, args.cpus_per_site)
+    run = _simulate(out, overrides, n_sites, args.cpus_per_site, getattr(args, "gpus_per_site", None))
     print(f"clinfed: study completed in {run.get('timings', {}).get('total', 0):.0f}s; report: {out / 'report.html'}")
     return 0
 
 
-def _simulate(out: Path, overrides: dict, n_sites: int, cpus_per_site: float) -> dict:
+def _simulate(out: Path, overrides: dict, n_sites: int, cpus_per_site: float,
+              gpus_per_site: float | None = None) -> dict:
     """Run the study (or its replicates); an interrupt says what was kept and how to continue."""
     from clinfed.common.config import resolve
     from clinfed.simulations.local import resume_hint, simulate
@@ -208,8 +220,9 @@ def _simulate(out: Path, overrides: dict, n_sites: int, cpus_per_site: float) ->
     replicated = resolve(overrides).replicates > 1
     try:
         if replicated:
-            return run_replicates(out, overrides, n_sites=n_sites, cpus_per_site=cpus_per_site)
-        return simulate(out, overrides, n_sites=n_sites, cpus_per_site=cpus_per_site)
+            return run_replicates(out, overrides, n_sites=n_sites, cpus_per_site=cpus_per_site,
+                                  gpus_per_site=gpus_per_site)
+        return simulate(out, overrides, n_sites=n_sites, cpus_per_site=cpus_per_site, gpus_per_site=gpus_per_site)
     except KeyboardInterrupt as exc:
         exc.hint = (f"completed replicates are kept; continue with: clinfed simulate --resume {out}" if replicated
                     else resume_hint(out))
@@ -225,6 +238,18 @@ def _check_device(overrides: dict) -> None:
             pick_device("cuda")
         except DeviceError as err:
             raise CliError(str(err)) from None
+
+
+def _check_gpus(overrides: dict, gpus_per_site: float | None) -> None:
+    """--gpus-per-site the machine cannot honour: refused before Flower starts."""
+    if gpus_per_site is None:
+        return
+    from clinfed.simulations.local import GpuShareError, gpu_plan
+
+    try:
+        gpu_plan(overrides, 1, gpus_per_site)
+    except GpuShareError as err:
+        raise CliError(str(err)) from None
 
 
 def cmd_simulate(args) -> int:
@@ -245,6 +270,7 @@ def cmd_simulate(args) -> int:
     if device:
         overrides["device"] = device
     _check_device(overrides)
+    _check_gpus(overrides, getattr(args, "gpus_per_site", None))
     if args.replicates:
         overrides["replicates"] = args.replicates
     if args.task:
@@ -314,7 +340,7 @@ def cmd_simulate(args) -> int:
         overrides.setdefault("region-vocabulary", ",".join(REGIONS))
     overrides.setdefault("seed", args.seed)
     print(f"clinfed: simulating {len(sites)} sites -> {out}")
-    run = _simulate(out, overrides, len(sites), args.cpus_per_site)
+    run = _simulate(out, overrides, len(sites), args.cpus_per_site, getattr(args, "gpus_per_site", None))
     total = run.get("timings", {}).get("total")
     print(f"clinfed: study completed in {total:.0f}s; report: {out / 'report.html'}")
     return 0
@@ -629,6 +655,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None,
                    help="where the simulated sites train (same as run config `device`; cuda without a GPU "
                         "is refused at start)")
+    s.add_argument("--gpus-per-site", type=_share_of_gpu, default=None, metavar="G",
+                   help="each simulated site's share of one GPU through Ray (0.25: four sites per GPU), which "
+                        "is also the share of the card's memory it plans with; 0 = sites on CPU. Default: on a "
+                        "machine with CUDA the sites share the GPUs evenly (GPUs / sites, at most 1), "
+                        "elsewhere 0. Refused without a CUDA GPU")
     s.set_defaults(func=cmd_simulate)
 
     c = sub.add_parser("compare", help="run a comparison study of arms (base model x method x task form) "

@@ -106,10 +106,15 @@ def train(msg: Message, context: Context, sim: SimulationSupport | None = None) 
     return Message(RecordDict({ARRAYS: to_arrays(state), "metrics": metrics}), reply_to=msg)
 
 
-def fit_metrics(info: dict) -> dict:
-    """What the training call chose to fit the site's card (micro-batch, accumulation, OOM retries)."""
-    return {f"train-{k.replace('_', '-')}": int(info[k]) for k in ("micro_batch", "accumulation", "oom_retries")
-            if k in info}
+def fit_metrics(info: dict, prefix: str = "") -> dict:
+    """What the training call chose to fit the site's card (micro-batch, accumulation, OOM retries,
+    quantization bits, gradient checkpointing) and its throughput (tokens/s, peak GPU memory on CUDA)."""
+    out = {f"{prefix}train-{k.replace('_', '-')}": int(info[k])
+           for k in ("micro_batch", "accumulation", "oom_retries", "quantization_bits", "gradient_checkpointing")
+           if k in info}
+    out.update({f"{prefix}train-{k.replace('_', '-')}": float(info[k]) for k in ("tokens_per_s", "peak_gpu_mb")
+                if k in info})
+    return out
 
 
 @guarded("local and personalized training")
@@ -143,6 +148,8 @@ def personalize(msg: Message, context: Context, sim: SimulationSupport | None = 
         metrics[f"{regime}-train-loss"] = info["train_loss"]
         metrics[f"{regime}-train-seconds"] = info["seconds"]
         metrics[f"{regime}-train-peak-rss"] = info["peak_rss_mb"]
+        metrics.update({k: v for k, v in fit_metrics(info, prefix=f"{regime}-").items()
+                        if k.endswith(("-tokens-per-s", "-peak-gpu-mb"))})
         metrics.update(dp_metrics(info, len(site.splits["train"]), policy, prefix=f"{regime}-"))
         return state
 

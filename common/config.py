@@ -47,9 +47,11 @@ KEYS: dict[str, tuple[Any, type, Any, str]] = {
     "device": ("auto", str, ("auto", "cpu", "cuda"),
                "where sites train and score: auto = the GPU when there is one; cuda without one is an error at "
                "start (a site's policy may set its own)"),
-    "quantization": ("none", str, ("none", "4bit", "8bit"),
+    "quantization": ("none", str, ("none", "4bit", "8bit", "auto"),
                      "hold the frozen base in 4 bits (NF4, double quantization, bf16 compute) or 8 bits through "
-                     "bitsandbytes and train LoRA on it (QLoRA); adapters stay plain PEFT. A site's policy may set "
+                     "bitsandbytes and train LoRA on it (QLoRA); adapters stay plain PEFT. auto = each site chooses "
+                     "before loading, from the model's size and its GPU memory: none if the base fits well, else "
+                     "8bit, else 4bit, else an error (none on CPU). A site's policy may set "
                      "its own to fit its card (the site's wins). LoRA only; not with dp"),
     "gpu-memory-gb": (0.0, float, (0.0, 100000.0),
                       "GPU memory a site may use, in GiB, to plan micro-batches and gradient accumulation "
@@ -273,7 +275,7 @@ def resolve(overrides: Mapping[str, Any] | None = None) -> "RunConfig":
     if cfg["dp"] and cfg["task"] == "generative" and int(cfg["dpo-rounds"]) > 0:
         raise ConfigError("run config 'dp': the generative study trains SFT with DP-SGD, but DPO has no DP "
                           "path (see docs/privacy.md); set dpo-rounds = 0 with dp = true")
-    if cfg["quantization"] != "none":
+    if cfg["quantization"] not in ("none", "auto"):  # auto falls back to none where quantization cannot go
         if cfg["dp"]:
             raise ConfigError("run config 'quantization': DP-SGD (dp = true) on a quantized base is not built "
                               "or tested; set quantization = none with dp")

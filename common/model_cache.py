@@ -15,6 +15,7 @@ import numpy as np
 
 from clinfed.common.adapters import adapter_state, load_adapter_state
 from clinfed.common.instruct import make_lora_causal_lm
+from clinfed.common.memory import resolve_quantization
 from clinfed.common.model_source import LOCK, TINY_MODELS, ModelError, model_identity, resolve_model
 from clinfed.common.models import (
     LoraSettings,
@@ -89,11 +90,14 @@ def get_model(key: ModelKey) -> LoadedModel:
     return _MODELS[key]
 
 
-def model_key(cfg: dict) -> ModelKey:
+def model_key(cfg: dict, causal: bool = False) -> ModelKey:
+    """The key of the model a site loads; `quantization = auto` is decided here, before loading
+    (`common.memory.resolve_quantization`: from the model's size and the site's memory)."""
     targets = tuple(t.strip() for t in cfg.lora_targets.split(",") if t.strip())
     lora = LoraSettings(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, targets)
-    return ModelKey(cfg.model, cfg.seed, lora, str(cfg.get("arm-method", "lora")),
-                    str(cfg.get("arm-form", "cls")), str(cfg.get("quantization", "none")),
+    form = str(cfg.get("arm-form", "cls"))
+    quantization = resolve_quantization(cfg, name=cfg.model, causal=causal or form == "prompt")
+    return ModelKey(cfg.model, cfg.seed, lora, str(cfg.get("arm-method", "lora")), form, quantization,
                     str(cfg.get("device", "auto")))
 
 
@@ -102,7 +106,7 @@ _DECODERS: dict[ModelKey, LoadedModel] = {}
 
 def get_decoder(cfg: dict) -> LoadedModel:
     """The decoder with its LoRA adapter, loaded once per process (like the classifier)."""
-    key = model_key(cfg.override({"model": cfg.decoder}))
+    key = model_key(cfg.override({"model": cfg.decoder}), causal=True)
     if key not in _DECODERS:
         _DECODERS.clear()
         _DECODERS[key] = LoadedModel(key, build=make_lora_causal_lm)

@@ -73,7 +73,9 @@ ALLOWED_METRIC_KEYS = [
         r"train-tokens",
         r"train-peak-rss",
         # what the site chose to fit its card (common.memory): hardware, not patients
-        r"train-(micro-batch|accumulation|oom-retries)",
+        r"train-(micro-batch|accumulation|oom-retries|quantization-bits|gradient-checkpointing)",
+        # the card's throughput: tokens per second and peak GPU memory of a training call
+        r"((local|personalized|similarity-weighted|augmented)-)?train-(tokens-per-s|peak-gpu-mb)",
         r"adapter-hash",
         r"(local-)?dpo-self-rejected-share",
         r"(local|personalized|similarity-weighted|augmented)-train-(loss|seconds|peak-rss)",

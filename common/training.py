@@ -18,7 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from clinfed.common.hardware import pick_device, place
-from clinfed.common.memory import FitReport, free_cached, is_out_of_memory, meter_for, micro_batches, plan_micro_batch
+from clinfed.common.memory import (FitReport, checkpointing_on, free_cached, is_out_of_memory, meter_for, micro_batches,
+                                   plan_micro_batch, quantization_bits)
 
 __all__ = ["pick_device"]  # re-exported: callers pick the device here, with dtype and threads
 
@@ -235,7 +236,8 @@ def _train_steps(model, encoded: list[np.ndarray], settings: TrainSettings, batc
     anchor = None
     if settings.proximal_mu > 0:
         anchor = settings.anchor if settings.anchor is not None else trainable_snapshot(model)
-    fit = FitReport(micro_batch=min(settings.micro_batch or settings.batch_size, settings.batch_size), accumulation=1)
+    fit = FitReport(micro_batch=min(settings.micro_batch or settings.batch_size, settings.batch_size), accumulation=1,
+                    gradient_checkpointing=checkpointing_on(model), quantization_bits=quantization_bits(model))
 
     def step_on(idx):
         """One batch's gradients, micro-batch by micro-batch: each micro-batch's mean loss weighted
@@ -249,6 +251,9 @@ def _train_steps(model, encoded: list[np.ndarray], settings: TrainSettings, batc
             ntok, npad = ntok + int(mask.sum()), npad + int(mask.numel())
         return total, ntok, npad
 
+    cuda_peak = 0  # the call's peak GPU memory (the planner's meter resets the counter every step)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     with frozen_linears_in(model, amp):
         for step in range(settings.steps):
@@ -263,12 +268,14 @@ def _train_steps(model, encoded: list[np.ndarray], settings: TrainSettings, batc
                     loss, ntok, npad = step_on(idx)
                     break
                 except Exception as exc:  # noqa: BLE001 - only out-of-memory is retried
-                    if not is_out_of_memory(exc) or fit.micro_batch == 1:
+                    if not is_out_of_memory(exc) or (fit.micro_batch == 1 and fit.gradient_checkpointing):
                         raise
                     opt.zero_grad(set_to_none=True)
                     free_cached()
-                    fit.micro_batch = max(1, fit.micro_batch // 2)
-                    fit.oom_retries += 1
+                    try:
+                        fit.shrink(model)  # half the micro-batch; at 1, gradient checkpointing once
+                    except MemoryError:
+                        raise exc from None
             if anchor is not None:
                 # gradients are scaled (fp16 loss scaling): scale the pull by the same factor
                 add_proximal_grad(model, anchor, settings.proximal_mu * float(scaler.get_scale() if scaler.is_enabled() else 1.0))
@@ -284,6 +291,8 @@ def _train_steps(model, encoded: list[np.ndarray], settings: TrainSettings, batc
             scaler.step(opt)
             scaler.update()
             sched.step()
+            if device == "cuda":
+                cuda_peak = max(cuda_peak, int(torch.cuda.max_memory_allocated()))
             losses.append(loss)
             tokens += ntok
             padded += npad
@@ -294,7 +303,10 @@ def _train_steps(model, encoded: list[np.ndarray], settings: TrainSettings, batc
     tail = losses[-max(1, len(losses) // 4):]
     fit.accumulation = math.ceil(settings.batch_size / fit.micro_batch)
     return {"train_loss": float(np.mean(tail)), "steps": settings.steps, "seconds": seconds,
-            "tokens": tokens, "padded_tokens": padded, **fit.as_info()}
+            "tokens": tokens, "padded_tokens": padded, **fit.as_info(),
+            # throughput of the card: real (unpadded) tokens per second of the call, peak GPU memory
+            "tokens_per_s": tokens / seconds if seconds > 0 else 0.0,
+            **({"peak_gpu_mb": cuda_peak / 2**20} if device == "cuda" else {})}
 
 
 def predict_proba(model, encoded: list[np.ndarray], pad_id: int, batch_size: int = 64,

@@ -184,7 +184,12 @@ class Study(SiteMessaging, PrivacyAccounting):
             costs = {s: {k: float(r.content[protocol.METRICS][m]) for k, m in (("train_seconds", "train-seconds"),
                                                                         ("peak_rss_mb", "train-peak-rss"),
                                                                         ("micro_batch", "train-micro-batch"),
-                                                                        ("oom_retries", "train-oom-retries"))
+                                                                        ("oom_retries", "train-oom-retries"),
+                                                                        ("quantization_bits", "train-quantization-bits"),
+                                                                        ("gradient_checkpointing",
+                                                                         "train-gradient-checkpointing"),
+                                                                        ("tokens_per_s", "train-tokens-per-s"),
+                                                                        ("peak_gpu_mb", "train-peak-gpu-mb"))
                          if m in r.content[protocol.METRICS]} for s, r in ok.items()}
             losses = {s: float(r.content[protocol.METRICS]["train-loss"]) for s, r in ok.items()}
             own = {s: float(r.content[protocol.METRICS]["dpo-self-rejected-share"]) for s, r in ok.items()
@@ -285,7 +290,8 @@ class Study(SiteMessaging, PrivacyAccounting):
             m = dict(rep.content[protocol.METRICS])
             self._note_dp(site, m, "personalize")
             self.run.setdefault("site_held", {})[site] = {
-                k: float(v) for k, v in m.items() if k.endswith(("-train-seconds", "-train-peak-rss"))}
+                k: float(v) for k, v in m.items() if k.endswith(("-train-seconds", "-train-peak-rss", "-train-tokens-per-s",
+                                                        "-train-peak-gpu-mb"))}
         self.ckpt.save_done("personalize", self._ckpt_state(),
                             {s: {k: v.numpy() for k, v in a.items()} for s, a in self.shared_local.items()})
         say(progress_line("site-held training", 1, 1, f"{', '.join(r for r in self.regimes if r in SITE_HELD)} "

@@ -12,7 +12,9 @@ disabled as the reference), so the figures are the model's, not the trainer's.
 
 Full form (`clinfed bench gpu`): needs a CUDA GPU; 1B-shaped Llama (Llama-3.2-1B's
 dimensions, untied head): SFT and DPO with bf16 LoRA and 4-bit QLoRA, one fp32 LoRA SFT
-block as reference; 8B-shaped Llama (Llama-3.1-8B's dimensions): 4-bit QLoRA SFT only.
+block as reference; 8B-shaped Llama (Llama-3.1-8B's dimensions): 4-bit QLoRA SFT only; then
+the default classifier study end to end with `clinfed simulate --device cuda` (its wall time and
+mean AUCs; stopped after STUDY_TIMEOUT_S so the whole benchmark stays under ten minutes).
 `--smoke`: a tiny shape on CPU (fp32 LoRA vs 4-bit QLoRA), seconds, for CI; its
 figures say the code runs, not how fast a GPU is. The full form has not yet run:
 no GPU was available when it was written (docs/benchmarks.md).
@@ -199,8 +201,63 @@ def gpu_machine() -> dict:
     return out
 
 
+STUDY_TIMEOUT_S = 360  # the study's share of the ten minutes; it is stopped (and said so) past it
+
+
+def study_mean_aucs(run_dir) -> dict:
+    """Mean ROC AUC over the sites per regime and test split, from a study's metrics.csv."""
+    import csv
+    from collections import defaultdict
+    from pathlib import Path
+
+    got = defaultdict(list)
+    with open(Path(run_dir) / "metrics.csv", newline="") as fh:
+        for row in csv.DictReader(fh):
+            if row["subgroup"] == "all" and row["metric"] == "auc" and row["status"] == "ok" and row["value"]:
+                got[(row["regime"], row["split"])].append(float(row["value"]))
+    return {f"{regime}/{split}": round(sum(v) / len(v), 3) for (regime, split), v in sorted(got.items())}
+
+
+def classifier_study(work, device: str = "cuda", timeout: float = STUDY_TIMEOUT_S) -> dict:
+    """The default classifier study end to end (`clinfed simulate --device cuda`: six generated
+    hospitals, MiniLM, its default rounds, steps and evaluation; the sites share the GPU through
+    Ray, `--gpus-per-site` left at its default) in the bench's work folder: wall time and the
+    mean AUCs. Past `timeout` it is interrupted like a Ctrl-C (clinfed stops its run in order)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = Path(work) / "classifier-study"
+    cmd = [sys.executable, "-m", "clinfed.cli", "simulate", "--out", str(out), "--device", device]
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        text, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGINT)  # clinfed stops its SuperLink and sites on an interrupt
+        try:
+            text, _ = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            text, _ = proc.communicate()
+        return {"stage": "classifier study", "command": " ".join(cmd[1:]), "completed": False,
+                "wall_s": round(time.perf_counter() - t0, 1),
+                "note": f"stopped after {timeout:.0f}s", "tail": text[-2000:]}
+    wall = time.perf_counter() - t0
+    row = {"stage": "classifier study", "command": " ".join(cmd[1:]), "completed": proc.returncode == 0,
+           "wall_s": round(wall, 1)}
+    if proc.returncode == 0:
+        row["mean_auc"] = study_mean_aucs(out)
+    else:
+        row["tail"] = text[-2000:]
+    return row
+
+
 def gpu(work=None, shapes=("1b", "8b"), steps: int = 5, batch: int = 4, seq: int = 512, device: str = "cuda",
-        seed: int = 0) -> dict:
+        seed: int = 0, study: bool = True) -> dict:
     """The benchmark: rows per (shape, stage, mode) and QLoRA's ratios to LoRA."""
     import importlib.metadata as md
 
@@ -244,11 +301,20 @@ def gpu(work=None, shapes=("1b", "8b"), steps: int = 5, batch: int = 4, seq: int
             vers[pkg] = None
     first = ratios[0]["qlora_over_lora_tokens_per_s"] if ratios else None
     gpu_info = gpu_machine()
+    # the full form only: the smoke form (CPU, CI) must stay seconds
+    run_study = study and device == "cuda" and work is not None
+    study_row = classifier_study(work, device) if run_study else None
+    study_table = []
+    if study_row is not None:
+        study_table = [("classifier study (clinfed simulate --device cuda): wall time, mean AUC over the sites",
+                        [{"completed": study_row["completed"], "wall_s": study_row["wall_s"],
+                          **study_row.get("mean_auc", {})}])]
     return {"qlora_lora_tokens_ratio": first, "rows": rows, "ratios": ratios,
+            **({"classifier_study": study_row} if study_row is not None else {}),
             "settings": {**{k: v for k, v in gpu_info.items()}, **{f"{k}_version": v for k, v in vers.items()},
                          "device": device, "shapes": ",".join(shapes), "steps": steps, "batch": batch, "seq": seq,
                          "lora": f"r16 {'+'.join(TARGETS)}, fp32 weights", "torch_threads": torch.get_num_threads(),
                          "peak_memory": "torch.cuda.max_memory_allocated" if device == "cuda"
                          else "process RSS (CPU: includes everything the process holds)"},
             "gpu_machine": gpu_info, "quantization_versions": vers,
-            "_tables": [("steps", rows), ("QLoRA / LoRA", ratios)]}
+            "_tables": [("steps", rows), ("QLoRA / LoRA", ratios), *study_table]}

@@ -24,6 +24,7 @@ from clinfed.common.config import resolve, to_toml_overrides
 from clinfed.common.console import ANSI, StudyConsole
 from clinfed.common.errors import ClinfedError
 from clinfed.common.flower_processes import flwr_command
+from clinfed.common.memory import GPU_SHARE
 
 
 class SimulationError(ClinfedError, RuntimeError):
@@ -173,12 +174,80 @@ def ray_cpus(n_sites: int, cpus_per_site: float, cores: int | None = None) -> in
     return int(-(-need // 1)) if cores < need <= 1.5 * cores else cores
 
 
+
+
+class GpuShareError(ClinfedError, ValueError):
+    """A --gpus-per-site the machine or the study cannot honour (said before Flower starts)."""
+
+
+def plan_gpus(requested: float | None, n_sites: int, device: str, cuda: bool, gpu_count: int) -> float:
+    """Each simulated site's share of a GPU, which Ray accounts for (`client-resources-num-gpus`).
+
+    Ray fractions only limit how many sites run on a GPU at once; they do not cap memory, so
+    each site also plans with its share of the card (`CLINFED_GPU_SHARE`, read by
+    `common.memory`). `None` (not given): on a machine with CUDA and a device other than
+    cpu, the sites share the GPUs evenly (gpu_count / n_sites each, at most 1); else 0,
+    sites on CPU. Given 0 with device cuda is a contradiction; more than 1 GPU per site is
+    out of scope; a share > 0 without CUDA is refused."""
+    device = (device or "auto").strip().lower()
+    if requested is None:
+        if not cuda or device == "cpu":
+            return 0.0
+        return min(1.0, max(1, gpu_count) / max(1, n_sites))
+    g = float(requested)
+    if g < 0:
+        raise GpuShareError(f"--gpus-per-site {g:g}: a share of a GPU cannot be negative")
+    if g > 1:
+        raise GpuShareError(f"--gpus-per-site {g:g}: several GPUs per site are not supported; give a share "
+                            "of one GPU between 0 and 1 (e.g. 0.5: two sites per GPU)")
+    if g > 0 and not cuda:
+        raise GpuShareError(f"--gpus-per-site {g:g} needs a CUDA GPU, and torch sees none on this machine: "
+                            "leave it out (sites train on CPU) or run where a GPU is")
+    if g > 0 and device == "cpu":
+        raise GpuShareError(f"--gpus-per-site {g:g} with device cpu: the sites would hold GPU shares they never "
+                            "use; leave out one of them")
+    if g == 0 and device == "cuda":
+        raise GpuShareError("--gpus-per-site 0 with device cuda: sites without a GPU share cannot train on the GPU; "
+                            "give a share (e.g. --gpus-per-site 0.5) or leave it out")
+    return g
+
+
+def federation_config(n_sites: int, cpus_per_site: float, gpus_per_site: float = 0.0, gpu_count: int = 0) -> str:
+    """Flower's `--federation-config` for a local simulation: one supernode per site, each with its
+    CPU (and GPU) share of Ray's resources. Keys: flwr 1.42's SimulationConfig fields with `-`
+    (client_resources_num_gpus is a float, init_args_num_gpus a whole number of GPUs)."""
+    cpus = int(cpus_per_site) if float(cpus_per_site).is_integer() else cpus_per_site
+    out = (f"num-supernodes={n_sites} client-resources-num-cpus={cpus} "
+           f"init-args-num-cpus={ray_cpus(n_sites, cpus_per_site)}")
+    if gpus_per_site > 0:
+        out += f" client-resources-num-gpus={gpus_per_site:g} init-args-num-gpus={max(1, int(gpu_count))}"
+    return out
+
+
+def gpu_plan(overrides: dict, n_sites: int, requested: float | None) -> tuple[float, int]:
+    """(each site's GPU share, the GPUs Ray is given) for this machine and study."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    count = torch.cuda.device_count() if cuda else 0
+    device = str(resolve(overrides).device)
+    return plan_gpus(requested, n_sites, device, cuda, count), count
+
+
 def simulate(run_dir: str | Path, overrides: dict, n_sites: int, cpus_per_site: float = 1.0,
-             echo=True, timeout: float | None = None) -> dict:
-    """Run the ServerApp and one simulated node per site; return run.json or raise."""
+             echo=True, timeout: float | None = None, gpus_per_site: float | None = None) -> dict:
+    """Run the ServerApp and one simulated node per site; return run.json or raise.
+
+    `gpus_per_site`: each site's share of a GPU (`plan_gpus`; None = the default for this machine)."""
     run_dir = Path(run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg = resolve({**overrides, "out-dir": str(run_dir)})
+    share, gpu_count = gpu_plan(overrides, n_sites, gpus_per_site)
+    if share == 0 and gpus_per_site is not None and str(cfg.device) == "auto":
+        # --gpus-per-site 0 asked for CPU sites: Ray is told to leave the GPU visible
+        # (RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO=0), so `auto` alone would still find it
+        cfg = cfg.override({"device": "cpu"})
+        overrides = {**overrides, "device": "cpu"}
     flwr_home = run_dir / ".flwr"
     flwr_home.mkdir(exist_ok=True)
     stop_leftovers(run_dir, say=print if echo else (lambda _m: None))
@@ -200,6 +269,7 @@ def simulate(run_dir: str | Path, overrides: dict, n_sites: int, cpus_per_site: 
         "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
         "RAY_DEDUP_LOGS": "0",  # every site's progress line reaches flwr.log; the console picks what to show
         "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+        GPU_SHARE: f"{share:g}" if share > 0 else "1",
         # On a saturated machine (or a study run under `nice`), Ray's raylet can miss its
         # default health checks (10 s timeout, 5 failures) and the GCS then declares the only
         # node dead and kills every site mid-study: measured here at a load average of ~95 on
@@ -214,9 +284,7 @@ def simulate(run_dir: str | Path, overrides: dict, n_sites: int, cpus_per_site: 
         *flwr_command(), "run", str(write_app_folder(run_dir / ".app", "simulation")),
         "--run-config", to_toml_overrides({k: v for k, v in cfg.items()
                                            if k in overrides or k == "out-dir"}),
-        "--federation-config", f"num-supernodes={n_sites} client-resources-num-cpus="
-                               f"{int(cpus_per_site) if float(cpus_per_site).is_integer() else cpus_per_site} "
-                               f"init-args-num-cpus={ray_cpus(n_sites, cpus_per_site)}",
+        "--federation-config", federation_config(n_sites, cpus_per_site, share, gpu_count),
         "--stream",
     ]
     t0 = time.time()

@@ -31,7 +31,8 @@ def replicate_dirs(out: Path, seed: int, n: int) -> list[Path]:
     return [Path(out) / "replicates" / f"seed-{seed + r}" for r in range(n)]
 
 
-def run_replicates(out: str | Path, overrides: dict, n_sites: int, cpus_per_site: float = 1.0) -> dict:
+def run_replicates(out: str | Path, overrides: dict, n_sites: int, cpus_per_site: float = 1.0,
+                   gpus_per_site: float | None = None) -> dict:
     """Run (or continue) every replicate, then combine them into `out`; returns the top run.json."""
     from clinfed.simulations.local import resume_settings, simulate
 
@@ -53,7 +54,7 @@ def run_replicates(out: str | Path, overrides: dict, n_sites: int, cpus_per_site
         else:
             rover = {**overrides, "seed": seed + r, "split-seed": split, "replicates": 1}
             rover.pop("resume", None)
-        simulate(rdir, rover, n_sites=n_sites, cpus_per_site=cpus_per_site)
+        simulate(rdir, rover, n_sites=n_sites, cpus_per_site=cpus_per_site, gpus_per_site=gpus_per_site)
     return combine(out, dirs)
 
 

@@ -144,3 +144,117 @@ def test_sft_out_of_memory_is_retried_with_accumulation():
     info = sft_train(model, tok, exs, InstructSettings(steps=2, batch_size=4, lr=1e-2))
     assert info["micro_batch"] == 2 and info["accumulation"] == 2 and info["oom_retries"] == 1
     assert max(card.forwards[1:]) <= 2
+
+
+# --------------------------------------------------------------------------
+# gradient checkpointing when micro-batch 1 still runs out of memory
+# --------------------------------------------------------------------------
+class CheckpointingCard(SimulatedCard):
+    """A card where gradient checkpointing (activations recomputed, not kept) cuts the memory per
+    example by `saving`: one example fits only with it."""
+
+    def __init__(self, model, saving=4, **kw):
+        super().__init__(model, **kw)
+        self.model, self.saving = model, saving
+
+    def _hook(self, module, args, kwargs):
+        n = int(kwargs["input_ids"].shape[0])
+        per = self.per_example / (self.saving if self.model.is_gradient_checkpointing else 1)
+        self.forwards.append((n, bool(self.model.is_gradient_checkpointing)))
+        if self.base + n * per > self.limit:
+            raise OOM("CUDA out of memory (simulated)")
+
+
+def test_out_of_memory_at_micro_batch_one_turns_gradient_checkpointing_on():
+    model, tok, enc = _setup()
+    assert not model.is_gradient_checkpointing
+    card = CheckpointingCard(model, saving=4, budget=260, base=200, per_example=100)  # 1 example fits only checkpointed
+    info = train_classifier(model, enc, LABELS, TrainSettings(steps=2, batch_size=4, lr=1e-2, memory=card),
+                            tok.pad_token_id)
+    assert info["gradient_checkpointing"] == 1 and model.is_gradient_checkpointing
+    assert info["micro_batch"] == 1 and info["accumulation"] == 4
+    assert info["oom_retries"] == 3  # 4 -> 2 -> 1 -> checkpointing
+    assert card.forwards[:4] == [(4, False), (2, False), (1, False), (1, True)]
+    assert np.isfinite(info["train_loss"]) and info["steps"] == 2
+
+
+def test_checkpointing_is_tried_once_then_the_site_fails():
+    model, tok, enc = _setup()
+    card = CheckpointingCard(model, saving=2, budget=230, base=200, per_example=100)  # never fits
+    with pytest.raises(OOM):
+        train_classifier(model, enc, LABELS, TrainSettings(steps=1, batch_size=2, memory=card), tok.pad_token_id)
+    assert [f for f in card.forwards] == [(2, False), (1, False), (1, True)]
+
+
+# --------------------------------------------------------------------------
+# before loading: quantization from the model's size and the site's budget
+# --------------------------------------------------------------------------
+GIB = 2**30
+
+
+def test_quantization_is_the_least_lossy_mode_that_fits_with_fabricated_sizes():
+    from clinfed.common.memory import WEIGHT_SHARE, MemoryPlanError, ModelSize, plan_quantization
+
+    # an 8B-parameter Llama's counts: 7.0 B in quantizable Linears, 1.05 B in embeddings and LM head
+    size = ModelSize(params=8_030_000_000, quantizable=6_980_000_000)
+    none, q8, q4 = (size.weight_bytes(q) for q in ("none", "8bit", "4bit"))
+    assert q4 < q8 < none
+    at = lambda need: int(need / WEIGHT_SHARE)  # noqa: E731 - the smallest budget a base of `need` bytes fits
+    assert plan_quantization(size, at(none)).quantization == "none"
+    assert plan_quantization(size, at(none) - 1).quantization == "8bit"
+    assert plan_quantization(size, at(q8)).quantization == "8bit"
+    assert plan_quantization(size, at(q8) - 1).quantization == "4bit"
+    assert plan_quantization(size, at(q4)).quantization == "4bit"
+    with pytest.raises(MemoryPlanError, match=r"8\.03 B parameters.*budget of 4\.0 GiB"):
+        plan_quantization(size, at(q4) - 1 if at(q4) - 1 < 4 * GIB else 4 * GIB, name="llama-8b")
+    with pytest.raises(MemoryPlanError, match="not available with dp"):  # dp: only `none` may be used
+        plan_quantization(size, at(q8), allowed=("none",))
+    # a 24 GiB card: the 8B model's base fits in 8 bits, not unquantized
+    assert plan_quantization(size, 24 * GIB).quantization == "8bit"
+
+
+def test_model_size_is_read_without_loading_weights(tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from clinfed.common.memory import count_from_config, count_from_safetensors, model_size
+    from clinfed.common.tiny_models import family_config
+
+    cfg = family_config("llama", 100)
+    model = AutoModelForCausalLM.from_config(cfg)
+    real = sum(p.numel() for p in model.parameters())
+    linears = sum(m.weight.numel() for n, m in model.named_modules()
+                  if isinstance(m, torch.nn.Linear) and not n.endswith("lm_head"))
+    counted = count_from_config(cfg, causal=True)
+    assert (counted.params, counted.quantizable) == (real, linears)
+    model.save_pretrained(tmp_path)
+    headers = count_from_safetensors(tmp_path)
+    assert not cfg.tie_word_embeddings and headers.params == real
+    assert headers.quantizable == linears
+    tiny = model_size("tiny-bert")
+    assert 0 < tiny.quantizable < tiny.params
+
+
+def test_auto_is_none_on_cpu_and_planned_against_the_stated_budget_on_a_gpu(monkeypatch):
+    import clinfed.common.hardware as hardware
+    import clinfed.common.memory as memory
+    from clinfed.common.config import resolve
+    from clinfed.common.memory import MemoryPlanError, model_size, resolve_quantization
+
+    cfg = resolve({"model": "tiny-bert", "quantization": "auto"})
+    assert resolve_quantization(cfg) == "none"  # this machine: no GPU, nothing to fit
+    assert resolve_quantization(resolve({"model": "tiny-bert", "quantization": "8bit"})) == "8bit"
+    # a fake GPU of 80 GiB (no CUDA call is made): the tiny model fits unquantized
+    monkeypatch.setattr(hardware, "pick_device", lambda prefer="auto": "cuda")
+    monkeypatch.setattr(memory, "card_bytes", lambda: 80 * GIB)
+    assert resolve_quantization(cfg) == "none"
+    size = model_size("tiny-bert")
+    between = (size.weight_bytes("8bit") + size.weight_bytes("none")) / 2 / memory.WEIGHT_SHARE
+    stated = resolve({"model": "tiny-bert", "quantization": "auto", "gpu-memory-gb": between / GIB})
+    assert resolve_quantization(stated) == "8bit"
+    tight = resolve({"model": "tiny-bert", "quantization": "auto", "gpu-memory-gb": 1e-9})
+    with pytest.raises(MemoryPlanError, match="tiny-bert"):
+        resolve_quantization(tight)
+    with_dp = resolve({"model": "tiny-bert", "quantization": "auto", "dp": True, "gpu-memory-gb": between / GIB})
+    with pytest.raises(MemoryPlanError, match="not available with dp"):
+        resolve_quantization(with_dp)

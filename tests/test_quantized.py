@@ -229,4 +229,9 @@ def test_a_study_runs_with_one_site_on_a_4bit_base(small_federation, tmp_path, m
     assert trained and all(len(r["sites"]) == len(sites) for r in trained)
     for r in trained:
         assert all(c["micro_batch"] == 8 and c["oom_retries"] == 0 for c in r["site_costs"].values())
+        # what each site chose is in run.json: the policy's site holds its base in 4 bits, with
+        # gradient checkpointing (prepare_model_for_kbit_training), the others neither
+        bits = sorted(c["quantization_bits"] for c in r["site_costs"].values())
+        assert bits == [0.0] * (len(sites) - 1) + [4.0]
+        assert all(c["gradient_checkpointing"] == (c["quantization_bits"] == 4.0) for c in r["site_costs"].values())
     assert "4bit" in loads and "none" in loads  # that site's base was quantized, the others' not
