@@ -83,9 +83,11 @@ def train(msg: Message, context: Context, sim: SimulationSupport | None = None) 
     start = to_state(msg.content[ARRAYS])
     dp = site.dp_settings(policy)
     ledger = site_ledger(context, site.name, site.table) if dp is not None else None
+    # FedProx: Flower's strategy sends only `proximal-mu`; the pull toward `start` is added here
+    mu = float(msg.content[CONFIG].get("proximal-mu", 0.0) or 0.0)
     try:
         state, info = site.train(lm, start, cfg.local_steps, seed_offset=rnd, label=f"round {rnd}",
-                                 dp=dp, ledger=ledger)
+                                 dp=dp, ledger=ledger, proximal_mu=mu)
     except DPBudgetExhausted as err:
         # Declined, not failed: no arrays; the server leaves the site out of this round's average.
         log.warning("site %s: %s", site.name, err)

@@ -121,8 +121,9 @@ class Site:
 
     def train(self, lm: LoadedModel, start: dict[str, np.ndarray], steps: int, seed_offset: int,
               label: str, extra: tuple[list[np.ndarray], np.ndarray] | None = None,
-              dp=None, ledger=None) -> tuple[dict[str, np.ndarray], dict]:
-        """Train `steps` steps from `start` (on `extra` examples too, if given).
+              dp=None, ledger=None, proximal_mu: float = 0.0) -> tuple[dict[str, np.ndarray], dict]:
+        """Train `steps` steps from `start` (on `extra` examples too, if given); `proximal_mu` > 0
+        pulls the weights toward `start` (FedProx's term; common.training.TrainSettings).
 
         With `dp`, the call is first charged to the site's `ledger` (common.dp.plan),
         which raises DPBudgetExhausted, before any training, if it would exceed the budget."""
@@ -140,10 +141,13 @@ class Site:
             steps=int(steps), batch_size=cfg.batch_size, lr=cfg.learning_rate,
             seed=self.site_seed + seed_offset, precision=cfg.precision, device=cfg.device,
             gpu_memory_gb=cfg.gpu_memory_gb, micro_batch=getattr(self, "micro_batch", 0),
+            proximal_mu=float(proximal_mu),
         )
         prompt = lm.answer_ids is not None
         if prompt and dp is not None:
             raise ValueError("DP-SGD is built for classifier heads, not for the prompt form")
+        if dp is not None and proximal_mu > 0:
+            raise ValueError("the proximal term (fedprox) is not built into the DP-SGD loop")
         marks = {max(1, steps // 4 * i) for i in range(1, 5)}
 
         def progress(step, total, loss):

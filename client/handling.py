@@ -88,7 +88,8 @@ def msg_config(msg: Message, key: str) -> str:
 def prepare(msg: Message, context: Context, sim: SimulationSupport | None = None):
     """The classifier site, its run config and policy, and the loaded model, for this message."""
     site, cfg, policy = open_site(context, msg_config(msg, "run-dir"), msg_config(msg, "arm"), sim)
-    lm = get_model(model_key(cfg))
+    # a LoRA adapter at the site's own rank when its policy caps it (common.ranks)
+    lm = get_model(model_key(cfg, max_lora_rank=policy.max_lora_rank if cfg.get("arm-method", "lora") == "lora" else 0))
     privacy.declare(site.name, lm.shapes, policy.allow_adapters, policy.min_cell_size)
     return site, cfg, policy, lm
 

@@ -98,6 +98,27 @@ KEYS: dict[str, tuple[Any, type, Any, str]] = {
     "update-dp-noise": (0.0, float, (0.0, 100.0),
                         "server-side DP on adapter updates (Flower fixed clipping): noise multiplier; 0 = off"),
     "update-dp-clip": (1.0, float, (1e-6, 1e6), "server-side DP on adapter updates: clipping norm of each site's update"),
+    "strategy": ("fedavg", str, ("fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedavgm", "fedmedian",
+                              "fedtrimmedavg"),
+                 "aggregation of the federated rounds, Flower's strategy of that name: fedavg (weighted by training "
+                 "examples), fedprox (sites add proximal-mu/2 ||w - global||^2 to their loss), the server optimizers "
+                 "fedadam, fedyogi, fedadagrad, fedavgm, and the robust fedmedian and fedtrimmedavg "
+                 "(docs/regimes-and-method.md, Aggregation strategies)"),
+    "proximal-mu": (0.01, float, (0.0, 1e4),
+                    "fedprox: weight mu of the proximal term each site adds in federated rounds (Flower's default 0 "
+                    "would make fedprox fedavg)"),
+    "server-learning-rate": (0.0, float, (0.0, 100.0),
+                             "fedadam, fedyogi, fedadagrad, fedavgm: server learning rate (eta); 0 = Flower's default "
+                             "(fedadam 0.1, fedyogi 0.01, fedadagrad 0.1, fedavgm 1.0)"),
+    "server-beta-1": (0.9, float, (0.0, 0.9999), "fedadam, fedyogi: first-moment decay (Flower's default 0.9)"),
+    "server-beta-2": (0.99, float, (0.0, 0.9999), "fedadam, fedyogi: second-moment decay (Flower's default 0.99)"),
+    "server-tau": (1e-3, float, (1e-12, 10.0),
+                   "fedadam, fedyogi, fedadagrad: adaptivity tau added to the root of the second moment (Flower's default 1e-3)"),
+    "server-momentum": (0.9, float, (0.0, 0.9999),
+                        "fedavgm: server momentum (Flower's default 0 would make fedavgm fedavg)"),
+    "trim-beta": (0.2, float, (0.0, 0.49),
+                  "fedtrimmedavg: share of the sites' values cut at each end, per coordinate (int(beta x sites) "
+                  "each side; Flower's default 0.2)"),
     "task": ("classifier", str, ("classifier", "generative"),
              "`classifier`: the readmission classifier study; `generative`: instruction tuning (SFT then DPO) of a decoder"),
     "decoder": ("smollm2", str, None,
@@ -275,6 +296,9 @@ def resolve(overrides: Mapping[str, Any] | None = None) -> "RunConfig":
     if cfg["dp"] and cfg["task"] == "generative" and int(cfg["dpo-rounds"]) > 0:
         raise ConfigError("run config 'dp': the generative study trains SFT with DP-SGD, but DPO has no DP "
                           "path (see docs/privacy.md); set dpo-rounds = 0 with dp = true")
+    if cfg["strategy"] == "fedprox" and cfg["dp"]:
+        raise ConfigError("run config 'strategy': fedprox's proximal term is not built into the DP-SGD loop; "
+                          "use another strategy with dp = true")
     if cfg["quantization"] not in ("none", "auto"):  # auto falls back to none where quantization cannot go
         if cfg["dp"]:
             raise ConfigError("run config 'quantization': DP-SGD (dp = true) on a quantized base is not built "

@@ -16,6 +16,7 @@ import numpy as np
 from clinfed.common.adapters import adapter_state, load_adapter_state
 from clinfed.common.instruct import make_lora_causal_lm
 from clinfed.common.memory import resolve_quantization
+from clinfed.common.ranks import fit as fit_rank, site_alpha, site_rank
 from clinfed.common.model_source import LOCK, TINY_MODELS, ModelError, model_identity, resolve_model
 from clinfed.common.models import (
     LoraSettings,
@@ -76,6 +77,8 @@ class LoadedModel:
         return int(sum(v.size for v in self.init_state.values()))
 
     def use(self, state: dict[str, np.ndarray]):
+        if self.key.lora.study_rank:  # a rank-capped site: the study's adapters arrive at the study's rank
+            state = fit_rank(state, self.shapes)
         load_adapter_state(self.model, state, reference=self.init_state)
         return self.model
 
@@ -90,11 +93,15 @@ def get_model(key: ModelKey) -> LoadedModel:
     return _MODELS[key]
 
 
-def model_key(cfg: dict, causal: bool = False) -> ModelKey:
-    """The key of the model a site loads; `quantization = auto` is decided here, before loading
-    (`common.memory.resolve_quantization`: from the model's size and the site's memory)."""
+def model_key(cfg: dict, causal: bool = False, max_lora_rank: int = 0) -> ModelKey:
+    """The model a study (or one site of it) builds. `quantization = auto` is decided here, before
+    loading (`common.memory.resolve_quantization`: from the model's size and the site's memory).
+    `max_lora_rank`: the site's policy cap; the site's LoRA then has rank min(study rank, cap), with
+    alpha scaled alike (common.ranks)."""
     targets = tuple(t.strip() for t in cfg.lora_targets.split(",") if t.strip())
-    lora = LoraSettings(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, targets)
+    rank = site_rank(cfg.lora_rank, max_lora_rank)
+    lora = LoraSettings(rank, site_alpha(cfg.lora_alpha, cfg.lora_rank, rank), cfg.lora_dropout, targets,
+                        study_rank=cfg.lora_rank if rank != cfg.lora_rank else 0)
     form = str(cfg.get("arm-form", "cls"))
     quantization = resolve_quantization(cfg, name=cfg.model, causal=causal or form == "prompt")
     return ModelKey(cfg.model, cfg.seed, lora, str(cfg.get("arm-method", "lora")), form, quantization,

@@ -131,9 +131,10 @@ def head_modules(model) -> list[str] | None:
 @dataclass(frozen=True)
 class LoraSettings:
     rank: int = 8
-    alpha: int = 16
+    alpha: int | float = 16  # a float only at a rank-capped site (common.ranks.site_alpha)
     dropout: float = 0.0
     targets: tuple[str, ...] = ()
+    study_rank: int = 0  # the study's rank when a site's policy caps this one below it; 0 = not capped
 
 
 def make_lora_model(name: str, seed: int, lora: LoraSettings, quantization: str = "none",

@@ -15,11 +15,15 @@ A hospital keeps a small TOML file next to its data (node config `policy-path`):
     quantization = "4bit"          # the site's card: hold the frozen base in 4 (or 8) bits, whatever the study says
     device = "cuda"                # where the site trains (auto, cpu, cuda)
     gpu-memory-gb = 24             # the memory the site's training may use (micro-batches are planned to fit)
+    max-lora-rank = 4              # the site trains LoRA at min(study rank, 4) (common.ranks)
 
-Every key is optional. The last three describe the site's hardware, not what may
-leave: there the site's setting simply replaces the study's (`hardware_overrides`;
+Every key is optional. `quantization`, `device` and `gpu-memory-gb` describe the
+site's hardware, not what may leave: there the site's setting simply replaces the study's (`hardware_overrides`;
 a deployed node's config may also set `gpu-memory-gb`, `device` and `quantization`),
 and an adapter trained on a quantized base is still a plain adapter of the same base.
+`max-lora-rank` too (a small card): the site trains its LoRA adapter at the smaller
+rank and reports the cap in `describe`, so the server sends it the global adapter
+at that rank and widens its update before aggregating (`common.ranks`).
 The run config is written by the server, the file by
 the hospital: in `effective` the stricter side of each setting wins, so no
 run config can loosen a site's policy, and where the file is silent the safe
@@ -76,6 +80,7 @@ class SitePolicy:
     quantization: str | None = None
     device: str | None = None
     gpu_memory_gb: float | None = None
+    max_lora_rank: int | None = None
     source: str = ""
 
 
@@ -96,6 +101,7 @@ _FIELDS: dict[str, tuple[str, type, Any, str]] = {
     "quantization": ("quantization", str, ("none", "4bit", "8bit"), "one of \"none\", \"4bit\", \"8bit\""),
     "device": ("device", str, ("auto", "cpu", "cuda"), "one of \"auto\", \"cpu\", \"cuda\""),
     "gpu-memory-gb": ("gpu_memory_gb", float, lambda v: 0 < v <= 100_000, "a number of GiB > 0"),
+    "max-lora-rank": ("max_lora_rank", int, lambda v: 1 <= v <= 1024, "an integer from 1 to 1024"),
 }
 HARDWARE_KEYS = ("quantization", "device", "gpu-memory-gb")
 POLICY_KEYS = tuple(_FIELDS)
@@ -185,6 +191,7 @@ class Policy:
     refuse_instance_moving: bool = False
     allow_full_weights: bool = True
     max_update_bytes: int = 0  # 0 = no cap
+    max_lora_rank: int = 0  # 0 = the study's rank
     site_file: bool = False
 
     @classmethod
@@ -208,6 +215,7 @@ class Policy:
             f"{prefix}refuse-instance-moving": int(self.refuse_instance_moving),
             f"{prefix}allow-full-weights": int(self.allow_full_weights),
             f"{prefix}max-update-bytes": int(self.max_update_bytes),
+            f"{prefix}max-lora-rank": int(self.max_lora_rank),
             f"{prefix}site-file": int(self.site_file),
         }
 
@@ -228,6 +236,7 @@ class Policy:
             refuse_instance_moving=bool(got.get("refuse-instance-moving", base.refuse_instance_moving)),
             allow_full_weights=bool(got.get("allow-full-weights", base.allow_full_weights)),
             max_update_bytes=int(got.get("max-update-bytes", base.max_update_bytes)),
+            max_lora_rank=int(got.get("max-lora-rank", base.max_lora_rank)),
             site_file=bool(got.get("site-file", base.site_file)),
         )
 
@@ -289,6 +298,7 @@ def effective(run_cfg: dict[str, Any], site_policy: "SitePolicy | dict | None" =
         # full weights leave only if the site allows adapters at all and full weights in particular
         allow_full_weights=bool(site.allow_full_weights and allow),
         max_update_bytes=int(site.max_update_bytes or 0),
+        max_lora_rank=int(site.max_lora_rank or 0),  # the site's card: only its own file caps it
         site_file=site_policy is not None,
     )
 

@@ -84,7 +84,7 @@ ALLOWED_METRIC_KEYS = [
         r"dp-(epsilon-total|epsilon-budget|delta)",
         # the site's effective policy, reported in `describe` (0/1 flags and numbers)
         r"policy/(allow-adapters|share-local-adapters|min-cell-size|dp-required|dp-epsilon|dp-delta|"
-        r"refuse-instance-moving|allow-full-weights|max-update-bytes|site-file)",
+        r"refuse-instance-moving|allow-full-weights|max-update-bytes|max-lora-rank|site-file)",
         r"site-n-(train|val|test|temporal)",
         rf"desc{SEP}(n|readmission_rate|mortality_rate|words_mean|words_q1|words_median|words_q3)",
         rf"desc{SEP}({_DESC_BAND})",

@@ -8,13 +8,15 @@ site-held phase:
   clusters, similarity weights and Python's random state;
 - `<phase>/<group>.npz`: the phase's current adapter per group (the global,
   cluster, SFT or DPO adapter) after that round;
+- `<phase>/strategy/<group>.npz`: what the group's aggregation strategy carries
+  into the next round (server.aggregation.strategy_state: FedAdam's, FedYogi's and
+  FedAdagrad's moments, FedAvgM's momentum); none for FedAvg, FedProx and the
+  robust strategies, which keep nothing between rounds beyond the adapter;
 - `<phase>/last/<site>.npz`: each site's last update (the similarity-weighted
   regime averages them), and `shared-local/<site>.npz`: local adapters sites
   chose to share.
 
-FedAvg keeps no state between rounds beyond the adapter, so nothing else of
-the strategy needs saving (a server-side optimizer such as FedAdam would add
-its moments here). Site-held adapters (`local`, `personalized`) stay at the
+Site-held adapters (`local`, `personalized`) stay at the
 sites, in their own output folders, across a restart. Evaluation is not
 checkpointed: a resumed study scores every regime again.
 """
@@ -103,6 +105,11 @@ class Checkpoint:
             return 0, {}
         return int(info["round"]), {g: _load_npz(self.dir / phase / _fname(g)) for g in info["groups"]}
 
+    def strategy_states(self, phase: str) -> dict[str, dict[str, np.ndarray]]:
+        """The aggregation strategy's state per group after the phase's last completed round."""
+        info = self.state["phases"].get(phase) or {}
+        return {g: _load_npz(self.dir / phase / "strategy" / _fname(g)) for g in info.get("strategy", [])}
+
     def last_updates(self, phase: str) -> dict[str, dict[str, np.ndarray]]:
         folder = self.dir / phase / "last"
         return {p.stem: _load_npz(p) for p in sorted(folder.glob("*.npz"))} if folder.exists() else {}
@@ -116,12 +123,19 @@ class Checkpoint:
 
     # ------------------------------------------------------------- writing
     def save_round(self, phase: str, rnd: int, groups: dict[str, dict[str, np.ndarray]],
-                   last: dict[str, dict[str, np.ndarray]], study_state: dict):
+                   last: dict[str, dict[str, np.ndarray]], study_state: dict,
+                   strategies: dict[str, dict[str, np.ndarray]] | None = None):
+        """`strategies`: per group, the aggregation strategy's state (numpy arrays by name;
+        empty for strategies that keep none)."""
         for g, state in groups.items():
             _save_npz(self.dir / phase / _fname(g), state)
         for site, state in last.items():
             _save_npz(self.dir / phase / "last" / _fname(site), state)
-        self.state["phases"][phase] = {"round": int(rnd), "groups": sorted(groups)}
+        kept = {g: st for g, st in (strategies or {}).items() if st}
+        for g, state in kept.items():
+            _save_npz(self.dir / phase / "strategy" / _fname(g), state)
+        self.state["phases"][phase] = {"round": int(rnd), "groups": sorted(groups),
+                                       **({"strategy": sorted(kept)} if kept else {})}
         self._write(study_state)
 
     def save_done(self, step: str, study_state: dict, shared_local: dict[str, dict[str, np.ndarray]] | None = None):

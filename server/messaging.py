@@ -19,6 +19,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from clinfed.common import protocol
 from clinfed.common.adapters import AdapterMismatch, check_adapter_state, wire_hash
 from clinfed.common.errors import ClinfedError
+from clinfed.common.ranks import truncate
 
 OUTLIER_FACTOR = 10.0  # an update 10x the round's median size is treated as corrupt or hostile
 
@@ -106,16 +107,22 @@ class SiteMessaging:
         return dict(sorted(ok.items()))
 
     def _checked(self, ok: dict[str, Message], reference: dict, phase: str,
-                 starts: dict[str, ArrayRecord] | None = None) -> dict[str, Message]:
+                 starts: dict[str, ArrayRecord] | None = None,
+                 ranks: dict[str, int] | None = None) -> dict[str, Message]:
         """Drop updates whose keys, shapes or values do not fit the adapter, or whose size
-        (distance from the adapter the site started from) is far outside the round's, naming the site."""
+        (distance from the adapter the site started from) is far outside the round's, naming the site.
+        `ranks`: sites whose policy caps their LoRA rank; their update must have exactly the
+        adapter's shapes at that rank (common.ranks), any other shape is refused as before."""
         kept, norms = {}, {}
         for site, rep in ok.items():
             try:
                 if protocol.ARRAYS not in rep.content.array_records:
                     raise AdapterMismatch(f"site {site} sent no adapter")
                 state = {k: v.numpy() for k, v in rep.content[protocol.ARRAYS].items()}
-                check_adapter_state(reference, state, who=f"update from site {site}")
+                expected = reference
+                if ranks and site in ranks:
+                    expected = truncate(reference, ranks[site])
+                check_adapter_state(expected, state, who=f"update from site {site}")
                 sent_hash = rep.content[protocol.METRICS].get("adapter-hash") if protocol.METRICS in rep.content.metric_records else None
                 if sent_hash is not None and int(sent_hash) != wire_hash(state):
                     raise AdapterMismatch(f"update from site {site}: the arrays that arrived do not match the "

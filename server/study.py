@@ -35,7 +35,8 @@ from clinfed.common.findings_release import CAL, DIFF
 from clinfed.common.metrics import METRIC_COLUMNS, cell_rows, subgroup_name
 from clinfed.common.model_cache import LoadedModel, model_key
 from clinfed.common.protocol import SITE_HELD
-from clinfed.server.aggregation import make_strategy, prime_update_dp
+from clinfed.common.ranks import site_rank, truncate
+from clinfed.server.aggregation import aggregate, load_strategy_state, make_strategy, strategy_state, train_config
 from clinfed.server.checkpoint import Checkpoint, write_json
 from clinfed.server.grouping import descriptor_matrix, kmeans_assignment, similarity_mix
 from clinfed.server.messaging import SiteMessaging, StudyError, exchange, say
@@ -66,6 +67,19 @@ def versions() -> dict:
 
 def _arrays_bytes(rec: ArrayRecord) -> int:
     return int(sum(len(a.data) for a in rec.values()))
+
+
+def _at_rank(rec: ArrayRecord, rank: int | None) -> ArrayRecord:
+    """The adapter a site of LoRA rank `rank` is sent (None: the study's rank, as it is)."""
+    if rank is None:
+        return rec
+    return ArrayRecord({k: Array(v) for k, v in truncate({k: a.numpy() for k, a in rec.items()}, rank).items()})
+
+
+def _widened(rec: ArrayRecord, start: ArrayRecord) -> dict:
+    from clinfed.common.ranks import pad_update
+
+    return pad_update({k: v.numpy() for k, v in rec.items()}, {k: v.numpy() for k, v in start.items()})
 
 
 class Study(SiteMessaging, PrivacyAccounting):
@@ -130,10 +144,14 @@ class Study(SiteMessaging, PrivacyAccounting):
 
     def federated_rounds(self, lm, groups: dict[str, list[int]], phase: str, message_type: str = protocol.TRAIN,
                          start: ArrayRecord | None = None, rounds: int | None = None) -> dict[str, ArrayRecord]:
-        """R rounds of FedAvg within each group of sites (one group = the global adapter).
+        """R rounds of the run config's `strategy` (server.aggregation) within each group of
+        sites (one group = the global adapter).
 
-        Groups train side by side in the same rounds; each has its own Flower
-        FedAvg instance. Each round's adapter is saved in PEFT format.
+        Groups train side by side in the same rounds; each has its own Flower strategy
+        instance, and its state (a server optimizer's moments) is checkpointed with the
+        round. A site whose policy caps its LoRA rank is sent the group's adapter at its
+        rank and its update is widened back before aggregation (common.ranks). Each
+        round's adapter is saved in PEFT format.
         """
         init = start if start is not None else ArrayRecord({k: Array(v) for k, v in lm.init_state.items()})
         groups = self._adapter_groups(groups, phase)
@@ -145,20 +163,25 @@ class Study(SiteMessaging, PrivacyAccounting):
         for g, state in saved.items():
             if g in arrays:
                 arrays[g] = ArrayRecord({k: Array(v) for k, v in state.items()})
+        for g, state in self.ckpt.strategy_states(phase).items():
+            if g in strategies:
+                load_strategy_state(strategies[g], state, list(init.keys()))
+        ranks = self._site_ranks(lm, message_type)
         if done:
             say(f"{phase}: rounds 1-{done} restored from the checkpoint")
         for rnd in range(done + 1, R + 1):
             t = time.time()
-            arrays_sent = {node: arrays[group_of[node]] for node in group_of}
-            msgs = [Message(RecordDict({protocol.ARRAYS: arrays[group_of[node]],
-                                        protocol.CONFIG: self._config(**{protocol.SERVER_ROUND: rnd, protocol.BASE_MODEL: lm.identity})}),
+            arrays_sent = {node: _at_rank(arrays[group_of[node]], ranks.get(self.sites[node])) for node in group_of}
+            msgs = [Message(RecordDict({protocol.ARRAYS: arrays_sent[node],
+                                        protocol.CONFIG: self._config(**{protocol.SERVER_ROUND: rnd, protocol.BASE_MODEL: lm.identity},
+                                                                      **train_config(strategies[group_of[node]]))}),
                             dst_node_id=node, message_type=message_type) for node in sorted(group_of)]
-            sent = sum(_arrays_bytes(arrays[group_of[n]]) for n in group_of)
+            sent = sum(_arrays_bytes(arrays_sent[n]) for n in group_of)
             replies = list(exchange(self.grid, msgs, timeout=self.cfg.round_timeout))
             label = f"{phase} round {rnd}"
-            starts = {self.sites[n]: arrays[group_of[n]] for n in group_of}
+            starts = {self.sites[n]: arrays_sent[n] for n in group_of}
             ok, declined = self._declined(self._collect(sorted(group_of), replies, label), label)
-            ok = self._checked(ok, lm.init_state, label, starts)
+            ok = self._checked(ok, lm.init_state, label, starts, ranks)
             if len(ok) + len(declined) < min(self.cfg.min_sites, len(group_of)):
                 raise StudyError(f"{label}: {len(ok)} site(s) answered, fewer than min-sites={self.cfg['min-sites']}")
             for g, nodes in groups.items():
@@ -166,17 +189,22 @@ class Study(SiteMessaging, PrivacyAccounting):
                 g_ok = [rep for site, rep in ok.items() if site in names]
                 if not g_ok:
                     continue  # nobody in this group answered: its adapter stays as it was
-                prime_update_dp(strategies[g], arrays[g], len(g_ok))
-                new, _ = strategies[g].aggregate_train(rnd, g_ok)
+                new, inputs = aggregate(strategies[g], rnd, g_ok, arrays[g])
                 if new is None:
                     raise StudyError(f"{label}: aggregation of group {g} produced no adapter")
+                for rep, used in zip(g_ok, inputs):
+                    # the update at the study's rank (as clipped by update DP, if on): what
+                    # similarity-weighted starts mix; the strategies that pop the arrays leave none
+                    rec = used.content[protocol.ARRAYS] if len(used.content[protocol.ARRAYS]) else None
+                    site = self.sites[rep.metadata.src_node_id]
+                    self.last_states.setdefault(phase, {})[site] = (
+                        {k: v.numpy() for k, v in rec.items()} if rec is not None
+                        else _widened(rep.content[protocol.ARRAYS], arrays[g]))
                 arrays[g] = new
                 folder = self.run_dir / "adapters" / g / f"round-{rnd:03d}"
                 save_adapter(lm.model, {k: v.numpy() for k, v in new.items()}, folder,
                              meta={"regime": phase, "group": g, "round": rnd, "base_model": lm.identity,
                                    "sites": [s for s in names if s in ok]})
-            for site, rep in ok.items():
-                self.last_states.setdefault(phase, {})[site] = {k: v.numpy() for k, v in rep.content[protocol.ARRAYS].items()}
             received = sum(_arrays_bytes(r.content[protocol.ARRAYS]) for r in ok.values())
             site_bytes = {self.sites[n]: {"sent": _arrays_bytes(arrays_sent[n]),
                                           "received": _arrays_bytes(ok[self.sites[n]].content[protocol.ARRAYS])
@@ -207,13 +235,28 @@ class Study(SiteMessaging, PrivacyAccounting):
                                f"{np.mean(list(losses.values())) if losses else float('nan'):.3f}, "
                                f"{time.time() - t:.0f}s"))
             self.ckpt.save_round(phase, rnd, {g: {k: v.numpy() for k, v in a.items()} for g, a in arrays.items()},
-                                 {s: self.last_states[phase][s] for s in ok}, self._ckpt_state())
+                                 {s: self.last_states[phase][s] for s in ok}, self._ckpt_state(),
+                                 {g: strategy_state(st) for g, st in strategies.items()})
             self.write_run()
         for g, a in arrays.items():
             save_adapter(lm.model, {k: v.numpy() for k, v in a.items()}, self.run_dir / "adapters" / g / "final",
                          meta={"regime": phase, "group": g, "round": R, "base_model": lm.identity})
         self._note_update_dp(phase, R)
         return arrays
+
+    def _site_ranks(self, lm, message_type: str) -> dict[str, int]:
+        """The LoRA rank of each site whose policy caps it below the study's (describe reply's
+        `policy/max-lora-rank`); classifier LoRA rounds only (the generative study's decoder
+        trains at the study's rank everywhere)."""
+        if message_type != protocol.TRAIN or lm.key.method != "lora":
+            return {}
+        pols = getattr(self, "site_policies", {})
+        out = {s: site_rank(lm.key.lora.rank, p.max_lora_rank) for s, p in pols.items()}
+        out = {s: r for s, r in out.items() if r != lm.key.lora.rank}
+        if out:
+            self.run["lora_ranks"] = {"study": lm.key.lora.rank, "sites": out,
+                                      "aggregation": "updates zero-padded to the study's rank (common.ranks)"}
+        return out
 
     # ------------------------------------------------------- site similarity
     def descriptor_matrix(self) -> tuple[list[str], np.ndarray, list[str]]:

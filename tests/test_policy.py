@@ -162,7 +162,7 @@ def test_policy_keys_are_documented():
     assert set(POLICY_KEYS) == {"allow-adapters", "share-local-adapters", "min-cell-size", "dp-required",
                                 "dp-epsilon", "dp-delta", "refuse-instance-moving", "allow-full-weights",
                                 "max-update-bytes", "approved-app-hashes", "quantization", "device",
-                                "gpu-memory-gb"}
+                                "gpu-memory-gb", "max-lora-rank"}
     from pathlib import Path
 
     page = (Path(__file__).resolve().parent.parent / "docs" / "site-policy.md").read_text()
