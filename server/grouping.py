@@ -78,3 +78,21 @@ def similarity_mix(names: list[str], X: np.ndarray, states: dict[str, dict[str, 
         keys = states[others[0][1]].keys()
         starts[s] = {k: sum(wi * states[o][k] for wi, (_, o) in zip(w, others)).astype(np.float32) for k in keys}
     return starts, weights
+
+
+def ifca_inits(init_state: dict[str, np.ndarray], k: int, seed: int) -> list[dict[str, np.ndarray]]:
+    """k different starting adapters for IFCA (Ghosh et al. 2020 start its k models at random),
+    seeded: the first is the model's own initial adapter; every other one redraws each
+    non-constant array (LoRA A, head and pooler weights) from a normal with that array's mean and
+    standard deviation. LoRA B stays zero (LoRA's start), so at round 1 the adapters differ
+    through their heads and the sites' validation losses can tell them apart."""
+    out = [dict(init_state)]
+    for j in range(1, k):
+        rng = np.random.default_rng([int(seed), 7177, j])
+        state = {}
+        for key, arr in sorted(init_state.items()):
+            sd = float(np.std(arr)) if arr.size else 0.0
+            state[key] = (arr.copy() if sd == 0.0 else
+                          rng.normal(float(np.mean(arr)), sd, size=arr.shape).astype(arr.dtype))
+        out.append(state)
+    return out
