@@ -214,3 +214,36 @@ def test_sites_sent_adapter_arrays_and_aggregates_only(study):
             assert m.get("interpolated-weight") in INTERPOLATION_GRID
         assert set(content.config_records) <= ({"site"} if mtype == "query.describe" else set())
     assert {"train", "train.ifca", "train.personalize", "evaluate"} <= seen
+
+
+@pytest.mark.parametrize("crash_type,crash_at,personalize_resent", [
+    ("train.ifca", 2, True),  # killed in IFCA round 2 (global rounds and IFCA round 1 done)
+    ("evaluate", 1, False),   # killed at evaluation: the site-held methods are kept at the sites
+])
+def test_a_killed_methods_study_resumes_to_the_same_results(study, tmp_path, crash_type, crash_at,
+                                                            personalize_resent):
+    from test_resume import CrashingGrid, ServerCrash
+
+    cfg = study["cfg"]
+    nodes = simulated_nodes(len(study["sites"]))
+    with pytest.raises(ServerCrash):
+        Study(CrashingGrid(client_app, nodes, cfg, crash_type=crash_type, crash_at=crash_at), cfg, tmp_path).execute()
+    resumed = cfg.override({"resume": True})
+    grid = LocalGrid(client_app, simulated_nodes(len(study["sites"])), resumed)
+    Study(grid, resumed, tmp_path).execute()
+    run = json.loads((tmp_path / "run.json").read_text())
+    whole = json.loads((study["run_dir"] / "run.json").read_text())
+    assert run["status"] == "completed", run["errors"]
+    sent = [m.metadata.message_type for m in grid.sent]
+    assert sent.count("train.ifca") == len(study["sites"]) * (1 if crash_type == "train.ifca" else 0)
+    assert sent.count("train.personalize") == (len(study["sites"]) if personalize_resent else 0)
+    assert run["ifca"]["membership"] == whole["ifca"]["membership"]
+    assert run["interpolation"] == whole["interpolation"]
+
+    def values(d):
+        df = pd.read_csv(d / "metrics.csv")
+        return df.set_index(["site", "regime", "split", "subgroup", "metric"])["value"].sort_index()
+
+    a, b = values(study["run_dir"]), values(tmp_path)
+    assert list(a.index) == list(b.index)
+    pd.testing.assert_series_equal(a, b, check_exact=False, rtol=1e-6, atol=1e-9)
