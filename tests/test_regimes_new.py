@@ -247,3 +247,23 @@ def test_a_killed_methods_study_resumes_to_the_same_results(study, tmp_path, cra
     a, b = values(study["run_dir"]), values(tmp_path)
     assert list(a.index) == list(b.index)
     pd.testing.assert_series_equal(a, b, check_exact=False, rtol=1e-6, atol=1e-9)
+
+
+def test_the_cli_study_option_puts_the_preset_under_the_users_run_config(monkeypatch, tmp_path):
+    """`clinfed simulate --study methods`: the preset's regimes reach the study; a `regimes`
+    given with --run-config wins over the preset."""
+    from clinfed.cli import main as cli
+
+    seen = []
+    monkeypatch.setattr(cli, "_simulate", lambda out, overrides, n, c: seen.append(dict(overrides)) or {"timings": {"total": 0}})
+    fed = tmp_path / "fed"
+    from clinfed.simulations.generate import generate_federation
+
+    generate_federation(fed, n_hospitals=3, seed=1, sizes=[120, 100, 90])
+    assert cli.main(["simulate", "--data", str(fed), "--out", str(tmp_path / "a"), "--study", "methods"]) == 0
+    assert seen[-1]["regimes"] == STUDY_PRESETS["methods"]["regimes"]
+    assert cli.main(["simulate", "--data", str(fed), "--out", str(tmp_path / "b"), "--study", "methods",
+                     "--run-config", 'regimes="base,global,ditto"']) == 0
+    assert seen[-1]["regimes"] == "base,global,ditto"
+    assert cli.main(["simulate", "--data", str(fed), "--out", str(tmp_path / "c")]) == 0
+    assert "regimes" not in seen[-1]
