@@ -133,6 +133,7 @@ _SEED = _int_in(0, 2**31 - 1)
 
 # the generator's scenarios (simulations.generate.SCENARIOS), spelled here so --help needs no numpy
 SCENARIO_NAMES = ("default", "exchangeable", "concept-shift")
+from clinfed.common.config import STUDY_PRESETS  # noqa: E402 - light: the run-config table only
 
 
 # ------------------------------------------------------------------ commands
@@ -260,6 +261,15 @@ def cmd_simulate(args) -> int:
     if args.resume:
         return _resume(args)
     overrides = _parse_run_config(args.run_config or "")
+    study = getattr(args, "study", "default") or "default"
+    if study != "default":
+        from clinfed.common.config import ConfigError, study_preset
+
+        try:
+            # the named study's keys, under the user's own run config (which wins key by key)
+            overrides = {**study_preset(study), **overrides}
+        except ConfigError as err:
+            raise CliError(str(err)) from None
     _same_as_option(overrides, "task", "--task", args.task)
     _same_as_option(overrides, "data-dir", "--data", Path(args.data).resolve() if args.data else None)
     _same_as_option(overrides, "out-dir", "--out", Path(args.out).resolve() if args.out else None)
@@ -645,6 +655,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="scenario of the generated federation when --data is absent (see `generate`)")
     s.add_argument("--task", choices=("classifier", "generative"),
                    help="study kind (same as run config `task`): the readmission classifier or instruction tuning")
+    s.add_argument("--study", choices=tuple(STUDY_PRESETS), default="default",
+                   help="a named study: `methods` scores the personalization methods (fedrep, ditto, ifca, "
+                        "interpolated) beside global, local and personalized; --run-config keys win over it")
     s.add_argument("--cpus-per-site", type=_positive_float, default=1.0,
                    help="CPU share of each simulated site (sites run in parallel when cores allow)")
     s.add_argument("--resume", metavar="RUN_DIR",

@@ -21,6 +21,7 @@ from clinfed.common import privacy, protocol
 HANDLERS = {
     protocol.DESCRIBE: classifier.describe,
     protocol.TRAIN: classifier.train,
+    protocol.TRAIN_IFCA: classifier.train_ifca,
     protocol.PERSONALIZE: classifier.personalize,
     protocol.EVALUATE: classifier.evaluate,
     protocol.COMPARE: classifier.evaluate_compare,

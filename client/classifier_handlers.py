@@ -2,8 +2,11 @@
 
 - `query.describe`: the site's name, split sizes and descriptors (disclosure-controlled);
 - `train`: one federated round from the global adapter; replies with arrays;
+- `train.ifca`: one IFCA round: scores the k cluster adapters on the site's validation
+  split, trains the best one, replies with it and the chosen index (no loss);
 - `train.personalize`: trains the site-held regimes (`local`, `personalized`,
-  `similarity-weighted`, and in simulation `augmented`), which stay at the site;
+  `similarity-weighted`, `fedrep`, `ditto`, `interpolated`, and in simulation
+  `augmented`), which stay at the site;
 - `evaluate`: scores every regime on the site's test splits; aggregates only;
 - `evaluate.compare`: paired differences between a comparison's arms.
 The work itself is `client.classifier_site`; the ClientApp (`client.app`) puts the
@@ -42,9 +45,16 @@ from clinfed.common.protocol import (
     CONFIG,
     CROSS_PREFIX,
     GLOBAL,
+    IFCA,
+    IFCA_CHOICE,
+    IFCA_PREFIX,
+    INTERPOLATION_WEIGHT,
     METRICS,
     RUN_DIR,
     SEED_AUGMENTED,
+    SEED_DITTO,
+    SEED_FEDREP,
+    SEED_IFCA_ROUND,
     SEED_LOCAL,
     SEED_PERSONALIZED,
     SEED_SIMILARITY,
@@ -73,20 +83,48 @@ def describe(msg: Message, context: Context, sim: SimulationSupport | None = Non
 @guarded("federated round")
 def train(msg: Message, context: Context, sim: SimulationSupport | None = None) -> Message:
     """One federated round: start from the server's adapter, train, send it back."""
-    from clinfed.common.dp import DPBudgetExhausted
-
     site, cfg, policy, lm = prepare(msg, context, sim)
     may_train(cfg, policy, sends_adapter=True, what="the federated round")
     may_send_state(cfg, policy, lm, "the federated round")
     check_base_identity(msg.content[CONFIG], lm.identity)
     rnd = int(msg.content[CONFIG].get(SERVER_ROUND, 1))
-    start = to_state(msg.content[ARRAYS])
+    return _round_reply(msg, context, site, policy, lm, to_state(msg.content[ARRAYS]), rnd, rnd)
+
+
+@guarded("IFCA round")
+def train_ifca(msg: Message, context: Context, sim: SimulationSupport | None = None) -> Message:
+    """One IFCA round (Ghosh et al. 2020): score each of the k cluster adapters (`ifca.<j>`) on
+    the site's validation split, train the one with the lowest loss and send it back with its
+    index. The losses stay here; the index is a site-level choice, as `cluster` membership is."""
+    from clinfed.client.personal_regimes import choose_cluster
+
+    site, cfg, policy, lm = prepare(msg, context, sim)
+    may_train(cfg, policy, sends_adapter=True, what="the IFCA round")
+    may_send_state(cfg, policy, lm, "the IFCA round")
+    check_base_identity(msg.content[CONFIG], lm.identity)
+    rnd = int(msg.content[CONFIG].get(SERVER_ROUND, 1))
+    names = sorted((n for n in msg.content.array_records if n.startswith(IFCA_PREFIX)),
+                   key=lambda n: int(n[len(IFCA_PREFIX):]))
+    if not names:
+        raise ValueError("an IFCA round without cluster adapters")
+    states = [to_state(msg.content[n]) for n in names]
+    best, _losses = choose_cluster(lambda st: site.choice_loss(lm, st), states)
+    chosen = int(names[best][len(IFCA_PREFIX):])
+    return _round_reply(msg, context, site, policy, lm, states[best], rnd, SEED_IFCA_ROUND + rnd,
+                        extra={IFCA_CHOICE: chosen})
+
+
+def _round_reply(msg: Message, context: Context, site, policy, lm, start, rnd: int, seed_offset: int,
+                 extra: dict | None = None) -> Message:
+    """Train one round from `start` and reply with the update and its costs (or a DP decline)."""
+    from clinfed.common.dp import DPBudgetExhausted
+
     dp = site.dp_settings(policy)
     ledger = site_ledger(context, site.name, site.table) if dp is not None else None
     # FedProx: Flower's strategy sends only `proximal-mu`; the pull toward `start` is added here
     mu = float(msg.content[CONFIG].get("proximal-mu", 0.0) or 0.0)
     try:
-        state, info = site.train(lm, start, cfg.local_steps, seed_offset=rnd, label=f"round {rnd}",
+        state, info = site.train(lm, start, site.cfg.local_steps, seed_offset=seed_offset, label=f"round {rnd}",
                                  dp=dp, ledger=ledger, proximal_mu=mu)
     except DPBudgetExhausted as err:
         # Declined, not failed: no arrays; the server leaves the site out of this round's average.
@@ -104,6 +142,7 @@ def train(msg: Message, context: Context, sim: SimulationSupport | None = None) 
         **fit_metrics(info),
         "adapter-hash": wire_hash(state),
         **dp_metrics(info, len(site.splits["train"]), policy),
+        **(extra or {}),
     })
     return Message(RecordDict({ARRAYS: to_arrays(state), "metrics": metrics}), reply_to=msg)
 
@@ -137,10 +176,10 @@ def personalize(msg: Message, context: Context, sim: SimulationSupport | None = 
     dp = site.dp_settings(policy)
     ledger = site_ledger(context, site.name, site.table) if dp is not None else None
 
-    def run(regime, start, steps, offset, extra=None):
+    def run(regime, start, steps, offset, extra=None, **how):
         try:
             state, info = site.train(lm, start, steps, seed_offset=offset, label=regime, extra=extra,
-                                     dp=dp, ledger=ledger)
+                                     dp=dp, ledger=ledger, **how)
         except DPBudgetExhausted as err:  # the regime is not trained (nor scored) at this site
             log.warning("site %s: %s", site.name, err)
             metrics[f"{regime}-dp-budget-exhausted"] = 1
@@ -155,7 +194,8 @@ def personalize(msg: Message, context: Context, sim: SimulationSupport | None = 
         metrics.update(dp_metrics(info, len(site.splits["train"]), policy, prefix=f"{regime}-"))
         return state
 
-    if "local" in regs or policy.share_local_adapters:
+    local_state = None
+    if "local" in regs or "interpolated" in regs or policy.share_local_adapters:
         local_state = run("local", lm.init_state, local_steps, SEED_LOCAL)
         if policy.share_local_adapters and local_state is not None:
             try:
@@ -167,6 +207,7 @@ def personalize(msg: Message, context: Context, sim: SimulationSupport | None = 
         run("personalized", to_state(msg.content[GLOBAL]), pers_steps, SEED_PERSONALIZED)
     if "similarity-weighted" in regs and SIMILARITY_START in msg.content.array_records and pers_steps > 0:
         run("similarity-weighted", to_state(msg.content[SIMILARITY_START]), pers_steps, SEED_SIMILARITY)
+    personal_regimes(site, cfg, lm, regs, to_state(msg.content[GLOBAL]), local_state, run, metrics, dp)
     if "augmented" in regs:
         simulated = in_simulation(context) and sim is not None and sim.borrow is not None
         if not simulated or policy.refuse_instance_moving:
@@ -182,6 +223,31 @@ def personalize(msg: Message, context: Context, sim: SimulationSupport | None = 
     return Message(content, reply_to=msg)
 
 
+def personal_regimes(site, cfg, lm, regs, global_state, local_state, run, metrics, dp) -> None:
+    """`fedrep`, `ditto` and `interpolated` from the final global adapter (client.personal_regimes):
+    trained and kept here like `personalized`; only the interpolation weight is released."""
+    from clinfed.client.personal_regimes import choose_interpolation, head_keys
+
+    pers_steps = cfg.personalize_steps
+    if "fedrep" in regs and pers_steps > 0:
+        keys = head_keys(global_state)
+        if keys and len(keys) < len(global_state):
+            run("fedrep", global_state, pers_steps, SEED_FEDREP, head_only=True)
+        else:  # the head-only and full methods, or a prompt form without a head: nothing to split
+            log.warning("site %s: regime 'fedrep' needs a LoRA adapter with a separate head; not trained",
+                        site.name)
+    if "ditto" in regs and pers_steps > 0:
+        if dp is not None:
+            log.warning("site %s: regime 'ditto' is not trained under DP-SGD (its pull is not in the DP "
+                        "trainer)", site.name)
+        else:
+            run("ditto", global_state, pers_steps, SEED_DITTO, proximal_mu=cfg.ditto_lambda)
+    if "interpolated" in regs and local_state is not None:
+        a, state, _losses = choose_interpolation(lambda st: site.choice_loss(lm, st), global_state, local_state)
+        site.save_private(lm, "interpolated", state)
+        metrics[INTERPOLATION_WEIGHT] = a
+
+
 @guarded("evaluation")
 def evaluate(msg: Message, context: Context, sim: SimulationSupport | None = None) -> Message:
     """Score every regime on the same test items; adapters from other sites or
@@ -191,6 +257,8 @@ def evaluate(msg: Message, context: Context, sim: SimulationSupport | None = Non
     states = {"base": lm.init_state, "global": to_state(msg.content[GLOBAL])}
     if "cluster" in regs and CLUSTER in msg.content.array_records:
         states["cluster"] = to_state(msg.content[CLUSTER])
+    if "ifca" in regs and IFCA in msg.content.array_records:
+        states["ifca"] = to_state(msg.content[IFCA])
     for regime in SITE_HELD:
         state = site.load_private(lm, regime) if regime in regs else None
         if state is not None:

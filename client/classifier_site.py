@@ -121,9 +121,14 @@ class Site:
 
     def train(self, lm: LoadedModel, start: dict[str, np.ndarray], steps: int, seed_offset: int,
               label: str, extra: tuple[list[np.ndarray], np.ndarray] | None = None,
-              dp=None, ledger=None, proximal_mu: float = 0.0) -> tuple[dict[str, np.ndarray], dict]:
-        """Train `steps` steps from `start` (on `extra` examples too, if given); `proximal_mu` > 0
-        pulls the weights toward `start` (FedProx's term; common.training.TrainSettings).
+              dp=None, ledger=None, proximal_mu: float = 0.0, head_only: bool = False
+              ) -> tuple[dict[str, np.ndarray], dict]:
+        """Train `steps` steps from `start` (on `extra` examples too, if given).
+
+        `proximal_mu`: a pull toward `start` (mu/2 * ||w - start||^2, common.training): FedProx's
+        term in a federated round, Ditto's toward the global adapter.
+        `head_only`: the LoRA weights stay as `start` has them and only the head trains (FedRep's
+        site-held head, client.personal_regimes).
 
         With `dp`, the call is first charged to the site's `ledger` (common.dp.plan),
         which raises DPBudgetExhausted, before any training, if it would exceed the budget."""
@@ -157,7 +162,9 @@ class Site:
                 flwr_log(logging.INFO, "[clinfed] site %s %s: step %d/%d loss %.3f",
                          self.name, label, step, total, loss)
 
-        with PeakRSS() as rss:
+        from clinfed.client.personal_regimes import adapter_frozen
+
+        with PeakRSS() as rss, adapter_frozen(model, head_only):
             if prompt:
                 info = train_prompt_classifier(model, encoded, labels, settings, pad_id=lm.tokenizer.pad_token_id,
                                                answer_ids=lm.answer_ids, progress=progress)
@@ -266,19 +273,28 @@ class Site:
             s: (self.splits[s]["encounter_id"].astype(str).to_numpy(), self.labels(s), preds[s])
             for s in EVAL_SPLITS}, seed=self.site_seed)
 
-    def _predict(self, lm: LoadedModel, state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def _predict(self, lm: LoadedModel, state: dict[str, np.ndarray],
+                 splits: tuple[str, ...] = ("val",) + EVAL_SPLITS) -> dict[str, np.ndarray]:
         model = lm.use(state)
         if lm.answer_ids is not None:
             return {split: predict_yes_proba(model, self.encoded(split, lm.tokenizer), lm.tokenizer.pad_token_id,
                                              lm.answer_ids, batch_size=self.cfg.eval_batch_size,
                                              device=self.cfg.device, precision=self.cfg.precision)
-                    for split in ("val",) + EVAL_SPLITS}
+                    for split in splits}
         return {
             split: predict_proba(model, self.encoded(split, lm.tokenizer), lm.tokenizer.pad_token_id,
                                  batch_size=self.cfg.eval_batch_size, device=self.cfg.device,
                                  precision=self.cfg.precision)
-            for split in ("val",) + EVAL_SPLITS
+            for split in splits
         }
+
+    def choice_loss(self, lm: LoadedModel, state: dict[str, np.ndarray]) -> float:
+        """Mean log loss of `state` on the site's validation split (its training split when the
+        study keeps no validation patients): what IFCA and interpolation choose by. It stays here."""
+        from clinfed.client.personal_regimes import log_loss
+
+        split = "val" if len(self.splits["val"]) else "train"
+        return log_loss(self.labels(split), self._predict(lm, state, (split,))[split])
 
 
 def site_seed(cfg: dict, name: str) -> int:

@@ -71,7 +71,11 @@ KEYS: dict[str, tuple[Any, type, Any, str]] = {
                 "regimes to train and score (base and global always run)"),
     "share-local-adapters": (False, bool, None,
                              "let local adapters leave their site to be scored at every other site (cross-site matrix)"),
-    "clusters": (2, int, (1, 100), "k of the `cluster` regime: sites grouped by their descriptors (k-means)"),
+    "clusters": (2, int, (1, 100), "k of the `cluster` regime (sites grouped by their descriptors, k-means) and of "
+                 "`ifca` (k adapters; each site joins the one with the lowest loss on its own validation split)"),
+    "ditto-lambda": (1.0, float, (0.0, 1e6),
+                     "`ditto`: strength of the personal adapter's proximal pull lambda/2 * ||w - global||^2 toward "
+                     "the final global adapter (0 = `personalized` with its own batches)"),
     "augment-k": (200, int, (1, 1000000), "`augmented`: instances borrowed from other sites (simulation only)"),
     "augment-space": ("features", str, ("features", "embedding"),
                       "`augmented`: similarity in patient-feature space or the base model's embedding space"),
@@ -163,7 +167,23 @@ KEYS: dict[str, tuple[Any, type, Any, str]] = {
 }
 
 
-REGIMES = ("base", "global", "local", "personalized", "cluster", "similarity-weighted", "augmented")
+REGIMES = ("base", "global", "local", "personalized", "cluster", "similarity-weighted", "augmented",
+           "fedrep", "ditto", "ifca", "interpolated")
+
+# named studies: run-config presets `clinfed simulate --study NAME` starts from (the user's own
+# run config wins over them, key by key); `default` is the run config's own defaults
+STUDY_PRESETS: dict[str, dict[str, Any]] = {
+    "default": {},
+    # the personalization methods the field compares, each scored against `global` on the same patients
+    "methods": {"regimes": "base,global,local,personalized,fedrep,ditto,ifca,interpolated"},
+}
+
+
+def study_preset(name: str) -> dict[str, Any]:
+    """The run-config overrides of a named study (`STUDY_PRESETS`); an unknown name is refused."""
+    if name not in STUDY_PRESETS:
+        raise ConfigError(f"unknown study {name!r}; known: {', '.join(STUDY_PRESETS)}")
+    return dict(STUDY_PRESETS[name])
 
 
 def split_seed(cfg: Mapping[str, Any]) -> int:
@@ -420,6 +440,9 @@ def check_for_sites(cfg: dict[str, Any], n_sites: int, explicit: set[str] | froz
         raise ConfigError(f"run config 'clusters': {k} cluster(s) of {n_sites} hospitals is not a grouping "
                           f"(it needs 2 <= clusters < hospitals, here at most {n_sites - 1}); "
                           "lower it, or drop 'cluster' from regimes")
+    if "clusters" in explicit and "ifca" in regimes(cfg) and not 2 <= k <= n_sites:
+        raise ConfigError(f"run config 'clusters': ifca with {k} adapter(s) for {n_sites} hospitals needs "
+                          f"2 <= clusters <= hospitals; lower it, or drop 'ifca' from regimes")
 
 
 def parse_overrides(text: str) -> dict[str, Any]:

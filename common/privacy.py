@@ -31,6 +31,7 @@ import numpy as np
 from clinfed.common.arm_differences import PREFIX as CMP_PREFIX
 from clinfed.common.data import INSURANCE_VALUES
 from clinfed.common.findings_release import CAL, CAL_BIN_METRICS, CAL_FIT_METRICS, DIFF, DIFF_METRICS
+from clinfed.common.protocol import IFCA_CHOICE, INTERPOLATION_GRID, INTERPOLATION_WEIGHT
 from clinfed.common.metrics import AGE_BANDS, COMORBIDITY_BANDS, COUNT_METRICS, MISSING, OTHER, PREFIX, SEP
 
 log = logging.getLogger("clinfed.privacy")
@@ -78,9 +79,13 @@ ALLOWED_METRIC_KEYS = [
         r"((local|personalized|similarity-weighted|augmented)-)?train-(tokens-per-s|peak-gpu-mb)",
         r"adapter-hash",
         r"(local-)?dpo-self-rejected-share",
-        r"(local|personalized|similarity-weighted|augmented)-train-(loss|seconds|peak-rss)",
+        r"(local|personalized|similarity-weighted|augmented|fedrep|ditto)-train-(loss|seconds|peak-rss)",
+        # site-level choices of the personalization methods (client.personal_regimes): the IFCA
+        # adapter the site trained this round and its global-local interpolation weight; never a loss
+        r"ifca-cluster",
+        r"interpolated-weight",
         # DP-SGD accounting of the site's own training (epsilon per call, cumulative, budget)
-        r"((local|personalized|similarity-weighted|augmented)-)?dp-(epsilon|budget-exhausted)",
+        r"((local|personalized|similarity-weighted|augmented|fedrep|ditto)-)?dp-(epsilon|budget-exhausted)",
         r"dp-(epsilon-total|epsilon-budget|delta)",
         # the site's effective policy, reported in `describe` (0/1 flags and numbers)
         r"policy/(allow-adapters|share-local-adapters|min-cell-size|dp-required|dp-epsilon|dp-delta|"
@@ -233,6 +238,10 @@ def _check_metrics(items: dict, k: int) -> list[str]:
             continue
         if isinstance(val, float) and not math.isfinite(val):
             problems.append(f"metric '{key}' is not finite")
+        if key == IFCA_CHOICE and not (float(val).is_integer() and 0 <= val < 100):
+            problems.append(f"metric '{key}' is not a cluster index")
+        if key == INTERPOLATION_WEIGHT and float(val) not in INTERPOLATION_GRID:
+            problems.append(f"metric '{key}' is not a weight of the interpolation grid")
         if (key in COUNT_KEYS or (key.startswith(f"gen{SEP}") and key.endswith(f"{SEP}n"))) and val < k:
             problems.append(f"count '{key}' is below the minimum cell size")
         if key.startswith(PREFIX + SEP) or key.startswith(CMP_PREFIX + SEP) or _is_bin(key):

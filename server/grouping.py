@@ -78,3 +78,26 @@ def similarity_mix(names: list[str], X: np.ndarray, states: dict[str, dict[str, 
         keys = states[others[0][1]].keys()
         starts[s] = {k: sum(wi * states[o][k] for wi, (_, o) in zip(w, others)).astype(np.float32) for k in keys}
     return starts, weights
+
+
+def ifca_inits(init_state: dict[str, np.ndarray], k: int, seed: int) -> list[dict[str, np.ndarray]]:
+    """k different starting adapters for IFCA (Ghosh et al. 2020 start its k models at random),
+    seeded: the first is the model's own initial adapter; every other one redraws the arrays the
+    model itself initializes at random (LoRA A and the classification head's weights) from a normal
+    with that array's mean and spread. LoRA B stays zero (LoRA's start) and the pooler keeps its
+    pretrained weights (the model does not draw them at random, so neither do the other starts).
+    The k adapters thus differ at round 1 through their heads, each drawn like the model's own.
+    On exchangeable sites every site may pick the same adapter every round (a tiny three-site
+    study did): IFCA then equals `global` with other batches, which is its answer there."""
+    out = [dict(init_state)]
+    for j in range(1, k):
+        rng = np.random.default_rng([int(seed), 7177, j])
+        state = {}
+        for key, arr in sorted(init_state.items()):
+            sd = float(np.std(arr)) if arr.size else 0.0
+            fresh = "lora_A" in key or (key.endswith("weight") and any(
+                f".{h}." in f".{key}" for h in ("classifier", "score")) and "pooler" not in key)
+            state[key] = (rng.normal(float(np.mean(arr)), sd, size=arr.shape).astype(arr.dtype)
+                          if fresh and sd > 0 else arr.copy())
+        out.append(state)
+    return out

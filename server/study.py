@@ -4,9 +4,11 @@
 2. R federated rounds: every site trains from the global adapter; the
    strategy (Flower's FedAvg, weighted by training examples) aggregates the
    adapter + head arrays; the round's global adapter is saved in PEFT format;
-3. `personalize`: each site trains its `local` and `personalized` adapters,
-   which stay at the site;
-4. `evaluate`: each site scores every regime on the same test items and
+3. `ifca` rounds (with the `ifca` regime): every site is sent the k IFCA adapters, trains
+   the one with the lowest loss on its validation split and names it; FedAvg per adapter;
+4. `personalize`: each site trains its site-held adapters (`local`, `personalized`,
+   `fedrep`, `ditto`, `interpolated`, ...), which stay at the site;
+5. `evaluate`: each site scores every regime on the same test items and
    returns aggregate metrics, kept per site (Flower would average them away).
 Everything written goes to RUN_DIR: metrics.csv, sites.csv, run.json,
 adapters/global/, report.html.
@@ -38,7 +40,7 @@ from clinfed.common.protocol import SITE_HELD
 from clinfed.common.ranks import site_rank, truncate
 from clinfed.server.aggregation import aggregate, load_strategy_state, make_strategy, strategy_state, train_config
 from clinfed.server.checkpoint import Checkpoint, write_json
-from clinfed.server.grouping import descriptor_matrix, kmeans_assignment, similarity_mix
+from clinfed.server.grouping import descriptor_matrix, ifca_inits, kmeans_assignment, similarity_mix
 from clinfed.server.messaging import SiteMessaging, StudyError, exchange, say
 from clinfed.server.privacy_accounting import PrivacyAccounting
 from clinfed.server.findings import write_findings
@@ -258,6 +260,101 @@ class Study(SiteMessaging, PrivacyAccounting):
                                       "aggregation": "updates zero-padded to the study's rank (common.ranks)"}
         return out
 
+    # ------------------------------------------------------------------ IFCA
+    def ifca_rounds(self, lm) -> dict[str, ArrayRecord]:
+        """IFCA (Ghosh et al. 2020): k adapters (k = `clusters`, seeded different starts,
+        server.grouping.ifca_inits); every round each site is sent all k, trains the one with the
+        lowest loss on its own validation split and replies with it and its index (the losses stay
+        at the site); each adapter is the FedAvg (the study's strategy) of the sites that chose it.
+        The membership of the last round is the site's `ifca` adapter at evaluation."""
+        k, phase = int(self.cfg.clusters), "ifca"
+        if k < 2:
+            self.errors.append(f"ifca regime skipped: needs clusters >= 2 (clusters={k})")
+            return {}
+        groups = [f"ifca-{j}" for j in range(k)]
+        arrays = {g: ArrayRecord({key: Array(v) for key, v in st.items()})
+                  for g, st in zip(groups, ifca_inits(lm.init_state, k, self.cfg.seed))}
+        info = self.run.setdefault("ifca", {"k": k, "membership": {}, "history": []})
+        strategies = {g: make_strategy(self.cfg, len(self.sites)) for g in groups}
+        R = self.cfg.num_server_rounds
+        done, saved = self.ckpt.rounds_done(phase)
+        for g, state in saved.items():
+            if g in arrays:
+                arrays[g] = ArrayRecord({key: Array(v) for key, v in state.items()})
+        for g, state in self.ckpt.strategy_states(phase).items():
+            if g in strategies:
+                load_strategy_state(strategies[g], state, list(lm.init_state.keys()))
+        ranks = self._site_ranks(lm, protocol.TRAIN)
+        if done:
+            say(f"{phase}: rounds 1-{done} restored from the checkpoint")
+        nodes = sorted(self.sites)
+        for rnd in range(done + 1, R + 1):
+            t = time.time()
+            msgs = []
+            for node in nodes:
+                rank = ranks.get(self.sites[node])
+                content = RecordDict({f"{protocol.IFCA_PREFIX}{j}": _at_rank(arrays[g], rank)
+                                      for j, g in enumerate(groups)})
+                content[protocol.CONFIG] = self._config(**{protocol.SERVER_ROUND: rnd, protocol.BASE_MODEL: lm.identity},
+                                                        **train_config(strategies[groups[0]]))
+                msgs.append(Message(content, dst_node_id=node, message_type=protocol.TRAIN_IFCA))
+            each = sum(_arrays_bytes(a) for a in arrays.values())
+            replies = list(exchange(self.grid, msgs, timeout=self.cfg.round_timeout))
+            label = f"{phase} round {rnd}"
+            ok, declined = self._declined(self._collect(nodes, replies, label), label)
+            chosen: dict[str, int] = {}
+            for site, rep in list(ok.items()):
+                m = rep.content[protocol.METRICS] if protocol.METRICS in rep.content.metric_records else {}
+                j = m.get(protocol.IFCA_CHOICE)
+                if j is None or not float(j).is_integer() or not 0 <= int(j) < k:
+                    self._reject(label, site, f"IFCA reply from site {site} names no valid adapter index")
+                    ok.pop(site)
+                    continue
+                chosen[site] = int(j)
+            starts = {site: _at_rank(arrays[groups[j]], ranks.get(site)) for site, j in chosen.items()}
+            ok = self._checked(ok, lm.init_state, label, starts, ranks)
+            if len(ok) + len(declined) < min(self.cfg.min_sites, len(nodes)):
+                raise StudyError(f"{label}: {len(ok)} site(s) answered, fewer than min-sites={self.cfg['min-sites']}")
+            for j, g in enumerate(groups):
+                g_ok = [rep for site, rep in ok.items() if chosen[site] == j]
+                if not g_ok:
+                    continue  # no site chose this adapter: it stays as it was
+                new, _ = aggregate(strategies[g], rnd, g_ok, arrays[g])
+                if new is None:
+                    raise StudyError(f"{label}: aggregation of {g} produced no adapter")
+                arrays[g] = new
+                save_adapter(lm.model, {key: v.numpy() for key, v in new.items()},
+                             self.run_dir / "adapters" / g / f"round-{rnd:03d}",
+                             meta={"regime": phase, "group": g, "round": rnd, "base_model": lm.identity,
+                                   "sites": sorted(s for s in ok if chosen[s] == j)})
+            for site in ok:
+                info["membership"][site] = chosen[site]
+            info["history"].append({"round": rnd, "membership": {s: chosen[s] for s in ok}})
+            losses = {s: float(r.content[protocol.METRICS]["train-loss"]) for s, r in ok.items()}
+            self.rounds.append({
+                "phase": phase, "round": rnd, "sites": list(ok), "failures": self.phase_failures[label],
+                "bytes_sent": each * len(nodes),
+                "bytes_received": sum(_arrays_bytes(r.content[protocol.ARRAYS]) for r in ok.values()),
+                "site_bytes": {self.sites[n]: {"sent": each, "received": _arrays_bytes(
+                    ok[self.sites[n]].content[protocol.ARRAYS]) if self.sites[n] in ok else 0} for n in nodes},
+                "site_costs": {s: {"train_seconds": float(r.content[protocol.METRICS]["train-seconds"])}
+                               for s, r in ok.items() if "train-seconds" in r.content[protocol.METRICS]},
+                "train_loss": losses, "ifca_membership": {s: chosen[s] for s in ok},
+                **self._dp_round(ok, declined, label),
+                "seconds": round(time.time() - t, 2),
+                "adapter_hash": {g: state_hash({key: v.numpy() for key, v in a.items()}) for g, a in arrays.items()},
+            })
+            say(progress_line(f"{phase} round", rnd, R, f"{len(ok)} sites, membership "
+                               + ", ".join(f"{s}:{chosen[s]}" for s in ok) + f", {time.time() - t:.0f}s"))
+            self.ckpt.save_round(phase, rnd, {g: {key: v.numpy() for key, v in a.items()} for g, a in arrays.items()},
+                                 {}, self._ckpt_state(), {g: strategy_state(st) for g, st in strategies.items()})
+            self.write_run()
+        for g, a in arrays.items():
+            save_adapter(lm.model, {key: v.numpy() for key, v in a.items()}, self.run_dir / "adapters" / g / "final",
+                         meta={"regime": phase, "group": g, "round": R, "base_model": lm.identity})
+        self._note_update_dp(phase, R)
+        return arrays
+
     # ------------------------------------------------------- site similarity
     def descriptor_matrix(self) -> tuple[list[str], np.ndarray, list[str]]:
         """Standardized site descriptors (server.grouping), one row per site in `self.sites` order."""
@@ -293,7 +390,9 @@ class Study(SiteMessaging, PrivacyAccounting):
     # --------------------------------------------------------------- phases
     def _ckpt_state(self) -> dict:
         return {"rounds": self.rounds, "errors": self.errors, "phase_failures": self.phase_failures,
-                "clusters": self.run.get("clusters"), "similarity_weights": self.run.get("similarity_weights")}
+                "clusters": self.run.get("clusters"), "similarity_weights": self.run.get("similarity_weights"),
+                "ifca": self.run.get("ifca"), "interpolation": self.run.get("interpolation"),
+                "site_held": self.run.get("site_held")}
 
     def restore(self):
         """Continue from RUN_DIR's checkpoint: the rounds, failures and adapters so far.
@@ -301,7 +400,7 @@ class Study(SiteMessaging, PrivacyAccounting):
         saved = self.ckpt.load()
         self.rounds, self.errors = list(saved["rounds"]), list(saved["errors"])
         self.phase_failures.update(saved["phase_failures"])
-        for key in ("clusters", "similarity_weights"):
+        for key in ("clusters", "similarity_weights", "ifca", "interpolation", "site_held"):
             if saved.get(key) is not None:
                 self.run[key] = saved[key]
         for phase in saved["phases"]:
@@ -335,16 +434,22 @@ class Study(SiteMessaging, PrivacyAccounting):
             self.run.setdefault("site_held", {})[site] = {
                 k: float(v) for k, v in m.items() if k.endswith(("-train-seconds", "-train-peak-rss", "-train-tokens-per-s",
                                                         "-train-peak-gpu-mb"))}
+            if protocol.INTERPOLATION_WEIGHT in m:  # the global adapter's weight in the site's mix
+                self.run.setdefault("interpolation", {})[site] = float(m[protocol.INTERPOLATION_WEIGHT])
         self.ckpt.save_done("personalize", self._ckpt_state(),
                             {s: {k: v.numpy() for k, v in a.items()} for s, a in self.shared_local.items()})
         say(progress_line("site-held training", 1, 1, f"{', '.join(r for r in self.regimes if r in SITE_HELD)} "
                                                        f"at {len(ok)} sites"))
 
-    def evaluate(self, global_arrays: ArrayRecord, clusters: dict[str, ArrayRecord]):
+    def evaluate(self, global_arrays: ArrayRecord, clusters: dict[str, ArrayRecord],
+                 ifca: dict[str, ArrayRecord] | None = None):
         assignment = (self.run.get("clusters") or {}).get("assignment", {})
+        membership = (self.run.get("ifca") or {}).get("membership", {})
         msgs = []
         for node, site in self.sites.items():
             content = RecordDict({protocol.GLOBAL: global_arrays, protocol.CONFIG: self._config()})
+            if ifca and site in membership and f"ifca-{membership[site]}" in ifca:
+                content[protocol.IFCA] = ifca[f"ifca-{membership[site]}"]
             if assignment.get(site) and f"cluster-{assignment[site]}" in clusters:
                 content[protocol.CLUSTER] = clusters[f"cluster-{assignment[site]}"]
             # the site's own cluster and local adapters are already scored as `cluster` and `local`
@@ -442,8 +547,9 @@ class Study(SiteMessaging, PrivacyAccounting):
         arrays = self._timed("federated", self.federated_rounds, lm, groups, "global")["global"]
         self.final_global = arrays
         cluster_arrays = self._timed("cluster", self.federated_rounds, lm, clusters, "cluster") if clusters else {}
+        ifca_arrays = self._timed("ifca", self.ifca_rounds, lm) if "ifca" in self.regimes else {}
         self._timed("personalize", self.personalize, arrays)
-        self._timed("evaluate", self.evaluate, arrays, cluster_arrays)
+        self._timed("evaluate", self.evaluate, arrays, cluster_arrays, ifca_arrays)
 
     def _lock_run_dir(self):
         """Refuse to run while another study writes this RUN_DIR (an orphan of an

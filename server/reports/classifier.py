@@ -43,6 +43,8 @@ from clinfed.server.reports.tested import (  # noqa: E402
 )
 
 DEFAULT_MIN_CELL = 10
+# the personalization methods of the `methods` study: described only in a report whose run scored them
+METHOD_REGIMES = ("fedrep", "ditto", "ifca", "interpolated")
 
 REGIME_TEXT = {
     "base": "the pretrained model with a freshly initialised prediction head (no federated training): the floor",
@@ -52,6 +54,14 @@ REGIME_TEXT = {
     "cluster": "an adapter aggregated only within the hospital's cluster of similar sites",
     "augmented": "local training augmented with similar instances or knowledge from other sites",
     "similarity-weighted": "an adapter aggregated with weights favouring similar sites",
+    "fedrep": "the global adapter's backbone (LoRA weights) with a prediction head trained at the hospital alone "
+              "(FedRep/FedPer: the head never leaves the site)",
+    "ditto": "a personal adapter fine-tuned at the hospital from the global one with a proximal pull toward it "
+             "(Ditto, strength ditto-lambda)",
+    "ifca": "one of k federated adapters: each round every hospital trains the one with the lowest loss on its own "
+            "validation patients (IFCA); the hospital is scored with the one it chose last",
+    "interpolated": "a mix a x global + (1 - a) x local adapter, the weight a chosen on the hospital's own "
+                    "validation patients from 0, 0.25, 0.5, 0.75, 1",
 }
 SPLIT_TEXT = {
     "test": "random test split",
@@ -66,6 +76,10 @@ REGIME_COLORS = {
     "cluster": "#9467bd",
     "similarity-weighted": "#8c564b",
     "augmented": "#d62728",
+    "fedrep": "#17becf",
+    "ditto": "#bcbd22",
+    "ifca": "#393b79",
+    "interpolated": "#e7969c",
 }
 EXTRA_COLORS = ["#e377c2", "#bcbd22", "#17becf", "#7f7f7f"]
 
@@ -860,6 +874,32 @@ def _clusters_section(summary: dict, tab_dir: Path) -> str:
             "within a site's cluster.</p>" + simple_table(groups))
 
 
+def _methods_section(run: dict, tab_dir: Path) -> str:
+    """What the personalization methods chose at each site (run.json): the IFCA adapter per round
+    and the interpolation weight, the site-level choices the sites released."""
+    ifca = _as_dict(run.get("ifca"))
+    weights = _as_dict(run.get("interpolation"))
+    if not ifca and not weights:
+        return ""
+    rows = {}
+    for h in ifca.get("history") or []:
+        for site, j in _as_dict(h.get("membership")).items():
+            rows.setdefault(str(site), {})[f"ifca round {h.get('round')}"] = j
+    for site, a in weights.items():
+        rows.setdefault(str(site), {})["interpolation weight a (global)"] = a
+    df = pd.DataFrame([{"site": s, **v} for s, v in sorted(rows.items())])
+    df.to_csv(tab_dir / "method_choices.csv", index=False)
+    text = "<h2>Personalization methods: the sites' choices</h2><p>"
+    if ifca:
+        text += (f"IFCA ran k = {html.escape(str(ifca.get('k', '?')))} adapters; each round every site trained the "
+                 "one with the lowest loss on its own validation patients (the losses stayed at the site; only the "
+                 "index was sent) and is scored with the one it chose last. ")
+    if weights:
+        text += ("The interpolated regime is a x global + (1 - a) x local, with a chosen by each site's validation "
+                 "log loss from 0, 0.25, 0.5, 0.75, 1 (a = 1: the global adapter; a = 0: the local one).")
+    return text + "</p>" + simple_table(df)
+
+
 def _analysis_findings(summary: dict, main_regimes, config: dict) -> list[tuple[str, list[str]]]:
     """Findings from the analysis summary; every sentence is filled from computed numbers."""
     esc = html.escape
@@ -1043,7 +1083,7 @@ def build_classifier_report(run_dir) -> Path:
     calibration_html = calibration_section(summary["tests"], regimes, splits, colors, fig_dir, tab_dir)
     gaps_html = gaps_section(summary["tests"], tab_dir)
     drivers_html = _drivers_section(summary, run_dir, fig_dir, tab_dir)
-    clusters_html = _clusters_section(summary, tab_dir)
+    clusters_html = _clusters_section(summary, tab_dir) + _methods_section(run, tab_dir)
     training_df = _training(run)
     privacy_df, privacy_html = _privacy(run)
     timings_df = pd.DataFrame([{"phase": str(p), "wall time": human_seconds(s), "seconds": s}
@@ -1093,7 +1133,8 @@ def build_classifier_report(run_dir) -> Path:
 
     regime_items = "".join(
         f"<li><strong>{esc(r)}</strong>: {esc(REGIME_TEXT.get(r, _unknown_regime_text(r)))}</li>"
-        for r in list(dict.fromkeys(KNOWN_REGIMES + all_regimes)))
+        for r in list(dict.fromkeys([r for r in KNOWN_REGIMES if r in all_regimes or r not in METHOD_REGIMES]
+                                    + all_regimes)))
     parts.append(
         '<h2>How to read this</h2><div class="howto">'
         "<p>Each hospital (site) evaluates every model on its own held-out patients; only aggregate numbers leave "

@@ -270,7 +270,7 @@ def build_comparison_report(run_dir) -> Path:
     done = [a for a in arms if a in set(run.get("arms_completed") or [])]
     reference = arms[0] if arms else ""
     regimes = [r for r in ("base", "global", "local", "personalized", "cluster", "similarity-weighted",
-                           "augmented") if r in set(metrics["regime"])]
+                           "augmented", "fedrep", "ditto", "ifca", "interpolated") if r in set(metrics["regime"])]
     main_regime = "global" if "global" in regimes else (regimes[0] if regimes else "global")
     status = str(run.get("status", "unknown"))
     esc = html.escape

@@ -1,0 +1,269 @@
+"""The personalization methods of issue 21 as regimes: each mechanism on its own (IFCA's choice,
+the interpolation weight, Ditto's pull, FedRep's site-held head), then one tiny study with all of
+them on, scored against `global` like every regime, with the message audit of what left the sites."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.common.serde import message_to_proto
+
+from clinfed.client.classifier_site import Site
+from clinfed.client.personal_regimes import choose_interpolation, head_keys, is_lora_key, log_loss, mix
+from clinfed.common.config import STUDY_PRESETS, regimes, resolve
+from clinfed.common.data import list_sites, read_site_table
+from clinfed.common.model_cache import get_model, model_key
+from clinfed.common.protocol import INTERPOLATION_GRID, SEED_DITTO
+from clinfed.common.training import predict_proba
+from clinfed.server.grouping import ifca_inits
+from clinfed.server.study import Study
+from clinfed.simulations.app import app as client_app
+from clinfed.simulations.inprocess import LocalGrid, simulated_nodes
+from helpers import canary_federation
+
+TINY = {"model": "tiny-bert", "num-server-rounds": 2, "local-steps": 4, "personalize-steps": 6, "bootstrap": 30,
+        "min-cell-size": 5, "batch-size": 8, "precision": "fp32"}
+NEW = ("fedrep", "ditto", "ifca", "interpolated")
+
+
+@pytest.fixture(scope="module")
+def site(small_federation, tmp_path_factory):
+    cfg = resolve({**TINY, "data-dir": str(small_federation)})
+    name, folder = list_sites(small_federation)[0]
+    s = Site(name, folder, tmp_path_factory.mktemp("site"), cfg)
+    return s, get_model(model_key(cfg)), cfg
+
+
+def _independent_val_loss(site, lm, state):
+    """The site's validation log loss computed here from the model's probabilities, with sklearn."""
+    from sklearn.metrics import log_loss as sk_log_loss
+
+    model = lm.use(state)
+    p = predict_proba(model, site.encoded("val", lm.tokenizer), lm.tokenizer.pad_token_id, device="cpu",
+                      precision="fp32")
+    return sk_log_loss(site.labels("val"), np.clip(p, 1e-7, 1 - 1e-7), labels=[0, 1])
+
+
+def _distance(a, b, keys=None):
+    return float(np.sqrt(sum(((a[k] - b[k]) ** 2).sum() for k in (keys or a))))
+
+
+def test_ifca_chooses_the_adapter_with_the_lowest_validation_loss(site, small_federation, tmp_path):
+    """The handler's index (through the real ClientApp and its guard) is the argmin of the k
+    adapters' validation losses computed independently; the reply carries the index, not the losses."""
+    s, lm, cfg = site
+    states = ifca_inits(lm.init_state, 3, seed=11)
+    assert _distance(states[0], states[1]) > 0 and _distance(states[1], states[2]) > 0  # seeded, different
+    losses = [_independent_val_loss(s, lm, st) for st in states]
+    assert len(set(np.round(losses, 6))) == 3, losses  # the choice is not a tie
+    expect = int(np.argmin(losses))
+    assert [s.choice_loss(lm, st) for st in states] == pytest.approx(losses, rel=1e-5)
+
+    name, folder = list_sites(small_federation)[0]
+    nodes = [{"data-path": str(folder), "site": name, "output-path": str(tmp_path / name)}]
+    grid = LocalGrid(client_app, nodes, cfg)
+    content = RecordDict({f"ifca.{j}": ArrayRecord({k: Array(v) for k, v in st.items()}) for j, st in enumerate(states)})
+    content["config"] = ConfigRecord({"run-dir": str(tmp_path / "run"), "server-round": 1, "base-model": lm.identity})
+    [rep] = grid.send_and_receive([Message(content, dst_node_id=1000, message_type="train.ifca")])
+    assert not rep.has_error(), rep.error.reason
+    m = dict(rep.content["metrics"])
+    assert m["ifca-cluster"] == expect
+    assert set(rep.content.array_records) == {"arrays"}
+    # from the adversary's side: no key beyond a round's and the index; no validation loss as a value
+    assert set(m) - {"ifca-cluster"} <= {"num-examples", "train-loss", "train-steps", "train-seconds", "train-tokens",
+                                        "train-peak-rss", "train-micro-batch", "train-accumulation",
+                                        "train-oom-retries", "adapter-hash"}
+    for v in m.values():
+        assert all(abs(float(v) - loss) > 1e-9 for loss in losses)
+    raw = message_to_proto(rep).SerializeToString()
+    for ident in read_site_table(folder, warn=False)["encounter_id"].head(100):
+        assert ident.encode() not in raw
+
+
+def test_interpolation_picks_the_validation_best_weight(site):
+    """Between a trained local adapter and the initial adapter, the chosen a is the grid weight
+    whose mix has the lowest validation loss, computed here independently; a = 1 is the global
+    adapter and a = 0 the local one exactly."""
+    s, lm, cfg = site
+    local, _ = s.train(lm, lm.init_state, 12, seed_offset=3, label="test-local")
+    glob = ifca_inits(lm.init_state, 2, seed=5)[1]  # a 'global' adapter unlike the local one
+    a, state, losses = choose_interpolation(lambda st: s.choice_loss(lm, st), glob, local)
+    indep = [_independent_val_loss(s, lm, mix(glob, local, w)) for w in INTERPOLATION_GRID]
+    assert losses == pytest.approx(indep, rel=1e-5)
+    assert a == INTERPOLATION_GRID[int(np.argmin(indep))]
+    assert _distance(state, mix(glob, local, a)) == 0
+    assert _distance(mix(glob, local, 1.0), glob) == 0 and _distance(mix(glob, local, 0.0), local) == 0
+    assert log_loss(np.array([1, 0]), np.array([0.5, 0.5])) == pytest.approx(np.log(2))
+
+
+def test_ditto_personal_adapter_is_pulled_toward_the_global_one(site):
+    """From the global adapter, Ditto's personal adapter moves away from it, and less so with a
+    strong pull (lambda) than with none."""
+    s, lm, cfg = site
+    glob, _ = s.train(lm, lm.init_state, 8, seed_offset=1, label="test-global")
+    far = {}
+    for lam in (0.0, 200.0):
+        personal, _ = s.train(lm, glob, 10, seed_offset=SEED_DITTO, label="ditto", proximal_mu=lam)
+        far[lam] = _distance(personal, glob)
+    assert far[0.0] > 0 and far[200.0] > 0, far  # the personal adapter differs from the global one
+    assert far[200.0] < 0.5 * far[0.0], far
+
+
+def test_fedrep_keeps_the_global_lora_weights_and_trains_its_own_head(site):
+    s, lm, cfg = site
+    glob, _ = s.train(lm, lm.init_state, 6, seed_offset=1, label="test-global")
+    heads = head_keys(glob)
+    lora = [k for k in glob if is_lora_key(k)]
+    assert heads and lora
+    rep, _ = s.train(lm, glob, 6, seed_offset=2, label="fedrep", head_only=True)
+    for k in lora:
+        np.testing.assert_array_equal(rep[k], glob[k])
+    assert _distance(rep, glob, heads) > 0
+    # and the LoRA weights train again afterwards (the freeze is undone)
+    after, _ = s.train(lm, glob, 2, seed_offset=4, label="after")
+    assert _distance(after, glob, lora) > 0
+
+
+def test_the_methods_preset_turns_the_new_regimes_on_and_the_default_does_not():
+    assert set(NEW) <= set(regimes(resolve(STUDY_PRESETS["methods"])))
+    assert not set(NEW) & set(regimes(resolve({})))
+
+
+# ------------------------------------------------------------------ one study, every new regime on
+@pytest.fixture(scope="module")
+def study(small_federation, tmp_path_factory):
+    data = canary_federation(small_federation, tmp_path_factory.mktemp("canary") / "fed")
+    run_dir = tmp_path_factory.mktemp("run")
+    cfg = resolve({**TINY, "data-dir": str(data), "personalize-steps": 2, **STUDY_PRESETS["methods"]})
+    sites = list_sites(data)
+    grid = LocalGrid(client_app, simulated_nodes(len(sites)), cfg)
+    Study(grid, cfg, run_dir).execute()
+    return {"grid": grid, "run_dir": run_dir, "data": data, "sites": [s for s, _ in sites], "cfg": cfg}
+
+
+def test_every_new_regime_is_scored_and_tested_against_global(study):
+    df = pd.read_csv(study["run_dir"] / "metrics.csv")
+    diff = pd.read_csv(study["run_dir"] / "differences.csv")
+    expect = set(regimes(study["cfg"]))
+    for site in study["sites"]:
+        for split in ("test", "temporal"):
+            got = set(df[(df.site == site) & (df.split == split) & (df.metric == "auc") & (df.subgroup == "all")].regime)
+            assert expect <= got, (site, split, expect - got)
+            for r in NEW:
+                rows = diff[(diff.site == site) & (diff.regime == r) & (diff.reference == "global")
+                            & (diff.split == split) & (diff.subgroup == "all")]
+                assert len(rows) == 1, (site, r, split)
+    pooled = diff[(diff.site == "pooled") & (diff.reference == "global") & (diff.subgroup == "all")]
+    assert set(NEW) <= set(pooled.regime)
+
+
+def test_the_run_records_ifca_membership_and_interpolation_weights(study):
+    run = json.loads((study["run_dir"] / "run.json").read_text())
+    assert run["status"] == "completed"
+    phases = [r["phase"] for r in run["rounds"]]
+    assert phases == ["global", "global", "ifca", "ifca"]
+    k = study["cfg"].clusters
+    assert set(run["ifca"]["membership"]) == set(study["sites"])
+    assert all(0 <= j < k for j in run["ifca"]["membership"].values())
+    assert set(run["interpolation"]) == set(study["sites"])
+    assert all(a in INTERPOLATION_GRID for a in run["interpolation"].values())
+    for site in study["sites"]:
+        for regime in ("fedrep", "ditto", "interpolated"):
+            assert (study["run_dir"] / "sites" / site / "adapters" / regime / "adapter_config.json").exists()
+    for j in range(k):
+        assert (study["run_dir"] / "adapters" / f"ifca-{j}" / "final" / "adapter_model.safetensors").exists()
+
+
+def test_sites_sent_adapter_arrays_and_aggregates_only(study):
+    """The audit of tests/test_study.py for the new messages: arrays only in training replies
+    (rounds and IFCA rounds), exactly the adapter's keys; scalar metrics; no note, id or date."""
+    replies = study["grid"].replies
+    # describe, 2 global rounds, 2 IFCA rounds, personalize, evaluate
+    assert len(replies) == len(study["sites"]) * (1 + 2 + 2 + 1 + 1)
+    ids, dates = set(), set()
+    for _, folder in list_sites(study["data"]):
+        df = read_site_table(folder, warn=False)
+        ids.update(df["encounter_id"])
+        dates.update(df["discharge_date"].dt.strftime("%Y-%m-%d"))
+    adapter_keys = set(get_model(model_key(study["cfg"])).init_state)
+    seen = set()
+    for rep in replies:
+        assert not rep.has_error(), rep.error.reason
+        raw = message_to_proto(rep).SerializeToString()
+        assert b"CANARY" not in raw, "note text left a site"
+        for ident in list(ids)[:200]:
+            assert ident.encode() not in raw, f"encounter id {ident} left a site"
+        for d in list(dates)[:100]:
+            assert d.encode() not in raw, "a discharge date left a site"
+        content, mtype = rep.content, rep.metadata.message_type
+        seen.add(mtype)
+        assert set(content.array_records) <= {"arrays"}
+        if content.array_records:
+            assert mtype in ("train", "train.ifca")  # local adapters are not shared in this study
+            assert set(content["arrays"].keys()) == adapter_keys
+        assert set(content.metric_records) <= {"metrics"}
+        m = dict(content["metrics"]) if "metrics" in content.metric_records else {}
+        for key, val in m.items():
+            assert isinstance(val, (int, float)), f"{key} is not a scalar"
+            assert "loss" not in key or key.endswith("train-loss"), f"{key}: a loss other than training's left a site"
+        if mtype == "train.ifca":
+            assert "ifca-cluster" in m
+        if mtype == "train.personalize":
+            assert m.get("interpolated-weight") in INTERPOLATION_GRID
+        assert set(content.config_records) <= ({"site"} if mtype == "query.describe" else set())
+    assert {"train", "train.ifca", "train.personalize", "evaluate"} <= seen
+
+
+@pytest.mark.parametrize("crash_type,crash_at,personalize_resent", [
+    ("train.ifca", 2, True),  # killed in IFCA round 2 (global rounds and IFCA round 1 done)
+    ("evaluate", 1, False),   # killed at evaluation: the site-held methods are kept at the sites
+])
+def test_a_killed_methods_study_resumes_to_the_same_results(study, tmp_path, crash_type, crash_at,
+                                                            personalize_resent):
+    from test_resume import CrashingGrid, ServerCrash
+
+    cfg = study["cfg"]
+    nodes = simulated_nodes(len(study["sites"]))
+    with pytest.raises(ServerCrash):
+        Study(CrashingGrid(client_app, nodes, cfg, crash_type=crash_type, crash_at=crash_at), cfg, tmp_path).execute()
+    resumed = cfg.override({"resume": True})
+    grid = LocalGrid(client_app, simulated_nodes(len(study["sites"])), resumed)
+    Study(grid, resumed, tmp_path).execute()
+    run = json.loads((tmp_path / "run.json").read_text())
+    whole = json.loads((study["run_dir"] / "run.json").read_text())
+    assert run["status"] == "completed", run["errors"]
+    sent = [m.metadata.message_type for m in grid.sent]
+    assert sent.count("train.ifca") == len(study["sites"]) * (1 if crash_type == "train.ifca" else 0)
+    assert sent.count("train.personalize") == (len(study["sites"]) if personalize_resent else 0)
+    assert run["ifca"]["membership"] == whole["ifca"]["membership"]
+    assert run["interpolation"] == whole["interpolation"]
+
+    def values(d):
+        df = pd.read_csv(d / "metrics.csv")
+        return df.set_index(["site", "regime", "split", "subgroup", "metric"])["value"].sort_index()
+
+    a, b = values(study["run_dir"]), values(tmp_path)
+    assert list(a.index) == list(b.index)
+    pd.testing.assert_series_equal(a, b, check_exact=False, rtol=1e-6, atol=1e-9)
+
+
+def test_the_cli_study_option_puts_the_preset_under_the_users_run_config(monkeypatch, tmp_path):
+    """`clinfed simulate --study methods`: the preset's regimes reach the study; a `regimes`
+    given with --run-config wins over the preset."""
+    from clinfed.cli import main as cli
+
+    seen = []
+    monkeypatch.setattr(cli, "_simulate", lambda out, overrides, n, c: seen.append(dict(overrides)) or {"timings": {"total": 0}})
+    fed = tmp_path / "fed"
+    from clinfed.simulations.generate import generate_federation
+
+    generate_federation(fed, n_hospitals=3, seed=1, sizes=[120, 100, 90])
+    assert cli.main(["simulate", "--data", str(fed), "--out", str(tmp_path / "a"), "--study", "methods"]) == 0
+    assert seen[-1]["regimes"] == STUDY_PRESETS["methods"]["regimes"]
+    assert cli.main(["simulate", "--data", str(fed), "--out", str(tmp_path / "b"), "--study", "methods",
+                     "--run-config", 'regimes="base,global,ditto"']) == 0
+    assert seen[-1]["regimes"] == "base,global,ditto"
+    assert cli.main(["simulate", "--data", str(fed), "--out", str(tmp_path / "c")]) == 0
+    assert "regimes" not in seen[-1]
