@@ -31,7 +31,7 @@ import numpy as np
 from clinfed.common.arm_differences import PREFIX as CMP_PREFIX
 from clinfed.common.data import INSURANCE_VALUES
 from clinfed.common.findings_release import CAL, CAL_BIN_METRICS, CAL_FIT_METRICS, DIFF, DIFF_METRICS
-from clinfed.common.protocol import IFCA_CHOICE, INTERPOLATION_GRID, INTERPOLATION_WEIGHT
+from clinfed.common.protocol import IFCA_CHOICE, INTERPOLATION_GRID, INTERPOLATION_WEIGHT, SITE_HELD
 from clinfed.common.metrics import AGE_BANDS, COMORBIDITY_BANDS, COUNT_METRICS, MISSING, OTHER, PREFIX, SEP
 
 log = logging.getLogger("clinfed.privacy")
@@ -64,6 +64,7 @@ _BANDS = {
 }
 _DESC_BAND = "|".join(rf"{g}=(?:{b})" for g, b in _BANDS.items())
 _SUBGROUP = rf"all|{_DESC_BAND}|words=q[1-9][0-9]?"
+_HELD = "|".join(re.escape(r) for r in SITE_HELD)  # the site-held regimes' prefixes of their training figures
 ALLOWED_METRIC_KEYS = [
     re.compile(p)
     for p in (
@@ -76,16 +77,16 @@ ALLOWED_METRIC_KEYS = [
         # what the site chose to fit its card (common.memory): hardware, not patients
         r"train-(micro-batch|accumulation|oom-retries|quantization-bits|gradient-checkpointing)",
         # the card's throughput: tokens per second and peak GPU memory of a training call
-        r"((local|personalized|similarity-weighted|augmented)-)?train-(tokens-per-s|peak-gpu-mb)",
+        rf"(({_HELD})-)?train-(tokens-per-s|peak-gpu-mb)",
         r"adapter-hash",
         r"(local-)?dpo-self-rejected-share",
-        r"(local|personalized|similarity-weighted|augmented|fedrep|ditto)-train-(loss|seconds|peak-rss)",
+        rf"({_HELD})-train-(loss|seconds|peak-rss)",
         # site-level choices of the personalization methods (client.personal_regimes): the IFCA
         # adapter the site trained this round and its global-local interpolation weight; never a loss
         r"ifca-cluster",
         r"interpolated-weight",
         # DP-SGD accounting of the site's own training (epsilon per call, cumulative, budget)
-        r"((local|personalized|similarity-weighted|augmented|fedrep|ditto)-)?dp-(epsilon|budget-exhausted)",
+        rf"(({_HELD})-)?dp-(epsilon|budget-exhausted)",
         r"dp-(epsilon-total|epsilon-budget|delta)",
         # the site's effective policy, reported in `describe` (0/1 flags and numbers)
         r"policy/(allow-adapters|share-local-adapters|min-cell-size|dp-required|dp-epsilon|dp-delta|"

@@ -74,7 +74,8 @@ def test_ifca_chooses_the_adapter_with_the_lowest_validation_loss(site, small_fe
     # from the adversary's side: no key beyond a round's and the index; no validation loss as a value
     assert set(m) - {"ifca-cluster"} <= {"num-examples", "train-loss", "train-steps", "train-seconds", "train-tokens",
                                         "train-peak-rss", "train-micro-batch", "train-accumulation",
-                                        "train-oom-retries", "adapter-hash"}
+                                        "train-oom-retries", "train-quantization-bits",
+                                        "train-gradient-checkpointing", "train-tokens-per-s", "adapter-hash"}
     for v in m.values():
         assert all(abs(float(v) - loss) > 1e-9 for loss in losses)
     raw = message_to_proto(rep).SerializeToString()
@@ -255,7 +256,7 @@ def test_the_cli_study_option_puts_the_preset_under_the_users_run_config(monkeyp
     from clinfed.cli import main as cli
 
     seen = []
-    monkeypatch.setattr(cli, "_simulate", lambda out, overrides, n, c: seen.append(dict(overrides)) or {"timings": {"total": 0}})
+    monkeypatch.setattr(cli, "_simulate", lambda out, overrides, n, c, g=None: seen.append(dict(overrides)) or {"timings": {"total": 0}})
     fed = tmp_path / "fed"
     from clinfed.simulations.generate import generate_federation
 
