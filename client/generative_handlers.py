@@ -80,6 +80,7 @@ def generative_reply(msg, gsite, state, info, policy: Policy) -> Message:
                             "adapter-hash": wire_hash(state),
                             **{f"train-{k.replace('_', '-')}": int(info[k])
                                for k in ("micro_batch", "accumulation", "oom_retries") if k in info},
+                            **({"train-tokens-per-s": float(info["tokens_per_s"])} if "tokens_per_s" in info else {}),
                             **self_rejected_share(info, policy.min_cell_size),
                             **dp_metrics(info, gsite.n_train(), policy)})
     return Message(RecordDict({ARRAYS: to_arrays(state), "metrics": metrics}), reply_to=msg)

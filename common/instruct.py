@@ -71,7 +71,15 @@ def _common_args(settings: InstructSettings, out: str, micro: int | None = None)
                 learning_rate=float(settings.lr), lr_scheduler_type="cosine", warmup_steps=max(1, settings.steps // 10),
                 logging_steps=max(1, settings.steps // 4) if settings.steps > 1 else 1, save_strategy="no", report_to=[],
                 seed=int(settings.seed), use_cpu=device == "cpu", bf16=bf16, fp16=fp16, disable_tqdm=True,
-                max_length=int(settings.max_length), remove_unused_columns=True)
+                max_length=int(settings.max_length), remove_unused_columns=True,
+                # real (non-padding) tokens the trainer fed: the site's tokens/s in run.json
+                include_num_input_tokens_seen="non_padding")
+
+
+def _throughput(trainer, seconds: float) -> dict:
+    """Non-padding tokens the trainer saw, and per second of its training call."""
+    tokens = int(getattr(trainer.state, "num_input_tokens_seen", 0) or 0)
+    return {"tokens": tokens, "tokens_per_s": tokens / seconds} if tokens and seconds > 0 else {}
 
 
 def _quiet(trainer):
@@ -113,7 +121,9 @@ def sft_train(peft_model, tok, examples: list[dict], settings: InstructSettings,
                                         processing_class=tok))
             t = time.perf_counter()
             trainer.train()
-            return {"train_loss": _losses(trainer), "seconds": time.perf_counter() - t, "steps": settings.steps}
+            seconds = time.perf_counter() - t
+            return {"train_loss": _losses(trainer), "seconds": seconds, "steps": settings.steps,
+                    **_throughput(trainer, seconds)}
 
     info, fit = retry_on_oom(run, int(settings.batch_size), settings.micro_batch or None, restore, "SFT")
     return {**info, **fit.as_info()}
@@ -202,7 +212,9 @@ def dpo_train(peft_model, tok, pairs: list[dict], settings: InstructSettings, re
             try:
                 trainer.train()
                 margins = [h["rewards/margins"] for h in trainer.state.log_history if "rewards/margins" in h]
-                return {"train_loss": _losses(trainer), "seconds": time.perf_counter() - t, "steps": settings.steps,
+                seconds = time.perf_counter() - t
+                return {"train_loss": _losses(trainer), "seconds": seconds, "steps": settings.steps,
+                        **_throughput(trainer, seconds),
                         "reward_margin": float(margins[-1]) if margins else float("nan"),
                         "reference_adapter": "ref" in peft_model.peft_config,
                         "log": list(trainer.state.log_history)}

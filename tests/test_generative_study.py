@@ -26,6 +26,8 @@ def test_generative_study_sft_then_dpo(small_federation, tmp_path):
     run = json.loads((tmp_path / "run.json").read_text())
     assert run["status"] == "completed", run["errors"]
     assert [r["phase"] for r in run["rounds"]] == ["sft", "dpo"]
+    for rnd in run["rounds"]:  # each site's SFT and DPO throughput (real tokens per second)
+        assert rnd["site_costs"] and all(c["tokens_per_s"] > 0 for c in rnd["site_costs"].values()), rnd["site_costs"]
     assert run["rounds"][0]["adapter_hash"]["global-sft"] != run["rounds"][1]["adapter_hash"]["global-dpo"]
     df = pd.read_csv(tmp_path / "metrics.csv")
     assert {"task", "stage"} <= set(df.columns)

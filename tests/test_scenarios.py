@@ -26,7 +26,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from clinfed.common.config import resolve
+from clinfed.common.config import STUDY_PRESETS, resolve
 from clinfed.server.study import Study
 from clinfed.simulations.app import app as client_app
 from clinfed.simulations.generate import generate_federation
@@ -54,10 +54,10 @@ def small_wordpiece_bert(tmp_path_factory):
     return folder
 
 
-def _study(model, scenario: str, sizes: list[int], out) -> tuple[pd.DataFrame, dict]:
+def _study(model, scenario: str, sizes: list[int], out, regimes: str = "global,local") -> tuple[pd.DataFrame, dict]:
     truth = generate_federation(out / "fed", n_hospitals=len(sizes), seed=0, sizes=sizes, scenario=scenario)
     cfg = resolve({
-        "model": str(model), "data-dir": str(out / "fed"), "seed": 0, "regimes": "global,local",
+        "model": str(model), "data-dir": str(out / "fed"), "seed": 0, "regimes": regimes, "personalize-steps": 40,
         "lora-targets": "word_embeddings,query,value", "learning-rate": 0.01, "batch-size": 32,
         "max-length": 128, "num-server-rounds": 1, "local-steps": 40, "local-regime-steps": 40,
         "temporal-frac": 0.0, "test-frac": 0.4, "val-frac": 0.05,
@@ -89,8 +89,17 @@ def test_exchangeable_hospitals_show_no_local_advantage(small_wordpiece_bert, tm
     assert better.empty, better
 
 
+# the methods study's regimes (common.config.STUDY_PRESETS["methods"]), scored in the same study
+METHODS = STUDY_PRESETS["methods"]["regimes"]
+# the methods that can hold the shifted site's own meaning of the cues: trained there from scratch
+# (`local`), or free to choose the local adapter alone (`interpolated`, weight 0 on the global one)
+MUST_GAIN = {"local", "interpolated"}
+
+
 def test_concept_shift_local_is_significantly_better_at_the_shifted_site(small_wordpiece_bert, tmp_path):
-    diffs, truth = _study(small_wordpiece_bert, "concept-shift", [1000, 1000, 1000, 600], tmp_path)
+    """Also the methods study's known answer (issue 21): which methods beat `global` where the
+    cues are reversed. Printed with -s; the docs (synthetic-federation.md) give the table."""
+    diffs, truth = _study(small_wordpiece_bert, "concept-shift", [1000, 1000, 1000, 600], tmp_path, regimes=METHODS)
     shifted = set(truth["concept_shift"]["sites"])
     assert shifted == {"h04"}  # the default rule: the smallest sites holding at most a quarter of the notes
     local = _local_vs_global(diffs)
@@ -101,3 +110,9 @@ def test_concept_shift_local_is_significantly_better_at_the_shifted_site(small_w
     # where the cues keep their meaning, local has nothing to add
     others = local.drop(index=list(shifted))
     assert not ((others["diff"] > 0) & (others["p_adj"] < ALPHA)).any(), others
+    # every method is tested against global at the shifted site, and the known gainers gain
+    vs_global = diffs[(diffs.reference == "global") & diffs.site.isin(shifted)]
+    assert set(vs_global.regime) == set(METHODS.split(",")) - {"base", "global"}, vs_global
+    better = set(vs_global[(vs_global["diff"] > 0) & (vs_global["p_adj"] < ALPHA)].regime)
+    assert MUST_GAIN <= better, vs_global
+    print(vs_global[["site", "regime", "diff", "lo", "hi", "p_adj", "n"]].round(3).to_string())
