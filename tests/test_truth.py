@@ -30,6 +30,8 @@ belongs to the meta-regression of the per-site differences.
 
 import time
 
+import pytest
+
 from clinfed.simulations.driver_recovery import recovery
 
 SEEDS = (0, 1, 2, 3, 4)
@@ -37,6 +39,7 @@ SIZE_FACTOR = 3
 MIN_HITS = 4
 
 
+@pytest.mark.slow
 def test_planted_drivers_are_recovered_far_from_chance(tmp_path):
     t0 = time.perf_counter()
     res = recovery(SEEDS, SIZE_FACTOR, workdir=tmp_path)
