@@ -27,7 +27,7 @@ from clinfed.server.study import Study
 from clinfed.simulations.generate import generate_federation
 
 TINY = {"model": "tiny-bert", "num-server-rounds": 1, "local-steps": 2, "personalize-steps": 1, "bootstrap": 10,
-        "batch-size": 8}
+        "batch-size": 8, "report": False}
 REGIONS = "north,south,east,west,central,New York"
 CANARY = "CANARYREG Jane Doe 4471"
 

@@ -19,7 +19,8 @@ def test_clinfed_simulate_exits_non_zero_when_the_study_fails(small_federation, 
     out = tmp_path / "run"
     res = subprocess.run(
         [sys.executable, "-m", "clinfed.cli", "simulate", "--data", str(small_federation), "--out", str(out),
-         "--run-config", 'model="tiny-bert" lora-targets="no_such_module" node-wait-timeout=3'],
+         "--run-config", 'model="tiny-bert" lora-targets="no_such_module" node-wait-timeout=3',
+         "--cpus-per-site", "2"],  # one Ray actor: the sites fail in turn, without three actors' imports
         capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert res.returncode != 0
     assert "NoMatchingPeftModuleError" in res.stderr and "min-sites=2" in res.stderr, res.stderr[-2000:]

@@ -14,7 +14,7 @@ def test_run_json_keeps_tokens_per_second_per_site_and_round(small_federation, t
     from clinfed.simulations.inprocess import LocalGrid, simulated_nodes
 
     sites = list_sites(small_federation)
-    cfg = resolve({"model": "tiny-bert", "data-dir": str(small_federation), "num-server-rounds": 2,
+    cfg = resolve({"report": False, "model": "tiny-bert", "data-dir": str(small_federation), "num-server-rounds": 2,
                    "local-steps": 2, "personalize-steps": 1, "local-regime-steps": 2, "bootstrap": 10,
                    "min-cell-size": 5, "batch-size": 8, "regimes": "base,global,local,personalized",
                    "subgroups": False, "drivers": False})

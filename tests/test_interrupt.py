@@ -37,8 +37,13 @@ def _dispositions():
     signal.signal(signal.SIGHUP, signal.SIG_DFL)
 
 
+# One Ray actor runs the three sites in turn (`--cpus-per-site 2` on 2 cores): each actor imports
+# torch, transformers and peft (seconds of CPU), and this test starts Flower four times.
+ONE_ACTOR = ("--cpus-per-site", "2")
+
+
 def _clinfed(*args, log: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "clinfed.cli", *args], cwd=ROOT, stdout=open(log, "w"),
+    return subprocess.Popen([sys.executable, "-m", "clinfed.cli", *args, *ONE_ACTOR], cwd=ROOT, stdout=open(log, "w"),
                             stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_dispositions)
 
 
@@ -158,7 +163,7 @@ def test_sigterm_sigint_and_sigkill_each_stop_the_study_and_resume_finishes_it(s
     script = Path(sys.executable).parent / "clinfed"
     env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH")}
     env["PATH"] = "/usr/bin:/bin"
-    res = subprocess.run([str(script), *resume], cwd=tmp_path, env=env, capture_output=True,
+    res = subprocess.run([str(script), *resume, *ONE_ACTOR], cwd=tmp_path, env=env, capture_output=True,
                          text=True, timeout=600, preexec_fn=_dispositions)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "left running by an earlier, killed run" in res.stdout, res.stdout[-3000:]

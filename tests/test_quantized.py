@@ -219,7 +219,7 @@ def test_a_study_runs_with_one_site_on_a_4bit_base(small_federation, tmp_path, m
     policy.write_text(small_cells_policy() + 'quantization = "4bit"\ngpu-memory-gb = 8\n')
     nodes = simulated_nodes(len(sites))
     nodes[1]["policy-path"] = str(policy)
-    cfg = resolve({"model": "tiny-bert", "data-dir": str(small_federation), "num-server-rounds": 2,
+    cfg = resolve({"report": False, "model": "tiny-bert", "data-dir": str(small_federation), "num-server-rounds": 2,
                    "local-steps": 2, "personalize-steps": 1, "bootstrap": 10, "min-cell-size": 5, "batch-size": 8,
                    "regimes": "base,global", "subgroups": False, "drivers": False})
     Study(LocalGrid(client_app, nodes, cfg), cfg, tmp_path / "run").execute()

@@ -35,7 +35,7 @@ class CrashingGrid(LocalGrid):
 
 
 def _cfg(data, **extra):
-    return resolve({"model": "tiny-bert", "data-dir": str(data), "num-server-rounds": 3, "local-steps": 3,
+    return resolve({"report": False, "model": "tiny-bert", "data-dir": str(data), "num-server-rounds": 3, "local-steps": 3,
                     "personalize-steps": 2, "bootstrap": 20, "min-cell-size": 5, "batch-size": 8,
                     "subgroups": False, "regimes": "global,local,personalized,cluster,similarity-weighted",
                     "share-local-adapters": True, **extra})
