@@ -64,6 +64,23 @@ def test_the_guard_refuses(content, mtype, allow, expect):
     assert any(expect in p for p in problems), problems
 
 
+@pytest.mark.parametrize("key,value", [
+    ("interpolated-weight", 0.4137),  # a validation loss smuggled out as the chosen weight
+    ("ifca-cluster", 0.4137),          # ... or as the chosen cluster's index
+    ("ifca-cluster", 250),
+])
+def test_the_methods_released_choices_carry_only_their_grid(key, value):
+    content = RecordDict({"metrics": MetricRecord({"num-examples": 100, "train-loss": 0.5, key: value})})
+    problems = check(content, "train")
+    assert problems, f"the guard let {key}={value} through"
+
+
+def test_the_methods_released_choices_pass_on_their_grid():
+    content = RecordDict({"metrics": MetricRecord({"num-examples": 100, "train-loss": 0.5,
+                                                   "interpolated-weight": 0.25, "ifca-cluster": 1})})
+    assert check(content, "train") == []
+
+
 def test_describe_may_name_only_its_own_site():
     assert check(RecordDict({"site": ConfigRecord({"name": "h01"})}), "query.describe") == []
     assert check(RecordDict({"site": ConfigRecord({"name": "h02"})}), "query.describe")
