@@ -50,6 +50,7 @@ from clinfed.common.protocol import (
     IFCA_PREFIX,
     INTERPOLATION_WEIGHT,
     METRICS,
+    PHASE,
     RUN_DIR,
     SEED_AUGMENTED,
     SEED_DITTO,
@@ -88,7 +89,39 @@ def train(msg: Message, context: Context, sim: SimulationSupport | None = None) 
     may_send_state(cfg, policy, lm, "the federated round")
     check_base_identity(msg.content[CONFIG], lm.identity)
     rnd = int(msg.content[CONFIG].get(SERVER_ROUND, 1))
-    return _round_reply(msg, context, site, policy, lm, to_state(msg.content[ARRAYS]), rnd, rnd)
+    start = to_state(msg.content[ARRAYS])
+    reply = _round_reply(msg, context, site, policy, lm, start, rnd, rnd)
+    if (msg.content[CONFIG].get(PHASE) == "global" and "ditto" in regimes(cfg)
+            and ARRAYS in reply.content.array_records):  # not a DP decline
+        reply.content[METRICS].update(ditto_round(site, policy, lm, start, rnd))
+    return reply
+
+
+def ditto_round(site, policy, lm, global_state: dict, rnd: int) -> dict:
+    """Ditto (Li et al. 2021) alongside a global round: the site's personal adapter, from where
+    its previous round left it (the round's global adapter, i.e. the start, in round 1), trains
+    `local-steps` steps with the pull lambda/2 * ||v - w_t||^2 toward this round's global adapter
+    w_t (lambda = `ditto-lambda`), and stays here. Each round's personal adapter is kept, so a
+    study resumed at round r starts round r + 1 from round r's, as an uninterrupted one does.
+    Returns the round's training figures for the reply (site-level, like the round's own)."""
+    if site.dp_settings(policy) is not None:
+        log.warning("site %s: regime 'ditto' is not trained under DP-SGD (its pull is not in the DP "
+                    "trainer)", site.name)
+        return {}
+    prev = None
+    for r in range(rnd - 1, 0, -1):
+        prev = site.load_private(lm, f"ditto-round-{r:03d}")
+        if prev is not None:
+            break
+    state, info = site.train(lm, prev if prev is not None else global_state, site.cfg.local_steps,
+                             seed_offset=SEED_DITTO + rnd, label=f"ditto round {rnd}",
+                             proximal_mu=site.cfg.ditto_lambda, anchor=global_state)
+    site.save_private(lm, f"ditto-round-{rnd:03d}", state)
+    site.save_private(lm, "ditto", state)  # the one evaluation scores: the last round's
+    return {"ditto-train-loss": info["train_loss"], "ditto-train-seconds": info["seconds"],
+            "ditto-train-peak-rss": info["peak_rss_mb"],
+            **{k: v for k, v in fit_metrics(info, prefix="ditto-").items()
+               if k.endswith(("-tokens-per-s", "-peak-gpu-mb"))}}
 
 
 @guarded("IFCA round")
@@ -224,8 +257,9 @@ def personalize(msg: Message, context: Context, sim: SimulationSupport | None = 
 
 
 def personal_regimes(site, cfg, lm, regs, global_state, local_state, run, metrics, dp) -> None:
-    """`fedrep`, `ditto` and `interpolated` from the final global adapter (client.personal_regimes):
-    trained and kept here like `personalized`; only the interpolation weight is released."""
+    """`fedrep` and `interpolated` from the final global adapter (client.personal_regimes): trained
+    and kept here like `personalized`; only the interpolation weight is released. (`ditto` trains
+    alongside the global rounds: `ditto_round`.)"""
     from clinfed.client.personal_regimes import choose_interpolation, head_keys
 
     pers_steps = cfg.personalize_steps
@@ -236,12 +270,6 @@ def personal_regimes(site, cfg, lm, regs, global_state, local_state, run, metric
         else:  # the head-only and full methods, or a prompt form without a head: nothing to split
             log.warning("site %s: regime 'fedrep' needs a LoRA adapter with a separate head; not trained",
                         site.name)
-    if "ditto" in regs and pers_steps > 0:
-        if dp is not None:
-            log.warning("site %s: regime 'ditto' is not trained under DP-SGD (its pull is not in the DP "
-                        "trainer)", site.name)
-        else:
-            run("ditto", global_state, pers_steps, SEED_DITTO, proximal_mu=cfg.ditto_lambda)
     if "interpolated" in regs and local_state is not None:
         a, state, _losses = choose_interpolation(lambda st: site.choice_loss(lm, st), global_state, local_state)
         site.save_private(lm, "interpolated", state)

@@ -121,12 +121,13 @@ class Site:
 
     def train(self, lm: LoadedModel, start: dict[str, np.ndarray], steps: int, seed_offset: int,
               label: str, extra: tuple[list[np.ndarray], np.ndarray] | None = None,
-              dp=None, ledger=None, proximal_mu: float = 0.0, head_only: bool = False
-              ) -> tuple[dict[str, np.ndarray], dict]:
+              dp=None, ledger=None, proximal_mu: float = 0.0, head_only: bool = False,
+              anchor: dict[str, np.ndarray] | None = None) -> tuple[dict[str, np.ndarray], dict]:
         """Train `steps` steps from `start` (on `extra` examples too, if given).
 
-        `proximal_mu`: a pull toward `start` (mu/2 * ||w - start||^2, common.training): FedProx's
-        term in a federated round, Ditto's toward the global adapter.
+        `proximal_mu`: a pull toward `anchor` (mu/2 * ||w - anchor||^2, common.training), `start`
+        when no anchor is given: FedProx's term in a federated round; Ditto's personal adapter
+        starts from itself and is pulled toward the round's global adapter (`anchor`).
         `head_only`: the LoRA weights stay as `start` has them and only the head trains (FedRep's
         site-held head, client.personal_regimes).
 
@@ -141,12 +142,17 @@ class Site:
             from clinfed.common.dp import plan
 
             event = plan(ledger, dp, len(encoded), cfg.batch_size, int(steps), label)
+        pull_to = None
+        if anchor is not None and proximal_mu > 0:
+            from clinfed.common.training import trainable_snapshot
+
+            pull_to = trainable_snapshot(lm.use(anchor))  # by parameter name, as the loop reads it
         model = lm.use(start)
         settings = TrainSettings(
             steps=int(steps), batch_size=cfg.batch_size, lr=cfg.learning_rate,
             seed=self.site_seed + seed_offset, precision=cfg.precision, device=cfg.device,
             gpu_memory_gb=cfg.gpu_memory_gb, micro_batch=getattr(self, "micro_batch", 0),
-            proximal_mu=float(proximal_mu),
+            proximal_mu=float(proximal_mu), anchor=pull_to,
         )
         prompt = lm.answer_ids is not None
         if prompt and dp is not None:

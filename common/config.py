@@ -74,8 +74,8 @@ KEYS: dict[str, tuple[Any, type, Any, str]] = {
     "clusters": (2, int, (1, 100), "k of the `cluster` regime (sites grouped by their descriptors, k-means) and of "
                  "`ifca` (k adapters; each site joins the one with the lowest loss on its own validation split)"),
     "ditto-lambda": (1.0, float, (0.0, 1e6),
-                     "`ditto`: strength of the personal adapter's proximal pull lambda/2 * ||w - global||^2 toward "
-                     "the final global adapter (0 = `personalized` with its own batches)"),
+                     "`ditto`: strength of the personal adapter's proximal pull lambda/2 * ||v - w_t||^2 toward "
+                     "each global round's adapter w_t (0 = a local adapter trained alongside the rounds)"),
     "augment-k": (200, int, (1, 1000000), "`augmented`: instances borrowed from other sites (simulation only)"),
     "augment-space": ("features", str, ("features", "embedding"),
                       "`augmented`: similarity in patient-feature space or the base model's embedding space"),

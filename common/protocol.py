@@ -38,6 +38,7 @@ RUN_DIR = "run-dir"
 ARM = "arm"
 SERVER_ROUND = "server-round"
 BASE_MODEL = "base-model"
+PHASE = "phase"              # which federated rounds a `train` message belongs to: "global" or "cluster"
 COMPARE_ARMS = "compare-arms"
 
 # ------------------------------------------------------------------ site-level choices a reply may carry

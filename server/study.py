@@ -175,7 +175,8 @@ class Study(SiteMessaging, PrivacyAccounting):
             t = time.time()
             arrays_sent = {node: _at_rank(arrays[group_of[node]], ranks.get(self.sites[node])) for node in group_of}
             msgs = [Message(RecordDict({protocol.ARRAYS: arrays_sent[node],
-                                        protocol.CONFIG: self._config(**{protocol.SERVER_ROUND: rnd, protocol.BASE_MODEL: lm.identity},
+                                        protocol.CONFIG: self._config(**{protocol.SERVER_ROUND: rnd, protocol.BASE_MODEL: lm.identity,
+                                                                         protocol.PHASE: phase},
                                                                       **train_config(strategies[group_of[node]]))}),
                             dst_node_id=node, message_type=message_type) for node in sorted(group_of)]
             sent = sum(_arrays_bytes(arrays_sent[n]) for n in group_of)
@@ -219,7 +220,9 @@ class Study(SiteMessaging, PrivacyAccounting):
                                                                         ("gradient_checkpointing",
                                                                          "train-gradient-checkpointing"),
                                                                         ("tokens_per_s", "train-tokens-per-s"),
-                                                                        ("peak_gpu_mb", "train-peak-gpu-mb"))
+                                                                        ("peak_gpu_mb", "train-peak-gpu-mb"),
+                                                                        ("ditto_train_seconds",
+                                                                         "ditto-train-seconds"))
                          if m in r.content[protocol.METRICS]} for s, r in ok.items()}
             losses = {s: float(r.content[protocol.METRICS]["train-loss"]) for s, r in ok.items()}
             own = {s: float(r.content[protocol.METRICS]["dpo-self-rejected-share"]) for s, r in ok.items()

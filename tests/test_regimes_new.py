@@ -12,6 +12,7 @@ from flwr.common.serde import message_to_proto
 
 from clinfed.client.classifier_site import Site
 from clinfed.client.personal_regimes import choose_interpolation, head_keys, is_lora_key, log_loss, mix
+from clinfed.common.adapters import read_adapter
 from clinfed.common.config import STUDY_PRESETS, regimes, resolve
 from clinfed.common.data import list_sites, read_site_table
 from clinfed.common.model_cache import get_model, model_key
@@ -100,16 +101,56 @@ def test_interpolation_picks_the_validation_best_weight(site):
 
 
 def test_ditto_personal_adapter_is_pulled_toward_the_global_one(site):
-    """From the global adapter, Ditto's personal adapter moves away from it, and less so with a
-    strong pull (lambda) than with none."""
+    """Ditto's personal adapter starts from itself and is pulled toward the round's global
+    adapter (the anchor, not the start): with a strong pull (lambda) it ends much nearer the
+    global adapter than without one, and it still differs from it."""
     s, lm, cfg = site
     glob, _ = s.train(lm, lm.init_state, 8, seed_offset=1, label="test-global")
-    far = {}
+    # a personal adapter that drifted from the global one (trained on at the site without a pull)
+    personal_start, _ = s.train(lm, glob, 8, seed_offset=2, label="test-drift")
+    near = {}
     for lam in (0.0, 200.0):
-        personal, _ = s.train(lm, glob, 10, seed_offset=SEED_DITTO, label="ditto", proximal_mu=lam)
-        far[lam] = _distance(personal, glob)
-    assert far[0.0] > 0 and far[200.0] > 0, far  # the personal adapter differs from the global one
-    assert far[200.0] < 0.5 * far[0.0], far
+        personal, _ = s.train(lm, personal_start, 10, seed_offset=SEED_DITTO, label="ditto", proximal_mu=lam,
+                              anchor=glob)
+        near[lam] = _distance(personal, glob)
+    assert near[0.0] > 0 and near[200.0] > 0, near  # the personal adapter differs from the global one
+    assert near[200.0] < 0.5 * near[0.0], near
+    assert near[200.0] < _distance(personal_start, glob) < near[0.0], near
+
+
+def test_ditto_trains_alongside_the_global_rounds_and_resumes_exactly(site, small_federation, tmp_path):
+    """Through the real ClientApp: a `global` round trains the site's personal adapter too (its
+    figures in the reply), round 2 continues from round 1's personal adapter, a repeated round 2
+    (a resumed study) gives the same adapter, and `cluster` rounds train no personal adapter."""
+    s, lm, _ = site
+    cfg = resolve({**TINY, "data-dir": str(small_federation), "regimes": "base,global,ditto"})
+    name, folder = list_sites(small_federation)[0]
+    grid = LocalGrid(client_app, [{"data-path": str(folder), "site": name, "output-path": str(tmp_path / name)}], cfg)
+    glob = ifca_inits(lm.init_state, 2, seed=7)[1]
+
+    def round_(rnd, phase):
+        content = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in glob.items()}),
+                              "config": ConfigRecord({"run-dir": str(tmp_path / "run"), "server-round": rnd,
+                                                      "base-model": lm.identity, "phase": phase})})
+        [rep] = grid.send_and_receive([Message(content, dst_node_id=1000, message_type="train")])
+        assert not rep.has_error(), rep.error.reason
+        return dict(rep.content["metrics"])
+
+    def personal(rnd):
+        [folder_] = list(tmp_path.rglob(f"ditto-round-{rnd:03d}"))
+        return read_adapter(lm.model, folder_, lm.identity)
+
+    m1 = round_(1, "global")
+    assert m1["ditto-train-seconds"] > 0 and np.isfinite(m1["ditto-train-loss"])
+    p1 = personal(1)
+    round_(2, "global")
+    p2 = personal(2)
+    round_(2, "global")  # the server resumed and sent round 2 again
+    p2_again = personal(2)
+    assert _distance(p2, p2_again) == 0
+    assert _distance(p1, glob) > 0 and _distance(p2, p1) > 0
+    m3 = round_(3, "cluster")
+    assert not [k for k in m3 if k.startswith("ditto-")] and not list(tmp_path.rglob("ditto-round-003"))
 
 
 def test_fedrep_keeps_the_global_lora_weights_and_trains_its_own_head(site):
@@ -175,6 +216,13 @@ def test_the_run_records_ifca_membership_and_interpolation_weights(study):
             assert (study["run_dir"] / "sites" / site / "adapters" / regime / "adapter_config.json").exists()
     for j in range(k):
         assert (study["run_dir"] / "adapters" / f"ifca-{j}" / "final" / "adapter_model.safetensors").exists()
+    # Ditto's personal adapter trained alongside every global round, its seconds in the round's costs
+    for rd in run["rounds"]:
+        ditto = [c.get("ditto_train_seconds", 0) for c in rd["site_costs"].values()]
+        assert all(d > 0 for d in ditto) if rd["phase"] == "global" else not any(ditto), rd
+    costs = pd.read_csv(study["run_dir"] / "tables" / "costs.csv").set_index("regime")
+    assert set(NEW) <= set(costs.index)
+    assert costs.loc["ifca", "federated rounds"] == 2 and costs.loc["ditto", "builds on"] == "global"
 
 
 def test_sites_sent_adapter_arrays_and_aggregates_only(study):

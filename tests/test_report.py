@@ -368,3 +368,38 @@ def test_rich_findings(rich):
     assert "simulation" in f and "augment-k = 5" in f
     # Drivers tables in the body.
     assert "rho gain:local test" in text and "z:log10_n_train" in text
+
+
+def test_regime_costs_add_what_a_regime_builds_on():
+    """Each regime's cost from run.json's rounds and site-held figures: a federated regime its own
+    rounds' bytes and seconds, a site-held one its own seconds plus those of the adapters it starts
+    from or mixes, Ditto's personal training (riding on the global rounds) no bytes of its own."""
+    import pandas as pd
+
+    from clinfed.server.reports.classifier import regime_costs
+
+    def rnd(phase, sent, received, secs, ditto=None):
+        return {"phase": phase, "site_bytes": {s: {"sent": sent, "received": received} for s in ("a", "b")},
+                "site_costs": {s: {"train_seconds": secs, **({"ditto_train_seconds": ditto} if ditto else {})}
+                               for s in ("a", "b")}}
+
+    run = {"rounds": [rnd("global", 1000, 1000, 2.0, ditto=3.0), rnd("global", 1000, 1000, 4.0, ditto=1.0),
+                      rnd("ifca", 3000, 1000, 5.0)],
+           "site_held": {"a": {"local-train-seconds": 7.0, "personalized-train-seconds": 1.0},
+                         "b": {"local-train-seconds": 9.0, "personalized-train-seconds": 3.0}}}
+    auc = pd.DataFrame([{"split": "test", "regime": "global", "mean AUC": "0.700", "sites with AUC": 2}])
+    df = regime_costs(run, ["base", "global", "local", "personalized", "ditto", "ifca", "interpolated"], auc)
+    row = df.set_index("regime")
+    assert "base" not in row.index
+    assert row.loc["global", "mean AUC (test)"] == "0.700"
+    assert row.loc["global", "federated rounds"] == 2 and row.loc["ifca", "federated rounds"] == 1
+    assert row.loc["global", "bytes per site per round (sent + received)"] == "2.0 KB"
+    assert row.loc["ifca", "bytes per site per round (sent + received)"] == "4.0 KB"
+    assert row.loc["local", "bytes per site, whole study"] == "none"
+    assert row.loc["global", "own training s per site"] == "6.0"
+    assert row.loc["local", "own training s per site"] == "8.0"
+    assert row.loc["personalized", "training s per site, with what it builds on"] == "8.0"  # 6 + 2
+    assert row.loc["ditto", "own training s per site"] == "4.0"
+    assert row.loc["ditto", "training s per site, with what it builds on"] == "10.0"
+    assert row.loc["ditto", "bytes per site, whole study"] == "4.0 KB"  # the global rounds', none of its own
+    assert row.loc["interpolated", "training s per site, with what it builds on"] == "14.0"  # global 6 + local 8

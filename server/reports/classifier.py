@@ -388,6 +388,72 @@ def _training(run: dict) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=cols)
 
 
+# What each regime needs beyond its own training: the federated adapter it starts from or
+# mixes (and so that adapter's rounds and traffic) and the site-held training it reuses.
+_BUILDS_ON = {"personalized": ("global",), "similarity-weighted": ("global",), "fedrep": ("global",),
+              "ditto": ("global",), "interpolated": ("global", "local")}
+_FEDERATED = ("global", "cluster", "ifca")  # regimes trained in rounds of their own (run.json phase)
+
+
+def regime_costs(run: dict, regimes: list[str], mean_auc: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Each regime's measured cost in this run, next to its accuracy: the federated rounds it
+    rode on, the adapter bytes each site sent and received per round and over the study, and
+    each site's training seconds, its own and with what it builds on (mean over the sites
+    that reported them; evaluation is not counted). From run.json's rounds (site_bytes,
+    site_costs; Ditto's personal training rides on the global rounds) and site_held."""
+    rounds = [_as_dict(r) for r in run.get("rounds") or []]
+    held = {str(s): _as_dict(v) for s, v in _as_dict(run.get("site_held")).items()}
+    own: dict[str, dict[str, float]] = {}      # regime -> site -> own training seconds
+    traffic: dict[str, dict[str, float]] = {}  # federated regime -> site -> bytes over the study
+    n_rounds: dict[str, int] = {}
+    for rd in rounds:
+        phase = str(rd.get("phase", "global"))
+        n_rounds[phase] = n_rounds.get(phase, 0) + 1
+        for site, b in _as_dict(rd.get("site_bytes")).items():
+            b = _as_dict(b)
+            traffic.setdefault(phase, {})[site] = (traffic.get(phase, {}).get(site, 0.0)
+                                                   + float(b.get("sent", 0)) + float(b.get("received", 0)))
+        for site, c in _as_dict(rd.get("site_costs")).items():
+            c = _as_dict(c)
+            for regime, key in ((phase, "train_seconds"), ("ditto", "ditto_train_seconds")):
+                if key in c and (regime != "ditto" or phase == "global"):
+                    own.setdefault(regime, {})[site] = own.get(regime, {}).get(site, 0.0) + float(c[key])
+    for site, figures in held.items():
+        for key, v in figures.items():
+            if key.endswith("-train-seconds"):
+                own.setdefault(key[: -len("-train-seconds")], {})[site] = float(v)
+
+    def mean(d: dict) -> float:
+        return float(np.mean(list(d.values()))) if d else float("nan")
+
+    auc = {}
+    if mean_auc is not None and len(mean_auc):
+        for r in mean_auc.to_dict("records"):
+            auc.setdefault(r["regime"], {})[r["split"]] = r["mean AUC"]
+    rows = []
+    for regime in regimes:
+        if regime == "base":
+            continue
+        deps = _BUILDS_ON.get(regime, ())
+        fed = [x for x in (regime, *deps) if x in _FEDERATED and x in n_rounds]
+        sites = sorted(set().union(*[own.get(x, {}) for x in (regime, *deps)]) or [""])
+        total = {s: sum(own.get(x, {}).get(s, 0.0) for x in (regime, *deps)) for s in sites if s}
+        per_round = [traffic[x][s] / n_rounds[x] for x in fed for s in traffic.get(x, {})]
+        study_bytes = {s: sum(traffic.get(x, {}).get(s, 0.0) for x in fed) for s in sites if s}
+        rows.append({
+            "regime": regime,
+            **{f"mean AUC ({split})": v for split, v in auc.get(regime, {}).items()},
+            "federated rounds": sum(n_rounds[x] for x in fed),
+            "bytes per site per round (sent + received)": human_bytes(np.mean(per_round)) if per_round else "none",
+            "bytes per site, whole study": human_bytes(mean(study_bytes)) if fed else "none",
+            "own training s per site": f"{mean(own.get(regime, {})):.1f}" if own.get(regime) else
+            ("0 (a mix, no training)" if regime == "interpolated" else ""),
+            "training s per site, with what it builds on": f"{mean(total):.1f}" if total else "",
+            "builds on": ", ".join(deps),
+        })
+    return pd.DataFrame(rows)
+
+
 def _fmt_auc_ci(cells: Cells, s, r, split) -> str:
     v = cells.value(s, r, split, "auc")
     lo, hi = cells.value(s, r, split, "auc_lo"), cells.value(s, r, split, "auc_hi")
@@ -1085,6 +1151,7 @@ def build_classifier_report(run_dir) -> Path:
     drivers_html = _drivers_section(summary, run_dir, fig_dir, tab_dir)
     clusters_html = _clusters_section(summary, tab_dir) + _methods_section(run, tab_dir)
     training_df = _training(run)
+    costs_df = regime_costs(run, regimes, mean_auc)
     privacy_df, privacy_html = _privacy(run)
     timings_df = pd.DataFrame([{"phase": str(p), "wall time": human_seconds(s), "seconds": s}
                                for p, s in timings.items()], columns=["phase", "wall time", "seconds"])
@@ -1095,7 +1162,8 @@ def build_classifier_report(run_dir) -> Path:
         gains_out[c] = gains_out[c].map(f3)
     gains_out["n_train"] = gains_out["n_train"].map(lambda v: str(int(v)) if np.isfinite(v) else "")
     for name, df in [("overview", overview_df), ("mean_auc", mean_auc), ("gains", gains_out),
-                     ("training", training_df), ("privacy", privacy_df), ("timings", timings_df), ("config", config_df),
+                     ("training", training_df), ("costs", costs_df),
+                     ("privacy", privacy_df), ("timings", timings_df), ("config", config_df),
                      ("versions", versions_df)]:
         df.to_csv(tab_dir / f"{name}.csv", index=False)
 
@@ -1183,6 +1251,13 @@ def build_classifier_report(run_dir) -> Path:
     parts.append(privacy_html)
     parts.append("<h2>Training</h2>" + (simple_table(training_df) if len(training_df)
                                          else "<p>No federated rounds were recorded.</p>"))
+    if len(costs_df):
+        parts.append("<h2>Cost of each regime</h2>" + simple_table(costs_df)
+                     + '<p class="caption">Measured in this run: bytes of adapter arrays in each regime\'s training '
+                     "messages (to and from a site), and seconds each site spent training (not scoring), mean over "
+                     "the sites; <em>with what it builds on</em> adds the training of the adapters a regime starts "
+                     "from or mixes (e.g. <em>personalized</em> = the global rounds + its own fine-tuning). Ditto's "
+                     "personal training runs alongside the global rounds and moves no bytes of its own.</p>")
     parts.append("<h2>Timings</h2>" + (simple_table(timings_df[["phase", "wall time"]]) if len(timings_df)
                                         else "<p>No timings recorded.</p>"))
     parts.append("<h2>Configuration and versions</h2>")
