@@ -152,7 +152,7 @@ class Site:
             steps=int(steps), batch_size=cfg.batch_size, lr=cfg.learning_rate,
             seed=self.site_seed + seed_offset, precision=cfg.precision, device=cfg.device,
             gpu_memory_gb=cfg.gpu_memory_gb, micro_batch=getattr(self, "micro_batch", 0),
-            proximal_mu=float(proximal_mu), anchor=pull_to,
+            proximal_mu=float(proximal_mu), anchor=pull_to, base_dropout=bool(cfg.base_dropout),
         )
         prompt = lm.answer_ids is not None
         if prompt and dp is not None:

@@ -60,3 +60,27 @@ def test_a_strong_pull_keeps_the_weights_near_the_anchor():
                                                            proximal_mu=mu), tok.pad_token_id)
         far[mu] = _distance(model, anchor)
     assert far[50.0] < 0.5 * far[0.0], far
+
+
+def test_base_dropout_off_silences_the_pretrained_dropout_only_while_training():
+    """base-dropout = false: every Dropout of the pretrained model has p = 0 in the training
+    forwards (LoRA's own dropout keeps its p), and each is restored afterwards."""
+    model, tok = make_lora_model("tiny-bert", 0, LoraSettings(rank=4, dropout=0.3))
+    enc = encode_texts(tok, NOTES, 32)
+    drops = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Dropout)}
+    base = {n: m.p for n, m in drops.items() if "lora_dropout" not in n}
+    lora = {n: m.p for n, m in drops.items() if "lora_dropout" in n}
+    assert base and lora and all(p > 0 for p in base.values()), (base, lora)
+    seen: dict[str, list[float]] = {n: [] for n in drops}
+    for n, m in drops.items():
+        m.register_forward_pre_hook(lambda mod, args, n=n: seen[n].append(mod.p))
+    for off in (False, True):
+        for v in seen.values():
+            v.clear()
+        train_classifier(model, enc, LABELS, TrainSettings(steps=2, batch_size=8, lr=1e-3, precision="fp32",
+                                                           base_dropout=not off), pad_id=tok.pad_token_id)
+        fired = [n for n in base if seen[n]]  # (attention's dropout is read as .p by the sdpa call, not run)
+        assert len(fired) >= 3, seen
+        assert all(set(seen[n]) == ({0.0} if off else {base[n]}) for n in fired), seen
+        assert all(set(seen[n]) == {p} for n, p in lora.items()), seen
+        assert {n: drops[n].p for n in base} == base  # restored

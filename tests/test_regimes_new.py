@@ -316,3 +316,36 @@ def test_the_cli_study_option_puts_the_preset_under_the_users_run_config(monkeyp
     assert seen[-1]["regimes"] == "base,global,ditto"
     assert cli.main(["simulate", "--data", str(fed), "--out", str(tmp_path / "c")]) == 0
     assert "regimes" not in seen[-1]
+
+
+def test_paired_runs_compares_two_runs_on_the_same_patients(study, tmp_path):
+    """simulations.paired_runs (a lever's accuracy cost): run B = the study with one site's `local`
+    adapter swapped for its `personalized` one; the difference there is the two regimes' AUC
+    difference the study itself measured, every other comparison is exactly 0, and runs that do
+    not score the same patients are refused."""
+    import shutil
+
+    from clinfed.simulations.paired_runs import paired_runs
+
+    a, b = study["run_dir"], tmp_path / "b"
+    shutil.copytree(a, b, ignore=shutil.ignore_patterns("figures", "tables", "checkpoint"))
+    m = pd.read_csv(a / "metrics.csv")
+    m = m[(m.split == "test") & (m.subgroup == "all") & (m.metric == "auc") & m.regime.isin(["local", "personalized"])]
+    released = m.dropna(subset=["value"]).groupby("site").regime.nunique()
+    site = released[released == 2].index[0]  # a site whose two AUCs the study released (not suppressed)
+    shutil.rmtree(b / "sites" / site / "adapters" / "local")
+    shutil.copytree(a / "sites" / site / "adapters" / "personalized", b / "sites" / site / "adapters" / "local")
+    by_site, pooled = paired_runs(a, b, ("global", "local"), splits=("test",))
+    assert set(by_site.site) == set(study["sites"]) and set(by_site.regime) == {"global", "local"}
+    auc = m[m.site == site].set_index("regime")
+    swapped = by_site[(by_site.site == site) & (by_site.regime == "local")].iloc[0]
+    assert swapped["diff"] == pytest.approx(auc.loc["personalized", "value"] - auc.loc["local", "value"], abs=1e-6)
+    assert swapped["diff"] != 0
+    others = by_site.drop(index=swapped.name)
+    assert (others["diff"] == 0).all(), others
+    assert set(pooled.regime) == {"global", "local"} and len(pooled) == 2
+    cfg = json.loads((b / "run.json").read_text())
+    cfg["config"]["seed"] = 99
+    (b / "run.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="do not score the same patients: they differ in seed"):
+        paired_runs(a, b)
