@@ -258,6 +258,9 @@ def cmd_simulate(args) -> int:
 
     # The simulation runs offline unless told otherwise; check model names the same way.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if getattr(args, "ray_address", None):
+        # Ray's own variable: Flower's simulation backend calls ray.init(), which attaches to it
+        os.environ["RAY_ADDRESS"] = args.ray_address
     if args.resume:
         return _resume(args)
     overrides = _parse_run_config(args.run_config or "")
@@ -673,6 +676,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "is also the share of the card's memory it plans with; 0 = sites on CPU. Default: on a "
                         "machine with CUDA the sites share the GPUs evenly (GPUs / sites, at most 1), "
                         "elsewhere 0. Refused without a CUDA GPU")
+    s.add_argument("--ray-address", metavar="ADDRESS",
+                   help="run the simulated sites on an existing Ray cluster (e.g. 10.0.0.5:6379, as `ray start "
+                        "--head` prints; same as the RAY_ADDRESS variable) instead of starting Ray on this machine; "
+                        "the cluster's nodes need clinfed, the model and --data at the same paths")
     s.set_defaults(func=cmd_simulate)
 
     c = sub.add_parser("compare", help="run a comparison study of arms (base model x method x task form) "

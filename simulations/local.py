@@ -212,15 +212,22 @@ def plan_gpus(requested: float | None, n_sites: int, device: str, cuda: bool, gp
     return g
 
 
-def federation_config(n_sites: int, cpus_per_site: float, gpus_per_site: float = 0.0, gpu_count: int = 0) -> str:
+def federation_config(n_sites: int, cpus_per_site: float, gpus_per_site: float = 0.0, gpu_count: int = 0,
+                      existing_cluster: bool = False) -> str:
     """Flower's `--federation-config` for a local simulation: one supernode per site, each with its
     CPU (and GPU) share of Ray's resources. Keys: flwr 1.42's SimulationConfig fields with `-`
-    (client_resources_num_gpus is a float, init_args_num_gpus a whole number of GPUs)."""
+    (client_resources_num_gpus is a float, init_args_num_gpus a whole number of GPUs).
+
+    `existing_cluster` (RAY_ADDRESS set): Ray is not started here, so it is given no CPU or GPU
+    count (ray.init refuses them when it attaches); the cluster's own resources hold the sites."""
     cpus = int(cpus_per_site) if float(cpus_per_site).is_integer() else cpus_per_site
-    out = (f"num-supernodes={n_sites} client-resources-num-cpus={cpus} "
-           f"init-args-num-cpus={ray_cpus(n_sites, cpus_per_site)}")
+    out = f"num-supernodes={n_sites} client-resources-num-cpus={cpus}"
+    if not existing_cluster:
+        out += f" init-args-num-cpus={ray_cpus(n_sites, cpus_per_site)}"
     if gpus_per_site > 0:
-        out += f" client-resources-num-gpus={gpus_per_site:g} init-args-num-gpus={max(1, int(gpu_count))}"
+        out += f" client-resources-num-gpus={gpus_per_site:g}"
+        if not existing_cluster:
+            out += f" init-args-num-gpus={max(1, int(gpu_count))}"
     return out
 
 
@@ -284,7 +291,8 @@ def simulate(run_dir: str | Path, overrides: dict, n_sites: int, cpus_per_site: 
         *flwr_command(), "run", str(write_app_folder(run_dir / ".app", "simulation")),
         "--run-config", to_toml_overrides({k: v for k, v in cfg.items()
                                            if k in overrides or k == "out-dir"}),
-        "--federation-config", federation_config(n_sites, cpus_per_site, share, gpu_count),
+        "--federation-config", federation_config(n_sites, cpus_per_site, share, gpu_count,
+                                                 existing_cluster=bool(os.environ.get("RAY_ADDRESS"))),
         "--stream",
     ]
     t0 = time.time()
