@@ -26,6 +26,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
+from clinfed.common.config import STUDY_PRESETS
 from clinfed.simulations.known_answers import known_answer_study, small_wordpiece_bert as write_small_bert
 
 MIN_TEST = 100
@@ -64,15 +65,25 @@ def test_exchangeable_hospitals_show_no_local_advantage(small_wordpiece_bert, tm
 
 
 @pytest.mark.slow
-def test_concept_shift_local_is_significantly_better_at_the_shifted_site(small_wordpiece_bert, tmp_path):
-    diffs, truth = _study(small_wordpiece_bert, "concept-shift", [1000, 1000, 1000, 600], tmp_path)
+def test_concept_shift_which_methods_beat_global_at_the_shifted_site(small_wordpiece_bert, tmp_path):
+    """The methods study's regimes on concept shift (issue 21): `local` must be significantly better
+    than `global` at the shifted site (only a model trained there can know its cues' meaning), and so
+    must `interpolated` (its grid includes the local adapter, chosen on the site's own validation
+    patients); where the cues keep their meaning no method may be significantly better than
+    `global`. What the other methods do at the shifted site is printed (the docs' table), not fixed."""
+    diffs, truth = _study(small_wordpiece_bert, "concept-shift", [1000, 1000, 1000, 600], tmp_path,
+                          regimes=STUDY_PRESETS["methods"]["regimes"])
     shifted = set(truth["concept_shift"]["sites"])
     assert shifted == {"h04"}  # the default rule: the smallest sites holding at most a quarter of the notes
-    local = _local_vs_global(diffs)
-    for site in shifted:
-        row = local.loc[site]
+    vs_global = diffs[(diffs.reference == "global") & (diffs.site != "pooled")]
+    methods = set(vs_global.regime) - {"base"}
+    assert {"local", "personalized", "fedrep", "ditto", "ifca", "interpolated"} <= methods, methods
+    at_shifted = vs_global[vs_global.site.isin(shifted)].set_index("regime")
+    print("\n" + at_shifted[["site", "diff", "lo", "hi", "p_adj", "n"]].round(3).to_string())
+    for regime in ("local", "interpolated"):
+        row = at_shifted.loc[regime]
         assert row["n"] >= MIN_TEST, row
-        assert row["diff"] > 0 and row["p_adj"] < ALPHA, local
-    # where the cues keep their meaning, local has nothing to add
-    others = local.drop(index=list(shifted))
+        assert row["diff"] > 0 and row["p_adj"] < ALPHA, at_shifted
+    # where the cues keep their meaning, no method has anything to add
+    others = vs_global[~vs_global.site.isin(shifted) & (vs_global.regime != "base")]
     assert not ((others["diff"] > 0) & (others["p_adj"] < ALPHA)).any(), others
