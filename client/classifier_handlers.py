@@ -44,6 +44,7 @@ from clinfed.common.protocol import (
     COMPARE_ARMS,
     CONFIG,
     CROSS_PREFIX,
+    FEDREP,
     GLOBAL,
     IFCA,
     IFCA_CHOICE,
@@ -90,6 +91,8 @@ def train(msg: Message, context: Context, sim: SimulationSupport | None = None) 
     check_base_identity(msg.content[CONFIG], lm.identity)
     rnd = int(msg.content[CONFIG].get(SERVER_ROUND, 1))
     start = to_state(msg.content[ARRAYS])
+    if msg.content[CONFIG].get(PHASE) == "fedrep":
+        return _round_reply(msg, context, site, policy, lm, start, rnd, SEED_FEDREP + 2 * rnd, fedrep=True)
     reply = _round_reply(msg, context, site, policy, lm, start, rnd, rnd)
     if (msg.content[CONFIG].get(PHASE) == "global" and "ditto" in regimes(cfg)
             and ARRAYS in reply.content.array_records):  # not a DP decline
@@ -147,9 +150,45 @@ def train_ifca(msg: Message, context: Context, sim: SimulationSupport | None = N
                         extra={IFCA_CHOICE: chosen})
 
 
+def fedrep_round(site, lm, received: dict, rnd: int, seed_offset: int) -> tuple[dict, dict]:
+    """One FedRep round (Collins et al. 2021) at the site: the round's backbone (the LoRA weights
+    received) under the site's own head (the one its previous round left; round 1: the received,
+    common initial head), first the head trained `local-steps` / 2 steps with the backbone frozen,
+    then the backbone the rest with the head frozen. The site keeps its head (each round's whole
+    adapter is saved, so a resumed study continues exactly); the reply carries the trained
+    backbone and the head exactly as it arrived, so the head never leaves. Returns (the state to
+    send, the round's training figures)."""
+    from clinfed.client.personal_regimes import head_keys
+
+    heads = head_keys(received)
+    if not heads or len(heads) == len(received):
+        raise ValueError("regime 'fedrep' needs a LoRA adapter with a separate head (method lora, "
+                         "classifier form)")
+    own = None
+    for r in range(rnd - 1, 0, -1):
+        own = site.load_private(lm, f"fedrep-round-{r:03d}")
+        if own is not None:
+            break
+    start = {**received, **({k: own[k] for k in heads} if own is not None else {})}
+    head_steps = max(1, site.cfg.local_steps // 2)
+    body_steps = max(1, site.cfg.local_steps - head_steps)
+    mid, first = site.train(lm, start, head_steps, seed_offset=seed_offset, label=f"fedrep round {rnd} head",
+                            head_only=True)
+    state, info = site.train(lm, mid, body_steps, seed_offset=seed_offset + 1, label=f"fedrep round {rnd} body",
+                             body_only=True)
+    site.save_private(lm, f"fedrep-round-{rnd:03d}", state)
+    info = {**info, "steps": first["steps"] + info["steps"], "seconds": first["seconds"] + info["seconds"],
+            "tokens": first["tokens"] + info["tokens"],
+            "peak_rss_mb": max(first["peak_rss_mb"], info["peak_rss_mb"])}
+    if "tokens_per_s" in info:
+        info["tokens_per_s"] = info["tokens"] / max(info["seconds"], 1e-9)
+    return {**state, **{k: received[k] for k in heads}}, info
+
+
 def _round_reply(msg: Message, context: Context, site, policy, lm, start, rnd: int, seed_offset: int,
-                 extra: dict | None = None) -> Message:
-    """Train one round from `start` and reply with the update and its costs (or a DP decline)."""
+                 extra: dict | None = None, fedrep: bool = False) -> Message:
+    """Train one round from `start` (a FedRep round with `fedrep`) and reply with the update and
+    its costs (or a DP decline)."""
     from clinfed.common.dp import DPBudgetExhausted
 
     dp = site.dp_settings(policy)
@@ -157,8 +196,14 @@ def _round_reply(msg: Message, context: Context, site, policy, lm, start, rnd: i
     # FedProx: Flower's strategy sends only `proximal-mu`; the pull toward `start` is added here
     mu = float(msg.content[CONFIG].get("proximal-mu", 0.0) or 0.0)
     try:
-        state, info = site.train(lm, start, site.cfg.local_steps, seed_offset=seed_offset, label=f"round {rnd}",
-                                 dp=dp, ledger=ledger, proximal_mu=mu)
+        if fedrep:
+            if dp is not None:
+                raise ValueError("regime 'fedrep' is not built into DP-SGD's accounting (two training phases "
+                                 "per round)")
+            state, info = fedrep_round(site, lm, start, rnd, seed_offset)
+        else:
+            state, info = site.train(lm, start, site.cfg.local_steps, seed_offset=seed_offset, label=f"round {rnd}",
+                                     dp=dp, ledger=ledger, proximal_mu=mu)
     except DPBudgetExhausted as err:
         # Declined, not failed: no arrays; the server leaves the site out of this round's average.
         log.warning("site %s: %s", site.name, err)
@@ -257,23 +302,27 @@ def personalize(msg: Message, context: Context, sim: SimulationSupport | None = 
 
 
 def personal_regimes(site, cfg, lm, regs, global_state, local_state, run, metrics, dp) -> None:
-    """`fedrep` and `interpolated` from the final global adapter (client.personal_regimes): trained
-    and kept here like `personalized`; only the interpolation weight is released. (`ditto` trains
-    alongside the global rounds: `ditto_round`.)"""
+    """`interpolated` from the final global adapter (client.personal_regimes): kept here like
+    `personalized`; only the interpolation weight is released. (`ditto` trains alongside the global
+    rounds, `ditto_round`; `fedrep` in rounds of its own, `fedrep_round`.)"""
     from clinfed.client.personal_regimes import choose_interpolation, head_keys
 
-    pers_steps = cfg.personalize_steps
-    if "fedrep" in regs and pers_steps > 0:
-        keys = head_keys(global_state)
-        if keys and len(keys) < len(global_state):
-            run("fedrep", global_state, pers_steps, SEED_FEDREP, head_only=True)
-        else:  # the head-only and full methods, or a prompt form without a head: nothing to split
-            log.warning("site %s: regime 'fedrep' needs a LoRA adapter with a separate head; not trained",
-                        site.name)
     if "interpolated" in regs and local_state is not None:
         a, state, _losses = choose_interpolation(lambda st: site.choice_loss(lm, st), global_state, local_state)
         site.save_private(lm, "interpolated", state)
         metrics[INTERPOLATION_WEIGHT] = a
+
+
+def fedrep_model(site, lm, backbone: dict) -> dict:
+    """The site's FedRep model: the final federated backbone under the head its last FedRep round
+    left here (saved as the site's `fedrep` adapter, PEFT format)."""
+    from clinfed.client.personal_regimes import head_keys
+
+    rounds = sorted(p.name for p in (site.out_dir / "adapters").glob("fedrep-round-*"))
+    own = site.load_private(lm, rounds[-1]) if rounds else None
+    state = {**backbone, **({k: own[k] for k in head_keys(backbone)} if own is not None else {})}
+    site.save_private(lm, "fedrep", state)
+    return state
 
 
 @guarded("evaluation")
@@ -287,6 +336,8 @@ def evaluate(msg: Message, context: Context, sim: SimulationSupport | None = Non
         states["cluster"] = to_state(msg.content[CLUSTER])
     if "ifca" in regs and IFCA in msg.content.array_records:
         states["ifca"] = to_state(msg.content[IFCA])
+    if "fedrep" in regs and FEDREP in msg.content.array_records:
+        states["fedrep"] = fedrep_model(site, lm, to_state(msg.content[FEDREP]))
     for regime in SITE_HELD:
         state = site.load_private(lm, regime) if regime in regs else None
         if state is not None:

@@ -122,14 +122,15 @@ class Site:
     def train(self, lm: LoadedModel, start: dict[str, np.ndarray], steps: int, seed_offset: int,
               label: str, extra: tuple[list[np.ndarray], np.ndarray] | None = None,
               dp=None, ledger=None, proximal_mu: float = 0.0, head_only: bool = False,
-              anchor: dict[str, np.ndarray] | None = None) -> tuple[dict[str, np.ndarray], dict]:
+              anchor: dict[str, np.ndarray] | None = None, body_only: bool = False) -> tuple[dict[str, np.ndarray], dict]:
         """Train `steps` steps from `start` (on `extra` examples too, if given).
 
         `proximal_mu`: a pull toward `anchor` (mu/2 * ||w - anchor||^2, common.training), `start`
         when no anchor is given: FedProx's term in a federated round; Ditto's personal adapter
         starts from itself and is pulled toward the round's global adapter (`anchor`).
-        `head_only`: the LoRA weights stay as `start` has them and only the head trains (FedRep's
-        site-held head, client.personal_regimes).
+        `head_only`: the LoRA weights stay as `start` has them and only the head trains;
+        `body_only`: the head stays and only the LoRA weights train (FedRep's two phases of a
+        round, client.personal_regimes).
 
         With `dp`, the call is first charged to the site's `ledger` (common.dp.plan),
         which raises DPBudgetExhausted, before any training, if it would exceed the budget."""
@@ -168,9 +169,9 @@ class Site:
                 flwr_log(logging.INFO, "[clinfed] site %s %s: step %d/%d loss %.3f",
                          self.name, label, step, total, loss)
 
-        from clinfed.client.personal_regimes import adapter_frozen
+        from clinfed.client.personal_regimes import part_frozen
 
-        with PeakRSS() as rss, adapter_frozen(model, head_only):
+        with PeakRSS() as rss, part_frozen(model, "lora" if head_only else "head" if body_only else None):
             if prompt:
                 info = train_prompt_classifier(model, encoded, labels, settings, pad_id=lm.tokenizer.pad_token_id,
                                                answer_ids=lm.answer_ids, progress=progress)

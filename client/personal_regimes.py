@@ -6,11 +6,13 @@ same patients as `global` (client.classifier_site.evaluate), so what they need f
 (validation losses, the chosen weights) stays here and only the choice leaves: IFCA's cluster
 index and the interpolation weight, site-level numbers on the egress guard's allow-list.
 
-- `fedrep` (FedRep, Collins et al. 2021; FedPer, Arivazhagan et al. 2019): the backbone adapter
-  is the federated global one; the head (PEFT's modules_to_save: classifier and, for BERT-like
-  encoders, the pooler) is the site's own, trained here with the LoRA weights frozen.
-- `ditto` (Li et al. 2021): a personal adapter from the global one, trained with the proximal
-  pull lambda/2 * ||w - w_global||^2 toward the final global adapter (common.training).
+- `fedrep` (FedRep, Collins et al. 2021; FedPer, Arivazhagan et al. 2019): rounds of their own in
+  which the backbone (the LoRA weights) is federated and the head (PEFT's modules_to_save: the
+  classifier and, for BERT-like encoders, the pooler) never leaves: each round the site trains its
+  own head on the round's backbone, then the backbone under its head (`fedrep_round`).
+- `ditto` (Li et al. 2021): a personal adapter trained alongside the global rounds with the
+  proximal pull lambda/2 * ||v - w_t||^2 toward each round's global adapter (common.training;
+  client.classifier_handlers.ditto_round).
 - `interpolated` (global-local mixing, e.g. Mansour et al. 2020's model interpolation): the
   site's adapter a*global + (1-a)*local, a from INTERPOLATION_GRID by validation log loss.
 - `ifca` (Ghosh et al. 2020): every round the site scores the k cluster adapters on its
@@ -46,14 +48,15 @@ def head_keys(state: dict[str, np.ndarray]) -> list[str]:
 
 
 @contextmanager
-def adapter_frozen(model, frozen: bool = True):
-    """Hold every LoRA weight fixed for the duration (FedRep's head-only phase): the training
-    loop optimizes only what requires grad, so only the head moves."""
+def part_frozen(model, part: str | None):
+    """Hold one part of the adapter fixed for the duration: `"lora"` (FedRep's head phase: only the
+    head moves) or `"head"` (its body phase: only the LoRA weights move); None freezes nothing. The
+    training loop optimizes only what requires grad."""
     saved = []
     try:
-        if frozen:
+        if part is not None:
             for name, p in model.named_parameters():
-                if is_lora_key(name) and p.requires_grad:
+                if p.requires_grad and is_lora_key(name) == (part == "lora"):
                     p.requires_grad_(False)
                     saved.append(p)
         yield

@@ -28,6 +28,7 @@ SITE = "site"                # the site's name, in its describe reply
 GLOBAL = "global"            # the final global adapter (personalize, evaluate, gen_local)
 CLUSTER = "cluster"          # the site's own cluster adapter (evaluate)
 IFCA = "ifca"                # the adapter of the IFCA cluster the site chose last (evaluate)
+FEDREP = "fedrep"            # the final FedRep backbone (evaluate; the site adds its own head)
 IFCA_PREFIX = "ifca."        # `ifca.<j>`: the k IFCA cluster adapters of a round (train.ifca)
 SIMILARITY_START = "simw"    # the similarity-weighted regime's starting adapter (personalize)
 GLOBAL_SFT, GLOBAL_DPO = "global-sft", "global-dpo"  # the generative study's global adapters (evaluate.gen)
@@ -38,7 +39,7 @@ RUN_DIR = "run-dir"
 ARM = "arm"
 SERVER_ROUND = "server-round"
 BASE_MODEL = "base-model"
-PHASE = "phase"              # which federated rounds a `train` message belongs to: "global" or "cluster"
+PHASE = "phase"              # which federated rounds a `train` message belongs to: "global", "cluster", "fedrep"
 COMPARE_ARMS = "compare-arms"
 
 # ------------------------------------------------------------------ site-level choices a reply may carry
@@ -48,7 +49,7 @@ INTERPOLATION_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)  # the weights a site may choos
 
 # ------------------------------------------------------------------ regimes and seeds
 SITE_HELD = ("local", "personalized", "similarity-weighted", "augmented",
-             "fedrep", "ditto", "interpolated")  # trained and kept at the site
+             "ditto", "interpolated")  # trained and kept at the site (fedrep's head too, but its backbone is federated)
 # Each training call seeds its generators from (seed, site, offset): a federated round
 # uses its round number; the site-held regimes use these, far from any round number,
 # so every call draws its own batches and a resumed study repeats them exactly.

@@ -1,13 +1,15 @@
 """The study protocol the ServerApp runs, phase by phase.
 
 1. wait (bounded) for the sites and ask each for its name and split sizes;
-2. R federated rounds: every site trains from the global adapter; the
-   strategy (Flower's FedAvg, weighted by training examples) aggregates the
-   adapter + head arrays; the round's global adapter is saved in PEFT format;
+2. R federated rounds: every site trains from the global adapter (and, with `ditto`, its
+   personal adapter beside it); the strategy (Flower's FedAvg by default, weighted by
+   training examples) aggregates the adapter + head arrays; the round's global adapter is
+   saved in PEFT format; then the `cluster` rounds, the same within each cluster;
 3. `ifca` rounds (with the `ifca` regime): every site is sent the k IFCA adapters, trains
    the one with the lowest loss on its validation split and names it; FedAvg per adapter;
+   `fedrep` rounds (with the `fedrep` regime): the backbone federated, each head kept at its site;
 4. `personalize`: each site trains its site-held adapters (`local`, `personalized`,
-   `fedrep`, `ditto`, `interpolated`, ...), which stay at the site;
+   `interpolated`, ...), which stay at the site;
 5. `evaluate`: each site scores every regime on the same test items and
    returns aggregate metrics, kept per site (Flower would average them away).
 Everything written goes to RUN_DIR: metrics.csv, sites.csv, run.json,
@@ -445,7 +447,7 @@ class Study(SiteMessaging, PrivacyAccounting):
                                                        f"at {len(ok)} sites"))
 
     def evaluate(self, global_arrays: ArrayRecord, clusters: dict[str, ArrayRecord],
-                 ifca: dict[str, ArrayRecord] | None = None):
+                 ifca: dict[str, ArrayRecord] | None = None, fedrep: ArrayRecord | None = None):
         assignment = (self.run.get("clusters") or {}).get("assignment", {})
         membership = (self.run.get("ifca") or {}).get("membership", {})
         msgs = []
@@ -453,6 +455,8 @@ class Study(SiteMessaging, PrivacyAccounting):
             content = RecordDict({protocol.GLOBAL: global_arrays, protocol.CONFIG: self._config()})
             if ifca and site in membership and f"ifca-{membership[site]}" in ifca:
                 content[protocol.IFCA] = ifca[f"ifca-{membership[site]}"]
+            if fedrep is not None:
+                content[protocol.FEDREP] = fedrep
             if assignment.get(site) and f"cluster-{assignment[site]}" in clusters:
                 content[protocol.CLUSTER] = clusters[f"cluster-{assignment[site]}"]
             # the site's own cluster and local adapters are already scored as `cluster` and `local`
@@ -551,8 +555,19 @@ class Study(SiteMessaging, PrivacyAccounting):
         self.final_global = arrays
         cluster_arrays = self._timed("cluster", self.federated_rounds, lm, clusters, "cluster") if clusters else {}
         ifca_arrays = self._timed("ifca", self.ifca_rounds, lm) if "ifca" in self.regimes else {}
+        fedrep = None
+        if "fedrep" in self.regimes:
+            keys = list(lm.init_state)
+            if not (any("lora_" in k for k in keys) and any("lora_" not in k for k in keys)):
+                self.errors.append("fedrep regime skipped: it needs a LoRA adapter with a separate head "
+                                   f"(method {lm.key.method}, form {lm.key.form})")
+            elif self.cfg.dp:
+                self.errors.append("fedrep regime skipped: its rounds are not built into DP-SGD's accounting")
+            else:  # FedRep: the backbone federated in rounds of its own, every head kept at its site
+                fedrep = self._timed("fedrep", self.federated_rounds, lm, {"fedrep": list(self.sites)},
+                                     "fedrep").get("fedrep")
         self._timed("personalize", self.personalize, arrays)
-        self._timed("evaluate", self.evaluate, arrays, cluster_arrays, ifca_arrays)
+        self._timed("evaluate", self.evaluate, arrays, cluster_arrays, ifca_arrays, fedrep)
 
     def _lock_run_dir(self):
         """Refuse to run while another study writes this RUN_DIR (an orphan of an

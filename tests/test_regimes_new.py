@@ -153,7 +153,9 @@ def test_ditto_trains_alongside_the_global_rounds_and_resumes_exactly(site, smal
     assert not [k for k in m3 if k.startswith("ditto-")] and not list(tmp_path.rglob("ditto-round-003"))
 
 
-def test_fedrep_keeps_the_global_lora_weights_and_trains_its_own_head(site):
+def test_fedrep_trains_its_head_and_its_backbone_in_turn(site):
+    """The two phases of a FedRep round: head only (the LoRA weights stay exactly), then backbone
+    only (the head stays exactly); the freezes are undone afterwards."""
     s, lm, cfg = site
     glob, _ = s.train(lm, lm.init_state, 6, seed_offset=1, label="test-global")
     heads = head_keys(glob)
@@ -163,9 +165,56 @@ def test_fedrep_keeps_the_global_lora_weights_and_trains_its_own_head(site):
     for k in lora:
         np.testing.assert_array_equal(rep[k], glob[k])
     assert _distance(rep, glob, heads) > 0
-    # and the LoRA weights train again afterwards (the freeze is undone)
+    body, _ = s.train(lm, rep, 6, seed_offset=3, label="fedrep", body_only=True)
+    for k in heads:
+        np.testing.assert_array_equal(body[k], rep[k])
+    assert _distance(body, rep, lora) > 0
+    # and both train again afterwards (the freezes are undone)
     after, _ = s.train(lm, glob, 2, seed_offset=4, label="after")
-    assert _distance(after, glob, lora) > 0
+    assert _distance(after, glob, lora) > 0 and _distance(after, glob, heads) > 0
+
+
+def test_a_fedrep_round_sends_the_backbone_and_keeps_the_head(site, small_federation, tmp_path):
+    """Through the real ClientApp, from the server's side: a `fedrep` round's reply carries the
+    trained backbone and the head exactly as the server sent it (the site's head never leaves);
+    the site's own head moved and carries into its next round; a repeated round (a resumed study)
+    replies the same arrays."""
+    s, lm, _ = site
+    cfg = resolve({**TINY, "data-dir": str(small_federation), "regimes": "base,global,fedrep"})
+    name, folder = list_sites(small_federation)[0]
+    grid_of = [LocalGrid(client_app, [{"data-path": str(folder), "site": name, "output-path": str(tmp_path / name)}],
+                         cfg)]
+    sent = lm.init_state
+    heads, lora = head_keys(sent), [k for k in sent if is_lora_key(k)]
+
+    def round_(rnd):
+        content = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in sent.items()}),
+                              "config": ConfigRecord({"run-dir": str(tmp_path / "run"), "server-round": rnd,
+                                                      "base-model": lm.identity, "phase": "fedrep"})})
+        [rep] = grid_of[0].send_and_receive([Message(content, dst_node_id=1000, message_type="train")])
+        assert not rep.has_error(), rep.error.reason
+        return {k: v.numpy() for k, v in rep.content["arrays"].items()}
+
+    def own(rnd):
+        [f] = list((tmp_path / name).rglob(f"fedrep-round-{rnd:03d}"))
+        return read_adapter(lm.model, f, lm.identity)
+
+    r1 = round_(1)
+    assert _distance(r1, sent, heads) == 0 and _distance(r1, sent, lora) > 0
+    h1 = own(1)
+    assert _distance(h1, sent, heads) > 0  # the site's head trained, and stayed
+    r2 = round_(2)
+    assert _distance(r2, sent, heads) == 0
+    h2 = own(2)
+    r2_again = round_(2)
+    assert _distance(r2, r2_again) == 0 and _distance(own(2), h2) == 0
+    # round 2 trained under round 1's head, not the server's: a site without round 1 behind it
+    # (its own folder empty) sends a different backbone for the same round
+    fresh = LocalGrid(client_app, [{"data-path": str(folder), "site": name,
+                                    "output-path": str(tmp_path / "fresh" / name)}], cfg)
+    grid_of[0] = fresh
+    r2_fresh = round_(2)
+    assert _distance(r2, r2_fresh, lora) > 0 and _distance(h2, h1, heads) > 0
 
 
 def test_the_methods_preset_turns_the_new_regimes_on_and_the_default_does_not():
@@ -205,7 +254,7 @@ def test_the_run_records_ifca_membership_and_interpolation_weights(study):
     run = json.loads((study["run_dir"] / "run.json").read_text())
     assert run["status"] == "completed"
     phases = [r["phase"] for r in run["rounds"]]
-    assert phases == ["global", "global", "ifca", "ifca"]
+    assert phases == ["global", "global", "ifca", "ifca", "fedrep", "fedrep"]
     k = study["cfg"].clusters
     assert set(run["ifca"]["membership"]) == set(study["sites"])
     assert all(0 <= j < k for j in run["ifca"]["membership"].values())
@@ -223,14 +272,15 @@ def test_the_run_records_ifca_membership_and_interpolation_weights(study):
     costs = pd.read_csv(study["run_dir"] / "tables" / "costs.csv").set_index("regime")
     assert set(NEW) <= set(costs.index)
     assert costs.loc["ifca", "federated rounds"] == 2 and costs.loc["ditto", "builds on"] == "global"
+    assert costs.loc["fedrep", "federated rounds"] == 2
 
 
 def test_sites_sent_adapter_arrays_and_aggregates_only(study):
     """The audit of tests/test_study.py for the new messages: arrays only in training replies
     (rounds and IFCA rounds), exactly the adapter's keys; scalar metrics; no note, id or date."""
     replies = study["grid"].replies
-    # describe, 2 global rounds, 2 IFCA rounds, personalize, evaluate
-    assert len(replies) == len(study["sites"]) * (1 + 2 + 2 + 1 + 1)
+    # describe, 2 global rounds, 2 IFCA rounds, 2 FedRep rounds, personalize, evaluate
+    assert len(replies) == len(study["sites"]) * (1 + 2 + 2 + 2 + 1 + 1)
     ids, dates = set(), set()
     for _, folder in list_sites(study["data"]):
         df = read_site_table(folder, warn=False)

@@ -54,10 +54,10 @@ REGIME_TEXT = {
     "cluster": "an adapter aggregated only within the hospital's cluster of similar sites",
     "augmented": "local training augmented with similar instances or knowledge from other sites",
     "similarity-weighted": "an adapter aggregated with weights favouring similar sites",
-    "fedrep": "the global adapter's backbone (LoRA weights) with a prediction head trained at the hospital alone "
-              "(FedRep/FedPer: the head never leaves the site)",
-    "ditto": "a personal adapter fine-tuned at the hospital from the global one with a proximal pull toward it "
-             "(Ditto, strength ditto-lambda)",
+    "fedrep": "a backbone (LoRA weights) federated in rounds of its own under each hospital's own prediction head, "
+              "trained there every round (FedRep/FedPer: the head never leaves the site)",
+    "ditto": "a personal adapter trained at the hospital alongside the global rounds with a proximal pull toward "
+             "each round's global adapter (Ditto, strength ditto-lambda)",
     "ifca": "one of k federated adapters: each round every hospital trains the one with the lowest loss on its own "
             "validation patients (IFCA); the hospital is scored with the one it chose last",
     "interpolated": "a mix a x global + (1 - a) x local adapter, the weight a chosen on the hospital's own "
@@ -390,9 +390,9 @@ def _training(run: dict) -> pd.DataFrame:
 
 # What each regime needs beyond its own training: the federated adapter it starts from or
 # mixes (and so that adapter's rounds and traffic) and the site-held training it reuses.
-_BUILDS_ON = {"personalized": ("global",), "similarity-weighted": ("global",), "fedrep": ("global",),
+_BUILDS_ON = {"personalized": ("global",), "similarity-weighted": ("global",),
               "ditto": ("global",), "interpolated": ("global", "local")}
-_FEDERATED = ("global", "cluster", "ifca")  # regimes trained in rounds of their own (run.json phase)
+_FEDERATED = ("global", "cluster", "ifca", "fedrep")  # regimes trained in rounds of their own (run.json phase)
 
 
 def regime_costs(run: dict, regimes: list[str], mean_auc: pd.DataFrame | None = None) -> pd.DataFrame:
