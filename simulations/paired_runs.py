@@ -27,8 +27,25 @@ import numpy as np
 import pandas as pd
 
 # the configuration keys that decide who the test patients are: two runs compared here must agree on them
-SAME_PATIENTS = ("data-dir", "seed", "split-seed", "test-frac", "temporal-frac", "val-frac", "eval-items", "max-length",
+SAME_PATIENTS = ("seed", "split-seed", "test-frac", "temporal-frac", "val-frac", "eval-items", "max-length",
                  "model")
+
+
+def _same_data(dir_a: Path, dir_b: Path) -> bool:
+    """Whether two federation folders hold the same hospitals with byte-identical tables: two
+    `clinfed simulate --out` runs of one seed generate their federations into their own folders,
+    and those are the same patients although the paths differ."""
+    import hashlib
+
+    from clinfed.common.data import find_table, list_sites
+
+    if dir_a.resolve() == dir_b.resolve():
+        return True
+
+    def digests(root: Path) -> dict[str, str]:
+        return {name: hashlib.sha256(find_table(folder).read_bytes()).hexdigest() for name, folder in list_sites(root)}
+
+    return digests(dir_a) == digests(dir_b)
 
 
 def _adapter_folder(run_dir: Path, run: dict, site: str, regime: str) -> Path | None:
@@ -61,6 +78,8 @@ def paired_runs(run_a, run_b, regimes=("global", "local", "personalized"), split
     runs = [json.loads((r / "run.json").read_text()) for r in (run_a, run_b)]
     ca, cb = (r["config"] for r in runs)
     differ = [k for k in SAME_PATIENTS if ca.get(k) != cb.get(k)]
+    if not _same_data(Path(ca["data-dir"]), Path(cb["data-dir"])):
+        differ.insert(0, "data-dir (the hospitals' tables)")
     if differ:
         raise ValueError(f"{run_a} and {run_b} do not score the same patients: they differ in {', '.join(differ)}")
     cfg = resolve({k: v for k, v in ca.items() if k != "out-dir"})

@@ -58,7 +58,10 @@ def _free_port() -> int:
 
 
 def _env(home: Path) -> dict:
-    return {**os.environ, "FLWR_HOME": str(home), "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+    # Flower's SuperNode starts `flower-superexec` from PATH: put this interpreter's scripts first,
+    # as clinfed's own launcher does, so a run from a venv that was never activated finds it
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    return {**os.environ, "PATH": path, "FLWR_HOME": str(home), "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
 
 
 def clinfed(*args, home: Path, timeout: float = 120) -> subprocess.CompletedProcess:

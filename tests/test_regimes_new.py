@@ -3,6 +3,7 @@ the interpolation weight, Ditto's pull, FedRep's site-held head), then one tiny 
 them on, scored against `global` like every regime, with the message audit of what left the sites."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -375,6 +376,7 @@ def test_paired_runs_compares_two_runs_on_the_same_patients(study, tmp_path):
     not score the same patients are refused."""
     import shutil
 
+    from clinfed.common.data import find_table
     from clinfed.simulations.paired_runs import paired_runs
 
     a, b = study["run_dir"], tmp_path / "b"
@@ -394,7 +396,19 @@ def test_paired_runs_compares_two_runs_on_the_same_patients(study, tmp_path):
     others = by_site.drop(index=swapped.name)
     assert (others["diff"] == 0).all(), others
     assert set(pooled.regime) == {"global", "local"} and len(pooled) == 2
+    # the same hospitals in another folder (two `simulate --out` runs generate their own) are the
+    # same patients; one changed byte in one site's table is not
     cfg = json.loads((b / "run.json").read_text())
+    data = Path(cfg["config"]["data-dir"])
+    copy = shutil.copytree(data, tmp_path / "fed-copy", ignore=shutil.ignore_patterns("clinfed-out"))
+    cfg["config"]["data-dir"] = str(copy)
+    (b / "run.json").write_text(json.dumps(cfg))
+    assert len(paired_runs(a, b, ("global",), splits=("test",))[0]) == len(study["sites"])
+    table = find_table(copy / site)
+    table.write_bytes(table.read_bytes().replace(b"1", b"2", 1))
+    with pytest.raises(ValueError, match="differ in data-dir"):
+        paired_runs(a, b, ("global",), splits=("test",))
+    cfg["config"]["data-dir"] = str(data)
     cfg["config"]["seed"] = 99
     (b / "run.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="do not score the same patients: they differ in seed"):
