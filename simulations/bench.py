@@ -436,136 +436,196 @@ def _study_overrides(model, fed, rounds, local_steps, personalize_steps, threads
             **(extra or {})}
 
 
-def _inprocess_study(fed: Path, cfg: dict, out: Path) -> dict:
-    """The sites' own work of the study, done by direct calls in this process: the same
-    sites, splits, seeds, steps, batch shapes and evaluation, one site after another."""
-    import numpy as np
+_POOL: dict = {}
 
+
+def _pool_init(overrides: dict, threads: int) -> None:
+    """A baseline worker: what a Ray worker of the simulation holds (the model, loaded once;
+    its sites, tokenized once, through the same `Site.get` cache), without Flower or Ray."""
+    from clinfed.common.config import resolve
     from clinfed.common.model_cache import LoadedModel, model_key
-    from clinfed.client.classifier_site import Site
-    from clinfed.common.data import find_table, list_sites
     from clinfed.common.training import set_threads
 
-    set_threads(cfg.client_threads or None)
-    k = cfg.min_cell_size
-    timer = {"load-model": 0.0, "describe": 0.0, "federated": 0.0, "personalize": 0.0, "evaluate": 0.0}
+    quiet()
+    set_threads(threads)
+    cfg = resolve(overrides)
+    _POOL.update(cfg=cfg, lm=LoadedModel(model_key(cfg)))
+
+
+def _pool_task(kind: str, name: str, table: str, out_dir: str, start=None, rnd: int = 0):
+    """One site's share of one phase, as the client's handler does it (client.classifier_handlers)."""
+    from clinfed.client.classifier_handlers import SEED_LOCAL, SEED_PERSONALIZED
+    from clinfed.client.classifier_site import Site
+
+    cfg, lm = _POOL["cfg"], _POOL["lm"]
     t = time.perf_counter()
-    lm = LoadedModel(model_key(cfg))
-    timer["load-model"] = time.perf_counter() - t
-    cpu0 = time.process_time()
-    sites = []
-    for name, folder in list_sites(fed):
-        t = time.perf_counter()
-        site = Site(name, find_table(folder), out / "sites" / name, cfg)
-        site.descriptors(k)
-        timer["describe"] += time.perf_counter() - t
-        sites.append(site)
-    glob = lm.init_state
-    steps = cfg.local_steps
-    for rnd in range(1, cfg.num_server_rounds + 1):
-        updates = []
-        for site in sites:
-            t = time.perf_counter()
-            state, _ = site.train(lm, glob, steps, seed_offset=rnd, label=f"round {rnd}")
-            timer["federated"] += time.perf_counter() - t
-            updates.append((state, len(site.splits["train"])))
-        total = sum(n for _, n in updates)
-        glob = {key: sum(s[key] * (n / total) for s, n in updates).astype(np.float32) for key in glob}
-    local_steps = cfg.local_regime_steps or cfg.num_server_rounds * steps
-    for site in sites:
-        t = time.perf_counter()
-        state, _ = site.train(lm, lm.init_state, local_steps, seed_offset=10_000, label="local")
+    site = Site.get(name, Path(table), Path(out_dir), cfg)
+    out = None
+    if kind == "describe":
+        site.descriptors(cfg.min_cell_size)
+    elif kind == "train":
+        state, _ = site.train(lm, start, cfg.local_steps, seed_offset=rnd, label=f"round {rnd}")
+        out = (state, len(site.splits["train"]))
+    elif kind == "personalize":
+        steps = cfg.local_regime_steps or cfg.num_server_rounds * cfg.local_steps
+        state, _ = site.train(lm, lm.init_state, steps, seed_offset=SEED_LOCAL, label="local")
         site.save_private(lm, "local", state)
         if cfg.personalize_steps > 0:
-            state, _ = site.train(lm, glob, cfg.personalize_steps, seed_offset=20_000, label="personalized")
+            state, _ = site.train(lm, start, cfg.personalize_steps, seed_offset=SEED_PERSONALIZED, label="personalized")
             site.save_private(lm, "personalized", state)
-        timer["personalize"] += time.perf_counter() - t
-    for site in sites:
-        t = time.perf_counter()
-        states = {"base": lm.init_state, "global": glob}
+    elif kind == "evaluate":
+        states = {"base": lm.init_state, "global": start}
         for regime in ("local", "personalized"):
-            s = site.load_private(lm, regime)
-            if s is not None:
+            if (s := site.load_private(lm, regime)) is not None:
                 states[regime] = s
-        site.evaluate(lm, states, k=k, subgroups=cfg.subgroups)
-        timer["evaluate"] += time.perf_counter() - t
-    timer["cpu"] = time.process_time() - cpu0
+        site.evaluate(lm, states, k=cfg.min_cell_size, subgroups=cfg.subgroups)
+    return out, time.perf_counter() - t
+
+
+def _inprocess_sites(fed: Path, overrides: dict, out: Path, workers: int, threads: int) -> dict:
+    """The sites' own work of the study without Flower or Ray, run the way the simulation runs it:
+    `workers` processes side by side (the simulation's Ray workers: cores / cpus-per-site), each
+    with `threads` torch threads (client-threads), each loading the model once, the sites handed
+    to whichever worker is free in node order, every phase waiting for all sites (the server's
+    round barrier), FedAvg between rounds. Same sites, splits, seeds, steps and evaluation.
+    Wall seconds per phase, with the pool's start (processes, imports, model loads) as its own
+    part: the simulation pays for its own workers' start too."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    import numpy as np
+    import psutil
+
+    from clinfed.common.config import resolve
+    from clinfed.common.data import find_table, list_sites
+
+    cfg = resolve(overrides)
+    sites = [(name, str(find_table(folder)), str(out / "sites" / name)) for name, folder in list_sites(fed)]
+    cpu0 = time.process_time()
+    timer = {"start": 0.0, "describe": 0.0, "federated": 0.0, "personalize": 0.0, "evaluate": 0.0}
+    site_s: dict[str, float] = {}
+    t0 = time.perf_counter()
+    with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"),
+                             initializer=_pool_init, initargs=(dict(overrides), threads)) as pool:
+        list(pool.map(time.sleep, [0.0] * workers))  # every worker started and holds its model
+        timer["start"] = time.perf_counter() - t0
+
+        def phase(name, kind, start=None, rnd=0):
+            t = time.perf_counter()
+            got = list(pool.map(_pool_task, [kind] * len(sites), *zip(*sites), [start] * len(sites),
+                                [rnd] * len(sites)))
+            timer[name] += time.perf_counter() - t
+            site_s[name] = site_s.get(name, 0.0) + sum(s for _, s in got)
+            return [o for o, _ in got]
+
+        from clinfed.common.model_cache import LoadedModel, model_key
+
+        glob = LoadedModel(model_key(cfg)).init_state  # what the server starts from
+        phase("describe", "describe")
+        for rnd in range(1, cfg.num_server_rounds + 1):
+            updates = phase("federated", "train", glob, rnd)
+            total = sum(n for _, n in updates)
+            glob = {key: sum(s[key] * (n / total) for s, n in updates).astype(np.float32) for key in glob}
+        phase("personalize", "personalize", glob)
+        phase("evaluate", "evaluate", glob)
+        cpu = sum(sum(psutil.Process(p).cpu_times()[:2]) for p in list(pool._processes))
+    timer["total"] = time.perf_counter() - t0
+    timer["cpu"] = cpu + time.process_time() - cpu0
+    timer["site_seconds"] = site_s
     return timer
 
 
-def overhead(model="minilm", sizes=(500, 300, 200), rounds=3, local_steps=10, personalize_steps=10, threads=0,
-             bootstrap=500, seed=0, bracket=True, work: Path | None = None, **_):
-    """Wall time of a real `flwr run` study divided by the same work's pure compute.
+def overhead(model="minilm", sizes=(2000, 1262, 796, 502, 317, 200), rounds=3, local_steps=20, personalize_steps=20,
+             cpus_per_site=1.0, threads=0, bootstrap=500, seed=0, bracket=True, serial=True,
+             work: Path | None = None, **_):
+    """Wall time of a real `flwr run` study divided by the same work's wall time without Flower.
 
-    Sites run one at a time (each simulated site gets every core and as many
-    threads), so 1.0 is the physical limit and the rest is federation overhead:
-    Flower/Ray start and stop, model loads in the server and in each worker,
-    messaging and the server's per-round bookkeeping. The in-process run comes
-    before and (with `bracket`) after the simulation, and the denominator is their
-    mean, so a change of the machine's load during the run shows and averages out.
+    The fair baseline (issue 22) runs the sites exactly as the simulation does: as many sites
+    side by side as Ray runs (cores / `cpus_per_site`), each with the same torch threads
+    (`threads`, default the site's CPUs: the default study's one thread per site), each worker
+    loading the model once. The ratio's rest is federation overhead: Flower/Ray start and stop,
+    messaging, the server's per-round bookkeeping. The baseline runs before and (with `bracket`)
+    after the simulation and the denominator is their mean, so a change of the machine's load
+    shows and averages out. With `serial`, the old baseline runs once too (one site at a time
+    with every core): its time against the side-by-side baseline is the lever "one thread per
+    site, sites side by side".
     """
-    from clinfed.common.config import resolve
-    from clinfed.simulations.local import simulate
+    from clinfed.simulations.local import ray_cpus, simulate
 
     quiet()
     cores = os.cpu_count() or 1
-    threads = int(threads or cores)
+    threads = int(threads or max(1, int(cpus_per_site)))
+    workers = max(1, int(ray_cpus(len(sizes), cpus_per_site) // cpus_per_site))
     fed = _federation(work / "federation", list(sizes), seed)
     overrides = _study_overrides(model, fed, rounds, local_steps, personalize_steps, threads, seed, bootstrap)
-    cfg = resolve(overrides)
     phases = ("describe", "federated", "personalize", "evaluate")
     load = {"start": os.getloadavg()[0]}
-    computes = [_inprocess_study(fed, cfg, work / "inprocess-1")]
+    computes = [_inprocess_sites(fed, overrides, work / "inprocess-1", workers, threads)]
     load["after_inprocess_1"] = os.getloadavg()[0]
+    serial_run = None
+    if serial:
+        serial_run = _inprocess_sites(fed, {**overrides, "client-threads": cores}, work / "inprocess-serial", 1, cores)
+        load["after_inprocess_serial"] = os.getloadavg()[0]
     run_dir = work / "run"
     with TreeRSS(run_dir.resolve() / ".flwr") as mon:
         t = time.perf_counter()
-        run = simulate(run_dir, overrides, n_sites=len(sizes), cpus_per_site=min(threads, cores), echo=False)
+        run = simulate(run_dir, overrides, n_sites=len(sizes), cpus_per_site=cpus_per_site, echo=False)
         wall = time.perf_counter() - t
     load["after_simulation"] = os.getloadavg()[0]
     if bracket:
-        computes.append(_inprocess_study(fed, cfg, work / "inprocess-2"))
+        computes.append(_inprocess_sites(fed, overrides, work / "inprocess-2", workers, threads))
         load["after_inprocess_2"] = os.getloadavg()[0]
-    compute = {k: statistics.fmean(c[k] for c in computes) for k in computes[0]}
-    site_work = sum(compute[p] for p in phases)
+    compute = {k: statistics.fmean(c[k] for c in computes) for k in ("start", *phases, "total", "cpu")}
+    baseline = compute["total"]
     timings = run.get("timings", {})
     n = len(sizes)
     msgs = {"describe": n, "federated": n * rounds, "personalize": n, "evaluate": n}
     rows = [{"part": "Flower/Ray start and stop (outside the ServerApp)", "simulated s": wall - timings.get("total", 0),
-             "compute s": 0.0},
-            {"part": "wait for sites", "simulated s": timings.get("wait", 0.0), "compute s": 0.0},
-            {"part": "server model load", "simulated s": timings.get("load-model", 0.0), "compute s": 0.0}]
+             "in-process s": 0.0},
+            {"part": "start: wait for sites / worker processes and model loads", "simulated s": timings.get("wait", 0.0),
+             "in-process s": compute["start"]},
+            {"part": "server model load", "simulated s": timings.get("load-model", 0.0), "in-process s": 0.0}]
     for phase in phases:
         sim, comp = timings.get(phase, 0.0), compute[phase]
         rows.append({"part": phase + (" (incl. the worker's model load)" if phase == "describe" else ""),
-                     "simulated s": sim, "compute s": comp, "messages": msgs[phase],
+                     "simulated s": sim, "in-process s": comp, "messages": msgs[phase],
                      "overhead per message s": (sim - comp) / msgs[phase]})
     accounted = sum(r["simulated s"] for r in rows)
-    rows.append({"part": "other (checkpoints, metrics, run.json)", "simulated s": wall - accounted, "compute s": 0.0})
-    rows.append({"part": "total", "simulated s": wall, "compute s": site_work})
+    rows.append({"part": "other (checkpoints, metrics, run.json)", "simulated s": wall - accounted,
+                 "in-process s": baseline - sum(r["in-process s"] for r in rows)})
+    rows.append({"part": "total", "simulated s": wall, "in-process s": baseline})
     startup = rows[0]["simulated s"] + rows[1]["simulated s"]
-    return {
-        "ratio": wall / site_work,
-        "ratio_without_start": (wall - startup) / site_work,
+    result = {
+        "ratio": wall / baseline,
+        "ratio_without_start": (wall - startup) / (baseline - compute["start"]),
         "cpu_ratio": mon.cpu_seconds / compute["cpu"] if compute["cpu"] > 0 else None,
-        "simulated_wall_s": wall, "site_compute_s": site_work,
-        "site_compute_runs_s": [sum(c[p] for p in phases) for c in computes],
-        "simulated_cpu_s": mon.cpu_seconds, "site_compute_cpu_s": compute["cpu"],
+        "simulated_wall_s": wall, "inprocess_wall_s": baseline,
+        "inprocess_runs_s": [c["total"] for c in computes],
+        "simulated_cpu_s": mon.cpu_seconds, "inprocess_cpu_s": compute["cpu"],
         "simulated_cpu_by_process_s": mon.cpu_by_role(),
-        "inprocess_model_load_s": computes[-1]["load-model"],
         "round_seconds": [r["seconds"] for r in run.get("rounds", [])], "breakdown": rows,
         "load_average_1min": load, "simulation_processes": mon.peak_procs,
         "settings": {"model": model, "sites": n, "sizes": list(sizes), "num-server-rounds": rounds,
                      "local-steps": local_steps, "local-regime-steps": rounds * local_steps,
                      "personalize-steps": personalize_steps, "regimes": STUDY_REGIMES, "bootstrap": bootstrap,
-                     "threads_per_site": threads, "cpus_per_site": min(threads, cores), "report": False,
-                     "inprocess_runs": len(computes)},
-        "_tables": [("simulated study vs the same work in-process (seconds; compute = mean of the in-process runs)",
-                     rows),
+                     "cpus_per_site": cpus_per_site, "threads_per_site": threads, "sites_side_by_side": workers,
+                     "report": False, "inprocess_runs": len(computes)},
+        "_tables": [("simulated study vs the same work in-process, sites side by side as the simulation runs "
+                     "them (seconds; in-process = mean of the runs)", rows),
                     ("CPU seconds of the simulated study per process (in-process baseline: "
                      f"{compute['cpu']:.1f} s)",
                      [{"process": k, "cpu s": v} for k, v in mon.cpu_by_role().items()])],
     }
+    if serial_run is not None:
+        result["serial_inprocess_s"] = serial_run["total"]
+        result["side_by_side_speedup"] = serial_run["total"] / baseline
+        result["_tables"].append((
+            f"the lever: {workers} sites side by side with {threads} thread(s) each vs one site at a time "
+            f"with {cores} threads (in-process, seconds)",
+            [{"phase": p, "side by side s": compute[p], "one at a time s": serial_run[p],
+              "ratio": serial_run[p] / compute[p] if compute[p] > 0 else float("nan")}
+             for p in ("start", *phases, "total")]))
+    return result
 
 
 # --------------------------------------------------------------------------
@@ -952,7 +1012,7 @@ def generative(decoder="smollm2", sft_steps=0, dpo_steps=0, threads=0, seed=0, c
 SMOKE = {
     "throughput": dict(model="tiny-bert", steps=3, repeats=1, size=120, profile_steps=2),
     "overhead": dict(model="tiny-bert", sizes=(120, 80), rounds=1, local_steps=2, personalize_steps=1, bootstrap=10,
-                     bracket=False),
+                     bracket=False, serial=True),
     "comm": dict(model="tiny-bert", ranks=(2, 4), train_steps=3, size=120),
     "scale": dict(model="tiny-bert", sites=(2,), size=60, data_factor=0, rounds=1, local_steps=2,
                   personalize_steps=1, bootstrap=10),
@@ -999,6 +1059,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--regimes", help="scale: the study's regimes (default base,global,local)")
     p.add_argument("--no-bracket", action="store_true",
                    help="overhead: run the in-process work once (before the simulation), not before and after")
+    p.add_argument("--cpus-per-site", type=float,
+                   help="overhead: each simulated site's CPUs (default 1, as `clinfed simulate`); the in-process "
+                        "baseline runs as many sites side by side")
+    p.add_argument("--no-serial", action="store_true",
+                   help="overhead: skip the in-process run of one site at a time with every core")
     p.add_argument("--bootstrap", type=int, help="overhead, scale, evaluation: bootstrap resamples of the evaluation")
     p.add_argument("--personalize-steps", type=int, help="overhead, scale: personalized steps per site")
     p.add_argument("--no-score", action="store_true", help="throughput: skip the scoring comparison")
@@ -1012,7 +1077,7 @@ def options(args) -> dict:
     opts = dict(SMOKE[args.name]) if args.smoke else {}
     for name in ("model", "decoder", "repeats", "sites", "sizes", "size", "ranks", "rounds", "local_steps",
                  "threads", "seed", "regimes", "adapter", "site_data", "profile_steps", "bootstrap",
-                 "personalize_steps"):
+                 "personalize_steps", "cpus_per_site"):
         value = getattr(args, name, None)
         if value is not None:
             opts[name] = value
@@ -1020,6 +1085,8 @@ def options(args) -> dict:
         opts["compare_bf16"] = False
     if getattr(args, "no_bracket", False):
         opts["bracket"] = False
+    if getattr(args, "no_serial", False):
+        opts["serial"] = False
     if getattr(args, "no_score", False):
         opts["score"] = False
     if getattr(args, "no_data_row", False):
