@@ -537,9 +537,23 @@ class Study(SiteMessaging, PrivacyAccounting):
             self.run["site_policies"] = dict(other.run.get("site_policies", {}))
         self._adopted = True
 
+    def _start_model_load(self):
+        """Load the server's copy of the model while the sites start and describe themselves: the
+        first round cannot start before both, so the load leaves the critical path (issue 22;
+        `timings["load-model"]` is then only the wait that remained)."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        pool = ThreadPoolExecutor(1, thread_name_prefix="clinfed-model-load")
+        self._model_future = pool.submit(LoadedModel, model_key(self.cfg))
+        pool.shutdown(wait=False)
+
+    def _model(self) -> LoadedModel:
+        future = getattr(self, "_model_future", None)
+        return future.result() if future is not None else LoadedModel(model_key(self.cfg))
+
     def protocol(self):
         """The classifier study: global rounds (and cluster rounds), site-held training, evaluation."""
-        lm = self._timed("load-model", LoadedModel, model_key(self.cfg))
+        lm = self._timed("load-model", self._model)
         self.run["adapter"] = {"keys": len(lm.init_state), "bytes": state_nbytes(lm.init_state),
                                "parameters": int(sum(v.size for v in lm.init_state.values())),
                                "base_model": lm.identity,
@@ -593,6 +607,8 @@ class Study(SiteMessaging, PrivacyAccounting):
         random.seed(self.cfg.seed)
         try:
             if not getattr(self, "_adopted", False):
+                if type(self).protocol is Study.protocol:
+                    self._start_model_load()
                 nodes = self._timed("wait", self.wait_for_nodes)
                 self._timed("describe", self.describe, nodes)
             if self.cfg.get("resume"):
