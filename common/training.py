@@ -161,6 +161,10 @@ class TrainSettings:
     # the pretrained model's own dropout during LoRA training (False: off, a speed lever of issue 22:
     # the frozen base's masks were a large share of a CPU step; LoRA's own dropout is unaffected)
     base_dropout: bool = True
+    # AdamW's fused kernel: None = on CUDA only. On CPU it bought nothing measurable on a MiniLM
+    # LoRA step (`clinfed bench throughput --levers fused`) and changes the last bits of the
+    # weights, so it stays off there
+    fused_optimizer: bool | None = None
 
 
 @contextmanager
@@ -239,8 +243,9 @@ def _train_steps(model, encoded: list[np.ndarray], settings: TrainSettings, batc
     place(model, device)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
+    fused = settings.fused_optimizer if settings.fused_optimizer is not None else device == "cuda"
     opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay,
-                            **({"fused": True} if device == "cuda" else {}))
+                            **({"fused": True} if fused else {}))
     warm = max(1, int(settings.steps * settings.warmup_frac))
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warm) * (0.5 * (1 + math.cos(math.pi * min(1.0, s / max(1, settings.steps)))) * 0.9 + 0.1)

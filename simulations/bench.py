@@ -248,14 +248,18 @@ def _fresh(lm):
 TRAINER_ARMS = {"trainer-best": True, "trainer-naive": False}
 
 
+LEVERS = {"nodrop": "the frozen base's dropout off", "fused": "fused AdamW",
+          "compile": "torch.compile(dynamic=True) of the forward"}
+
+
 def throughput(model="minilm", steps=20, repeats=3, size=800, threads=0, seed=0, work: Path | None = None,
-               score=True, profile_steps=3, **_):
+               score=True, profile_steps=3, levers=("nodrop",), **_):
     """Tokens and samples per second of one site's local training, clinfed against Hugging Face's
     `Trainer` at its own best settings (and, for the record, at its defaults).
 
-    Arms alternate within one process (clinfed, clinfed in fp32, Trainer best, Trainer naive)
-    `repeats` times, each on a fresh copy of the model at the same initial adapter; the ratio is
-    of the medians. The fp32 arm splits clinfed's gain into the loop + padding part and the bf16 part.
+    Arms alternate within one process (clinfed, clinfed in fp32, the levers, Trainer best, Trainer
+    naive) `repeats` times, the order rotated each block, each on a fresh copy of the model at the
+    same initial adapter; the ratio is of the medians. The fp32 arm splits clinfed's gain into the loop + padding part and the bf16 part.
     """
     import torch
 
@@ -282,11 +286,23 @@ def throughput(model="minilm", steps=20, repeats=3, size=800, threads=0, seed=0,
     # clinfed-nodrop: a lever under test (issue 22), the frozen base's dropout off during LoRA training
     # (the masks were 31 % of a step's CPU time); a modelling choice whose accuracy cost is measured
     # separately, on the default study's paired differences, before it could become a default
-    arms = {"clinfed": cfg.precision, "clinfed-fp32": "fp32", "clinfed-nodrop": cfg.precision,
+    # clinfed-fused, clinfed-compile: levers of issue 22 on the same loop (`levers`); compile's first
+    # steps of every block (compilation) are timed apart, as "compile s", and not counted
+    unknown = set(levers) - set(LEVERS)
+    if unknown:
+        raise ValueError(f"unknown lever(s) {', '.join(sorted(unknown))}; known: {', '.join(LEVERS)}")
+    arms = {"clinfed": cfg.precision, "clinfed-fp32": "fp32",
+            **{f"clinfed-{lv}": cfg.precision for lv in LEVERS if lv in levers},
             **{a: None for a in TRAINER_ARMS}}
     runs: dict[str, list[dict]] = {a: [] for a in arms}
     for rep in range(-1, repeats):  # rep -1: an untimed warm-up block of each arm (first-call costs)
-        for arm, precision in arms.items():
+        # the order rotates from block to block: on these machines a block's place in the order
+        # moved its time by up to a quarter (back-to-back A/B checks), which a fixed order would
+        # hand to some arms and not others
+        names = list(arms)
+        shift = (rep + 1) % len(names)
+        for arm in names[shift:] + names[:shift]:
+            precision = arms[arm]
             model_copy = _fresh(lm)
             if arm == "clinfed-nodrop":
                 for module in model_copy.modules():
@@ -294,8 +310,18 @@ def throughput(model="minilm", steps=20, repeats=3, size=800, threads=0, seed=0,
                         module.p = 0.0
             counter = ForwardCounter(model_copy)
             n_steps = steps if rep >= 0 else 2
+            compile_s = None
             if precision is not None:
-                settings = TrainSettings(steps=n_steps, batch_size=bs, lr=lr, seed=seed + rep + 1, precision=precision)
+                settings = TrainSettings(steps=n_steps, batch_size=bs, lr=lr, seed=seed + rep + 1, precision=precision,
+                                         fused_optimizer=True if arm == "clinfed-fused" else None)
+                if arm == "clinfed-compile":
+                    model_copy.forward = torch.compile(model_copy.forward, dynamic=True)
+                    t = time.perf_counter()
+                    train_classifier(model_copy, enc, y, TrainSettings(steps=2, batch_size=bs, lr=lr, seed=seed,
+                                                                       precision=precision),
+                                     pad_id=tok.pad_token_id)
+                    compile_s = time.perf_counter() - t
+                    counter.reset()
                 t = time.perf_counter()
                 info = train_classifier(model_copy, enc, y, settings, pad_id=tok.pad_token_id)
                 wall = time.perf_counter() - t
@@ -311,13 +337,15 @@ def throughput(model="minilm", steps=20, repeats=3, size=800, threads=0, seed=0,
                     del trainer
             counter.close()
             runs[arm].append({"seconds": wall, "tokens": counter.real, "slots": counter.slots,
-                              "samples": counter.samples, "step_s": counter.step_seconds()})
+                              "samples": counter.samples, "step_s": counter.step_seconds(),
+                              **({"compile_s": compile_s} if compile_s is not None else {})})
             del model_copy
             if rep < 0:
                 runs[arm].pop()
     rows = []
     med = {}
-    described = {"clinfed": cfg.precision, "clinfed-fp32": "fp32", "clinfed-nodrop": f"{cfg.precision}, base dropout off",
+    described = {"clinfed": cfg.precision, "clinfed-fp32": "fp32",
+                 **{f"clinfed-{lv}": f"{cfg.precision}, {what}" for lv, what in LEVERS.items()},
                  "trainer-best": "bf16=True, group_by_length, per-batch padding" if _bf16_ok()
                  else "group_by_length, per-batch padding (no bf16 on this CPU)",
                  "trainer-naive": "defaults: fp32, padded to max-length"}
@@ -329,7 +357,8 @@ def throughput(model="minilm", steps=20, repeats=3, size=800, threads=0, seed=0,
                      "real tok/s": med[arm]["tokens_per_s"], "samples/s": med[arm]["samples_per_s"],
                      "step s (median)": _median([r["step_s"] for r in rs]),
                      "padding share": 1 - sum(r["tokens"] for r in rs) / max(1, sum(r["slots"] for r in rs)),
-                     "blocks": len(rs)})
+                     "blocks": len(rs),
+                     "compile s (per block)": _median([r["compile_s"] for r in rs]) if "compile_s" in rs[0] else ""})
     base, naive = med["trainer-best"], med["trainer-naive"]
     result = {
         "ratio": med["clinfed"]["tokens_per_s"] / base["tokens_per_s"],
@@ -337,7 +366,8 @@ def throughput(model="minilm", steps=20, repeats=3, size=800, threads=0, seed=0,
         "ratio_vs_naive_trainer": med["clinfed"]["tokens_per_s"] / naive["tokens_per_s"],
         "ratio_fp32_loop_vs_naive": med["clinfed-fp32"]["tokens_per_s"] / naive["tokens_per_s"],
         "ratio_bf16_vs_fp32_loop": med["clinfed"]["tokens_per_s"] / med["clinfed-fp32"]["tokens_per_s"],
-        "ratio_nodrop_vs_clinfed": med["clinfed-nodrop"]["tokens_per_s"] / med["clinfed"]["tokens_per_s"],
+        "lever_ratios": {lv: med[f"clinfed-{lv}"]["tokens_per_s"] / med["clinfed"]["tokens_per_s"]
+                         for lv in LEVERS if f"clinfed-{lv}" in med},
         "tokens_per_s": med["clinfed"]["tokens_per_s"], "samples_per_s": med["clinfed"]["samples_per_s"],
         "trainer_best_tokens_per_s": base["tokens_per_s"], "naive_tokens_per_s": naive["tokens_per_s"],
         "arms": runs, "model_load_s": load_s,
@@ -350,6 +380,10 @@ def throughput(model="minilm", steps=20, repeats=3, size=800, threads=0, seed=0,
         result["profile"] = _profile(lm, enc, y, data, bs, lr, seed, cfg.precision, profile_steps)
         tables.append((f"where a training step's CPU time goes ({profile_steps} steps per arm, torch.profiler, "
                        "share of self CPU time)", result["profile"]))
+    if not torch.cuda.is_available():
+        result["roofline"] = _roofline(lm, enc, y, bs, lr, seed, cfg.precision, med["clinfed"]["tokens_per_s"])
+        tables.append(("clinfed's step against this CPU's matrix-product rate (same threads and precision)",
+                       [result["roofline"]]))
     if score:
         result["scoring"] = _scoring(lm, site, cfg, repeats, seed)
         tables.append(("scoring (test + temporal splits), notes per second", result["scoring"]["rows"]))
@@ -381,6 +415,49 @@ def _profile(lm, enc, y, data, bs, lr, seed, precision, steps) -> list[dict]:
     rows = [{"operator": k, **{f"{arm} share": shares[arm][0].get(k, 0.0) for arm in shares}} for k in top]
     rows.append({"operator": "CPU s per step (all operators)", **{f"{arm} share": shares[arm][1] for arm in shares}})
     return rows
+
+
+def _roofline(lm, enc, y, bs, lr, seed, precision, tokens_per_s: float) -> dict:
+    """How close a step runs to what this CPU can do: the step's floating-point operations (counted
+    by torch's FlopCounterMode over one training step, forward and backward, per real token) times
+    the measured tokens/s, against the machine's own matrix-product rate at the same threads and
+    precision (a 1024 x 1024 product, repeated for about a second). A step at a large fraction of
+    that rate cannot be made much faster by the loop, only by doing fewer operations."""
+    import numpy as np
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from clinfed.common.training import TrainSettings, autocast_dtype, train_classifier
+
+    model_copy = _fresh(lm)
+    with FlopCounterMode(display=False) as fc:
+        info = train_classifier(model_copy, enc, y, TrainSettings(steps=1, batch_size=bs, lr=lr, seed=seed,
+                                                                  precision=precision),
+                                pad_id=lm.tokenizer.pad_token_id)
+    per_token = fc.get_total_flops() / max(1, info["tokens"])
+    dtype = autocast_dtype("cpu", precision) or torch.float32
+
+    def rate(m, k, n_):
+        a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n_, dtype=dtype)
+        for _ in range(3):
+            a @ b
+        n, t = 0, time.perf_counter()
+        while time.perf_counter() - t < 1.0:
+            a @ b
+            n += 1
+        return n * 2 * m * k * n_ / (time.perf_counter() - t)
+
+    ceiling = rate(1024, 1024, 1024)
+    # the step's own largest product: a batch's tokens through the feed-forward layer
+    hidden = int(getattr(lm.model.config, "hidden_size", 0) or 0)
+    rows_ = bs * int(np.mean([len(e) for e in enc]))
+    shaped = rate(rows_, hidden, 4 * hidden) if hidden else float("nan")
+    achieved = per_token * tokens_per_s
+    return {"flops_per_token": per_token, "achieved_gflops": achieved / 1e9,
+            "matmul_gflops": ceiling / 1e9, "fraction_of_matmul_rate": achieved / ceiling,
+            "matmul_gflops_step_shape": shaped / 1e9, "fraction_of_step_shape_rate": achieved / shaped,
+            "step_shape": f"{rows_}x{hidden} @ {hidden}x{4 * hidden}",
+            "matmul_dtype": str(dtype).replace("torch.", ""), "threads": torch.get_num_threads()}
 
 
 def _scoring(lm, site, cfg, repeats: int, seed: int) -> dict:
@@ -535,6 +612,9 @@ def _inprocess_sites(fed: Path, overrides: dict, out: Path, workers: int, thread
     return timer
 
 
+MONITOR_S = 2.0  # the overhead benchmark's sampling interval: CPU time per process, not memory peaks
+
+
 def overhead(model="minilm", sizes=(2000, 1262, 796, 502, 317, 200), rounds=3, local_steps=20, personalize_steps=20,
              cpus_per_site=1.0, threads=0, bootstrap=500, seed=0, bracket=True, serial=True,
              work: Path | None = None, **_):
@@ -560,20 +640,29 @@ def overhead(model="minilm", sizes=(2000, 1262, 796, 502, 317, 200), rounds=3, l
     overrides = _study_overrides(model, fed, rounds, local_steps, personalize_steps, threads, seed, bootstrap)
     phases = ("describe", "federated", "personalize", "evaluate")
     load = {"start": os.getloadavg()[0]}
-    computes = [_inprocess_sites(fed, overrides, work / "inprocess-1", workers, threads)]
+
+    def baseline(folder: str, over: dict, n_workers: int, n_threads: int) -> dict:
+        # the same sampler as the simulation's, at the same interval, over the pool's processes:
+        # both arms pay for being watched (at 0.5 s it took 16 s of CPU from a 400 s simulated study)
+        with TreeRSS(work / folder / ".no-flower", interval=MONITOR_S) as watch:
+            got = _inprocess_sites(fed, over, work / folder, n_workers, n_threads)
+        got["monitor_cpu"] = watch.own_cpu
+        return got
+
+    computes = [baseline("inprocess-1", overrides, workers, threads)]
     load["after_inprocess_1"] = os.getloadavg()[0]
     serial_run = None
     if serial:
-        serial_run = _inprocess_sites(fed, {**overrides, "client-threads": cores}, work / "inprocess-serial", 1, cores)
+        serial_run = baseline("inprocess-serial", {**overrides, "client-threads": cores}, 1, cores)
         load["after_inprocess_serial"] = os.getloadavg()[0]
     run_dir = work / "run"
-    with TreeRSS(run_dir.resolve() / ".flwr") as mon:
+    with TreeRSS(run_dir.resolve() / ".flwr", interval=MONITOR_S) as mon:
         t = time.perf_counter()
         run = simulate(run_dir, overrides, n_sites=len(sizes), cpus_per_site=cpus_per_site, echo=False)
         wall = time.perf_counter() - t
     load["after_simulation"] = os.getloadavg()[0]
     if bracket:
-        computes.append(_inprocess_sites(fed, overrides, work / "inprocess-2", workers, threads))
+        computes.append(baseline("inprocess-2", overrides, workers, threads))
         load["after_inprocess_2"] = os.getloadavg()[0]
     compute = {k: statistics.fmean(c[k] for c in computes) for k in ("start", *phases, "total", "cpu")}
     baseline = compute["total"]
@@ -603,6 +692,7 @@ def overhead(model="minilm", sizes=(2000, 1262, 796, 502, 317, 200), rounds=3, l
         "inprocess_runs_s": [c["total"] for c in computes],
         "simulated_cpu_s": mon.cpu_seconds, "inprocess_cpu_s": compute["cpu"],
         "simulated_cpu_by_process_s": mon.cpu_by_role(),
+        "monitor_cpu_s": {"simulated": mon.own_cpu, "in-process": [c["monitor_cpu"] for c in computes]},
         "round_seconds": [r["seconds"] for r in run.get("rounds", [])], "breakdown": rows,
         "load_average_1min": load, "simulation_processes": mon.peak_procs,
         "settings": {"model": model, "sites": n, "sizes": list(sizes), "num-server-rounds": rounds,
@@ -876,61 +966,124 @@ class TreeRSS:
         self._thread.join()
 
 
-def scale(model="minilm", sites=(5, 20, 50), size=120, data_factor=4, data_sites=20, rounds=2, local_steps=5,
-          personalize_steps=2, bootstrap=50, threads=1, cpus_per_site=1.0, regimes="base,global,local", seed=0,
-          work: Path | None = None, **_):
-    """Peak memory of the study's whole process tree and wall time per round for a
-    growing number of small synthetic hospitals (and one row with `data_factor` times
-    the data per site, to separate growth with data from growth with sites). Sites run
-    as the default study runs them: one CPU and one thread each."""
+def scale(model="minilm", sites=(5, 20, 50), size=60, data_factors=(1, 4), rounds=2, local_steps=5,
+          personalize_steps=2, bootstrap=50, threads=1, cpus_per_site=1.0, regimes="base,global,local",
+          share_local=True, seed=0, work: Path | None = None, figure: str | None = None, **_):
+    """How the study's wall time and peak memory grow with the number of sites and with the notes
+    per site: every combination of `sites` and `data_factors` x `size` encounters per site, at a
+    small per-site budget (steps per site are fixed, so more notes cost tokenization and
+    evaluation, not training). The local adapters are shared as on generated data by default, so
+    every site also scores every other site's local adapter: that cross-site evaluation grows with
+    the square of the sites. Sites run as the default study runs them (one CPU and one thread
+    each). Rows are written as they finish (`scale-rows.json`), cheapest first, so an interrupted
+    run keeps what it measured; `figure` draws the log-log figure."""
     from clinfed.simulations.local import simulate
 
     quiet()
-    configs = [(int(n), int(size)) for n in sites]
-    if data_factor and data_factor != 1 and data_sites:
-        configs.append((int(data_sites), int(size * data_factor)))
-    rows, peak = [], {}
+    factors = tuple(int(f) for f in (data_factors or (1,)))
+    configs = sorted({(int(n), int(size) * f) for n in sites for f in factors}, key=lambda c: c[0] * c[0] * c[1])
+    rows = []
     for n, sz in configs:
         tag = f"{n}x{sz}"
         fed = _federation(work / f"federation-{tag}", [sz] * n, seed)
         overrides = _study_overrides(model, fed, rounds, local_steps, personalize_steps, threads, seed, bootstrap,
-                                     {"subgroups": False, "regimes": regimes, "min-cell-size": 5})
+                                     {"subgroups": False, "regimes": regimes, "min-cell-size": 5,
+                                      "share-local-adapters": bool(share_local)})
         run_dir = work / f"run-{tag}"
         load0 = os.getloadavg()[0]
         with TreeRSS(run_dir.resolve() / ".flwr") as mem:
             t = time.perf_counter()
             run = simulate(run_dir, overrides, n_sites=n, cpus_per_site=cpus_per_site, echo=False)
             wall = time.perf_counter() - t
-        mon_cpu = mem.cpu_seconds
         timings = run.get("timings", {})
         per_round = [r["seconds"] for r in run.get("rounds", [])]
-        row = {"sites": n, "encounters per site": sz, "encounters": n * sz, "peak RSS MB": mem.peak_rss / 2**20,
-               "peak PSS MB": mem.peak_pss / 2**20, "processes": mem.peak_procs, "wall s": wall,
-               "CPU s": mon_cpu, "start/stop s": wall - timings.get("total", 0.0), "s per round": _median(per_round),
-               "s per round per site": _median(per_round) / n, "evaluate s": timings.get("evaluate", 0.0),
+        row = {"sites": n, "notes per site": sz, "notes x": sz // int(size), "encounters": n * sz,
+               "peak RSS MB": mem.peak_rss / 2**20, "peak PSS MB": mem.peak_pss / 2**20,
+               "processes": mem.peak_procs, "wall s": wall, "CPU s": mem.cpu_seconds,
+               "start/stop s": wall - timings.get("total", 0.0), "s per round": _median(per_round),
+               "personalize s": timings.get("personalize", 0.0), "evaluate s": timings.get("evaluate", 0.0),
                "load avg": load0}
         rows.append(row)
         print(f"scale: {json.dumps(_finite_json(row))}", flush=True)  # a long run's rows survive an interruption
         (work / "scale-rows.json").write_text(json.dumps(_finite_json(rows), indent=1))
-        if sz == size:
-            peak[str(n)] = row["peak RSS MB"]
         shutil.rmtree(run_dir / "sites", ignore_errors=True)
-    main = [r for r in rows if r["encounters per site"] == size]
-    growth = float("nan")
-    if len(main) >= 2 and main[0]["peak RSS MB"] > 0:
-        growth = math.log(main[-1]["peak RSS MB"] / main[0]["peak RSS MB"]) / math.log(main[-1]["sites"] / main[0]["sites"])
-    return {
-        "peak_rss_mb": peak,
-        "peak_pss_mb": {str(r["sites"]): r["peak PSS MB"] for r in main},
-        "rss_growth_exponent": growth,
-        "seconds_per_round": {str(r["sites"]): r["s per round"] for r in main},
+    exponents = growth_exponents(rows)
+    base_rows = [r for r in rows if r["notes x"] == min(factors)]
+    result = {
+        "peak_rss_mb": {str(r["sites"]): r["peak RSS MB"] for r in base_rows},
+        "peak_pss_mb": {str(r["sites"]): r["peak PSS MB"] for r in base_rows},
+        "wall_s": {f"{r['sites']}x{r['notes x']}": r["wall s"] for r in rows},
+        "growth_exponents": exponents,
+        "seconds_per_round": {str(r["sites"]): r["s per round"] for r in base_rows},
         "rows": rows,
-        "settings": {"model": model, "num-server-rounds": rounds, "local-steps": local_steps,
+        "settings": {"model": model, "notes_per_site": int(size), "data_factors": list(factors),
+                     "num-server-rounds": rounds, "local-steps": local_steps,
                      "personalize-steps": personalize_steps, "regimes": regimes, "subgroups": False,
-                     "bootstrap": bootstrap, "client-threads": threads, "cpus_per_site": cpus_per_site,
-                     "sample_interval_s": 0.5},
-        "_tables": [("simulated study per number of sites (memory of the whole process tree)", rows)],
+                     "share-local-adapters": bool(share_local), "bootstrap": bootstrap, "client-threads": threads,
+                     "cpus_per_site": cpus_per_site, "sample_interval_s": 0.5},
+        "_tables": [("simulated study per number of sites and notes per site (memory of the whole process tree)",
+                     rows),
+                    ("growth exponents (slope on log-log axes between the smallest and largest setting)",
+                     [{"quantity": k, "exponent": v} for k, v in exponents.items()])],
     }
+    if figure:
+        scale_figure(rows, figure)
+        result["figure"] = str(figure)
+    return result
+
+
+def growth_exponents(rows: list[dict]) -> dict[str, float]:
+    """Slope on log-log axes of wall time, evaluation time and peak memory against the sites (at
+    each notes factor) and against the notes per site (at each number of sites): 1 is linear,
+    2 quadratic."""
+    out = {}
+
+    def slope(pts, x, y):
+        pts = sorted((p for p in pts if p[x] > 0 and p[y] > 0), key=lambda p: p[x])
+        if len(pts) < 2 or pts[0][x] == pts[-1][x]:
+            return None
+        return math.log(pts[-1][y] / pts[0][y]) / math.log(pts[-1][x] / pts[0][x])
+
+    for f in sorted({r["notes x"] for r in rows}):
+        for q in ("wall s", "evaluate s", "peak RSS MB"):
+            if (v := slope([r for r in rows if r["notes x"] == f], "sites", q)) is not None:
+                out[f"{q.split()[0]} ~ sites (notes x{f})"] = v
+    for n in sorted({r["sites"] for r in rows}):
+        for q in ("wall s", "evaluate s", "peak RSS MB"):
+            if (v := slope([r for r in rows if r["sites"] == n], "notes per site", q)) is not None:
+                out[f"{q.split()[0]} ~ notes per site ({n} sites)"] = v
+    return out
+
+
+def scale_figure(rows: list[dict], path: str | Path) -> Path:
+    """Wall time and peak memory against sites, one line per notes factor, on log-log axes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    for f in sorted({r["notes x"] for r in rows}):
+        pts = sorted((r for r in rows if r["notes x"] == f), key=lambda r: r["sites"])
+        xs = [r["sites"] for r in pts]
+        axes[0].plot(xs, [r["wall s"] for r in pts], "o-", label=f"wall, notes x{f}")
+        axes[0].plot(xs, [r["evaluate s"] for r in pts], "s--", label=f"evaluation, notes x{f}")
+        axes[1].plot(xs, [r["peak RSS MB"] for r in pts], "o-", label=f"notes x{f}")
+    for ax, ylab in zip(axes, ("seconds", "peak RSS of the process tree (MB)")):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("simulated sites")
+        ax.set_ylabel(ylab)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[0].set_title("time")
+    axes[1].set_title("memory")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 # --------------------------------------------------------------------------
@@ -1010,11 +1163,12 @@ def generative(decoder="smollm2", sft_steps=0, dpo_steps=0, threads=0, seed=0, c
 # configurations, command line
 # --------------------------------------------------------------------------
 SMOKE = {
-    "throughput": dict(model="tiny-bert", steps=3, repeats=1, size=120, profile_steps=2),
+    "throughput": dict(model="tiny-bert", steps=3, repeats=1, size=120, profile_steps=2,
+                       levers=("nodrop", "fused")),
     "overhead": dict(model="tiny-bert", sizes=(120, 80), rounds=1, local_steps=2, personalize_steps=1, bootstrap=10,
                      bracket=False, serial=True),
     "comm": dict(model="tiny-bert", ranks=(2, 4), train_steps=3, size=120),
-    "scale": dict(model="tiny-bert", sites=(2,), size=60, data_factor=0, rounds=1, local_steps=2,
+    "scale": dict(model="tiny-bert", sites=(2,), size=60, data_factors=(1, 2), rounds=1, local_steps=2,
                   personalize_steps=1, bootstrap=10),
     "generative": dict(decoder="tiny-llama", sft_steps=2, dpo_steps=1, compare_bf16=False),
     "evaluation": dict(sizes=(60,), repeats=1, bootstrap=20),
@@ -1032,6 +1186,13 @@ def _ints(text: str) -> tuple[int, ...]:
     if not vals or min(vals) < 1:
         raise argparse.ArgumentTypeError(f"expected whole numbers of at least 1, got {text!r}")
     return vals
+
+
+def _names(text: str) -> tuple[str, ...]:
+    names = tuple(t.strip() for t in text.split(",") if t.strip() and t.strip() != "none")
+    if set(names) - set(LEVERS):
+        raise argparse.ArgumentTypeError(f"unknown lever(s) in {text!r}; known: {', '.join(LEVERS)}, or none")
+    return names
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -1055,7 +1216,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--local-steps", type=int, help="overhead, scale: steps per site per round")
     p.add_argument("--threads", type=int, help="torch threads (default: all cores; scale: 1 per site)")
     p.add_argument("--no-bf16-compare", action="store_true", help="generative: skip the bf16 autocast SFT block")
-    p.add_argument("--no-data-row", action="store_true", help="scale: skip the row with more data per site")
+    p.add_argument("--data-factors", type=_ints,
+                   help="scale: multiples of --size encounters per site, every one with every --sites (default 1,4)")
+    p.add_argument("--no-data-row", action="store_true", help="scale: only --size encounters per site (factor 1)")
+    p.add_argument("--no-share", action="store_true",
+                   help="scale: keep the local adapters at their sites (no cross-site evaluation)")
+    p.add_argument("--figure", help="scale: draw the log-log figure of time and memory to this file (PNG)")
     p.add_argument("--regimes", help="scale: the study's regimes (default base,global,local)")
     p.add_argument("--no-bracket", action="store_true",
                    help="overhead: run the in-process work once (before the simulation), not before and after")
@@ -1067,6 +1233,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bootstrap", type=int, help="overhead, scale, evaluation: bootstrap resamples of the evaluation")
     p.add_argument("--personalize-steps", type=int, help="overhead, scale: personalized steps per site")
     p.add_argument("--no-score", action="store_true", help="throughput: skip the scoring comparison")
+    p.add_argument("--levers", type=_names,
+                   help="throughput: levers measured as arms of their own against clinfed's loop, of "
+                        + ", ".join(LEVERS) + " (default: nodrop; 'none' for none)")
     p.add_argument("--profile-steps", type=int, help="throughput: steps per arm under torch.profiler (0 = none)")
     p.add_argument("--adapter", help="comm: a study's adapter folder for the fp16 check (default: train one)")
     p.add_argument("--site-data", help="comm: the hospital folder the fp16 check scores on (with --adapter)")
@@ -1077,7 +1246,7 @@ def options(args) -> dict:
     opts = dict(SMOKE[args.name]) if args.smoke else {}
     for name in ("model", "decoder", "repeats", "sites", "sizes", "size", "ranks", "rounds", "local_steps",
                  "threads", "seed", "regimes", "adapter", "site_data", "profile_steps", "bootstrap",
-                 "personalize_steps", "cpus_per_site"):
+                 "personalize_steps", "cpus_per_site", "data_factors", "figure", "levers"):
         value = getattr(args, name, None)
         if value is not None:
             opts[name] = value
@@ -1090,7 +1259,9 @@ def options(args) -> dict:
     if getattr(args, "no_score", False):
         opts["score"] = False
     if getattr(args, "no_data_row", False):
-        opts["data_factor"] = 0
+        opts["data_factors"] = (1,)
+    if getattr(args, "no_share", False):
+        opts["share_local"] = False
     if args.steps is not None:
         opts[{"generative": "sft_steps", "comm": "train_steps"}.get(args.name, "steps")] = args.steps
     return opts

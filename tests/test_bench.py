@@ -41,6 +41,12 @@ def test_throughput_smoke(tmp_path):
     assert all(arms[a][0]["tokens"] > 0 for a in ("clinfed", "trainer-best", "trainer-naive"))
     assert arms["trainer-naive"][0]["slots"] >= arms["trainer-best"][0]["slots"]
     assert _finite(doc["scoring"]["ratio"])
+    # the levers asked for ran as arms of their own, measured against clinfed's loop
+    assert set(doc["lever_ratios"]) == {"nodrop", "fused"}
+    assert all(_finite(v) and v > 0 for v in doc["lever_ratios"].values())
+    assert arms["clinfed-fused"][0]["tokens"] > 0
+    roof = doc["roofline"]  # counted operations, not a constant: a tiny model does far fewer per token
+    assert roof["flops_per_token"] > 0 and 0 < roof["fraction_of_matmul_rate"] and roof["matmul_gflops"] > 0
 
 
 def test_comm_smoke(tmp_path):
@@ -77,10 +83,29 @@ def test_overhead_smoke(tmp_path):
 
 @pytest.mark.slow
 def test_scale_smoke(tmp_path):
-    doc = _bench("scale", tmp_path)
+    from clinfed.simulations.bench import SMOKE, run
+
+    fig = tmp_path / "scale.png"
+    doc = run("scale", {**SMOKE["scale"], "figure": str(fig)}, str(tmp_path / "scale.json"), smoke=True)
     assert set(doc["peak_rss_mb"]) == {"2"}
     assert all(_finite(v) and v > 0 for v in doc["peak_rss_mb"].values())
     assert doc["rows"][0]["processes"] >= 2  # the study's tree, not just the launcher
+    # the grid: every number of sites with every notes factor, the local adapters shared
+    assert sorted((r["sites"], r["notes per site"]) for r in doc["rows"]) == [(2, 60), (2, 120)]
+    assert doc["settings"]["share-local-adapters"] is True
+    assert _finite(doc["growth_exponents"]["wall ~ notes per site (2 sites)"])
+    assert fig.stat().st_size > 1000 and fig.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_growth_exponents_read_the_slope_on_log_log_axes():
+    from clinfed.simulations.bench import growth_exponents
+
+    rows = [{"sites": n, "notes per site": 60 * f, "notes x": f, "wall s": 3.0 * n * n * f,
+             "evaluate s": 0.5 * n * n * f, "peak RSS MB": 1000.0 + 0 * n} for n in (5, 20, 50) for f in (1, 4)]
+    got = growth_exponents(rows)
+    assert got["wall ~ sites (notes x1)"] == pytest.approx(2.0)
+    assert got["wall ~ notes per site (20 sites)"] == pytest.approx(1.0)
+    assert got["peak ~ sites (notes x4)"] == pytest.approx(0.0)
 
 
 def test_clinfed_bench_command_parses_and_refuses_unknown_names():
