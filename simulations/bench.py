@@ -1056,22 +1056,30 @@ def growth_exponents(rows: list[dict]) -> dict[str, float]:
 
 
 def scale_figure(rows: list[dict], path: str | Path) -> Path:
-    """Wall time and peak memory against sites, one line per notes factor, on log-log axes."""
+    """Wall and evaluation time and peak memory against sites, one colour per notes factor, on
+    log-log axes with the measured numbers of sites as ticks."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FixedLocator, NullLocator, ScalarFormatter
 
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
-    for f in sorted({r["notes x"] for r in rows}):
+    sites = sorted({r["sites"] for r in rows})
+    for i, f in enumerate(sorted({r["notes x"] for r in rows})):
         pts = sorted((r for r in rows if r["notes x"] == f), key=lambda r: r["sites"])
-        xs = [r["sites"] for r in pts]
-        axes[0].plot(xs, [r["wall s"] for r in pts], "o-", label=f"wall, notes x{f}")
-        axes[0].plot(xs, [r["evaluate s"] for r in pts], "s--", label=f"evaluation, notes x{f}")
-        axes[1].plot(xs, [r["peak RSS MB"] for r in pts], "o-", label=f"notes x{f}")
+        xs, colour = [r["sites"] for r in pts], f"C{i}"
+        axes[0].plot(xs, [r["wall s"] for r in pts], "o-", color=colour, label=f"wall, notes x{f}")
+        axes[0].plot(xs, [r["evaluate s"] for r in pts], "s--", color=colour, label=f"evaluation, notes x{f}")
+        axes[1].plot(xs, [r["peak RSS MB"] for r in pts], "o-", color=colour, label=f"notes x{f}")
     for ax, ylab in zip(axes, ("seconds", "peak RSS of the process tree (MB)")):
         ax.set_xscale("log")
         ax.set_yscale("log")
+        ax.xaxis.set_major_locator(FixedLocator(sites))
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.yaxis.set_major_formatter(ScalarFormatter())
+        ax.yaxis.set_minor_formatter(ScalarFormatter() if ax is axes[1] else matplotlib.ticker.NullFormatter())
         ax.set_xlabel("simulated sites")
         ax.set_ylabel(ylab)
         ax.grid(True, which="both", alpha=0.3)
